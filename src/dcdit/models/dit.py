@@ -1,0 +1,152 @@
+"""DiT: the Diffusion Transformer of Peebles & Xie (2023), as a fixed-patch baseline.
+
+Constructor keywords and parameter names match the original class, so the
+released DiT-XL/2 checkpoints load with ``strict=True``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from dcdit.models.layers import (
+    DiTBlock,
+    FinalLayer,
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    get_2d_sincos_pos_embed,
+    guided_combine,
+)
+
+
+class DiT(nn.Module):
+    """Diffusion model with a Transformer backbone over a fixed grid of patches."""
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+    ):
+        super().__init__()
+        self.config = dict(
+            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
+            num_classes=num_classes, learn_sigma=learn_sigma,
+        )
+        self.input_size = input_size
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = self.x_embedder.num_patches
+        # Fixed sin-cos positions, stored as a buffer-like frozen parameter (the checkpoints carry it).
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Xavier linears, sin-cos positions, N(0, 0.02) embeddings, zeroed adaLN and output."""
+
+        def _basic_init(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+        self.apply(_basic_init)
+        grid = self.x_embedder.grid_size
+        self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid)).float()[None])
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, p*p*C) -> (B, C, H, W)."""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) noisy input, t (B,) timesteps, y (B,) labels -> (B, C_out, H, W)."""
+        if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
+            raise ValueError(
+                f"t and y must have shape ({x.shape[0]},) to match x, got {tuple(t.shape)} and {tuple(y.shape)}"
+            )
+        x = self.x_embedder(x) + self.pos_embed  # (B, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (B, D)
+        for block in self.blocks:
+            x = block(x, c)  # (B, T, D)
+        x = self.final_layer(x, c)  # (B, T, p*p*C_out)
+        return self.unpatchify(x)  # (B, C_out, H, W)
+
+    def forward_with_cfg(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        cfg_scale: float,
+        guidance_channels: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Classifier-free guidance on a batch whose second half carries the null label.
+
+        Only the first half of ``x`` is used (both halves share it). Guidance
+        applies to all eps channels by default; ``guidance_channels=3``
+        reproduces the original DiT, which guides the first three only.
+        """
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, y)
+        return guided_combine(out, cfg_scale, guidance_channels or self.in_channels)
+
+
+# --------------------------------------------------------------------------- #
+#                      Registry of the original configurations                #
+# --------------------------------------------------------------------------- #
+
+_SIZES = {  # name -> (depth, hidden_size, num_heads)
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+
+DIT_CONFIGS: dict[str, dict] = {
+    f"DiT-{size}/{p}": dict(depth=d, hidden_size=h, patch_size=p, num_heads=n)
+    for size, (d, h, n) in _SIZES.items()
+    for p in (2, 4, 8)
+}
+
+
+def build_dit(name: str, **kwargs) -> DiT:
+    """DiT from a registry name such as "DiT-XL/2"; keywords override (input_size, num_classes, ...)."""
+    if name not in DIT_CONFIGS:
+        raise ValueError(f"unknown DiT model {name!r}; choose one of {', '.join(DIT_CONFIGS)}")
+    return DiT(**{**DIT_CONFIGS[name], **kwargs})

@@ -1,0 +1,252 @@
+"""Building blocks shared by DiT and DC-DiT.
+
+Written from the DiT paper's description (adaLN-Zero blocks, sinusoidal
+timestep MLP, label table with a null row for classifier-free guidance, fixed
+2D sin-cos positions). Parameter names follow the released DiT checkpoints so
+their state dicts load with ``strict=True``.
+
+Shape legend: B batch, T tokens, D hidden width, H heads, C channels.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# attn_fn(q, k, v) -> out, all (B, H, T, head_dim); lets DC-DiT swap in
+# variable-length backends without touching the block's parameters.
+AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation; x (B, T, D), shift/scale (B, D) or already (B, T, D)."""
+    if shift.dim() == x.dim() - 1:
+        shift, scale = shift.unsqueeze(-2), scale.unsqueeze(-2)
+    return x * (1 + scale) + shift
+
+
+# --------------------------------------------------------------------------- #
+#                     Positional embeddings (fixed, sin-cos)                  #
+# --------------------------------------------------------------------------- #
+
+def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    """(M,) positions -> (M, dim): [sin(pos * w), cos(pos * w)], w = 1/10000^(2i/dim)."""
+    if dim % 2:
+        raise ValueError(f"sin-cos embedding width must be even, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def get_2d_sincos_pos_embed(dim: int, grid_h: int, grid_w: Optional[int] = None) -> np.ndarray:
+    """Fixed 2D sin-cos table for a grid_h x grid_w grid in raster order: (grid_h*grid_w, dim).
+
+    Half the channels encode the column, half the row (the MAE/DiT layout).
+    """
+    grid_w = grid_h if grid_w is None else grid_w
+    if dim % 4:
+        raise ValueError(f"2D sin-cos embedding width must be divisible by 4, got {dim}")
+    cols, rows = np.meshgrid(np.arange(grid_w, dtype=np.float32), np.arange(grid_h, dtype=np.float32))
+    emb_w = _sincos_1d(dim // 2, cols)  # first half: column (x)
+    emb_h = _sincos_1d(dim // 2, rows)  # second half: row (y)
+    return np.concatenate([emb_w, emb_h], axis=1)
+
+
+# --------------------------------------------------------------------------- #
+#                                 Embedders                                   #
+# --------------------------------------------------------------------------- #
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, T, D) by a strided conv; T = (H/p) * (W/p)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"input_size {img_size} is not divisible by patch_size {patch_size}")
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_chans or x.shape[2] != self.img_size or x.shape[3] != self.img_size:
+            raise ValueError(
+                f"expected input of shape (B, {self.in_chans}, {self.img_size}, {self.img_size}), got {tuple(x.shape)}"
+            )
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, T, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> (B, D): sinusoidal features (256) then a 2-layer SiLU MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        """(B,) possibly fractional timesteps -> (B, dim) as [cos | sin]."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = F.pad(emb, (0, 1))
+        return emb
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> (B, D). Row ``num_classes`` is the null class used for guidance.
+
+    During training labels are replaced by the null class with probability
+    ``dropout_prob`` (classifier-free guidance training).
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop = force_drop_ids == 1
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        n_rows = self.embedding_table.num_embeddings
+        if labels.dtype not in (torch.int64, torch.int32) or labels.dim() != 1:
+            raise ValueError(f"labels must be a 1-D integer tensor, got dtype {labels.dtype} shape {tuple(labels.shape)}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_rows):
+            raise ValueError(
+                f"labels must lie in [0, {n_rows - 1}] ({self.num_classes} classes"
+                + (f", {self.num_classes} = null class)" if n_rows > self.num_classes else ")")
+                + f", got [{int(labels.min())}, {int(labels.max())}]"
+            )
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+# --------------------------------------------------------------------------- #
+#                              Transformer parts                              #
+# --------------------------------------------------------------------------- #
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exact attention softmax(QK^T / sqrt(d)) V on (B, H, T, d) tensors."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (names as timm's)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn_fn: Optional[AttnFn] = None) -> torch.Tensor:
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, T, d)
+        out = (attn_fn or sdpa)(q, k, v)  # (B, H, T, d)
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2."""
+
+    def __init__(self, in_features: int, hidden_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning.
+
+    ``modulation(c)`` gives the six (B, D) tensors (shift/scale/gate for the
+    attention and MLP branches); ``forward`` accepts them precomputed so a
+    packed variable-length caller can expand them per token once.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, D) conditioning -> 6 x (B, D)."""
+        return self.adaLN_modulation(c).chunk(6, dim=-1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: Optional[torch.Tensor] = None,
+        attn_fn: Optional[AttnFn] = None,
+        mod: Optional[tuple[torch.Tensor, ...]] = None,
+    ) -> torch.Tensor:
+        """x (B, T, D); c (B, D) or ``mod`` = six tensors of (B, D) or (B, T, D)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod if mod is not None else self.modulation(c)
+        if gate_msa.dim() == x.dim() - 1:
+            gate_msa, gate_mlp = gate_msa.unsqueeze(-2), gate_mlp.unsqueeze(-2)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), attn_fn)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN LayerNorm then a linear map to patch_size^2 * out_channels."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, cond_size: Optional[int] = None):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size or hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def guided_combine(out: torch.Tensor, cfg_scale: float, guidance_channels: Optional[int] = None) -> torch.Tensor:
+    """Classifier-free guidance on a [cond; uncond] batch.
+
+    out: (2B, C_out, H, W) with the conditional half first. Guides the first
+    ``guidance_channels`` channels (default: all eps channels, i.e. the first
+    half when the model also predicts variances; the original DiT guides only
+    3, pass ``guidance_channels=3`` to reproduce its numbers). The guided eps
+    is written to both halves; the rest passes through from the batch.
+    """
+    if out.shape[0] % 2:
+        raise ValueError(f"guided batch must have an even size (cond + uncond halves), got {out.shape[0]}")
+    n = guidance_channels if guidance_channels is not None else None
+    eps, rest = (out[:, :n], out[:, n:]) if n is not None else (out, out[:, :0])
+    cond, uncond = eps.chunk(2, dim=0)
+    half = uncond + cfg_scale * (cond - uncond)
+    return torch.cat([torch.cat([half, half], dim=0), rest], dim=1)
