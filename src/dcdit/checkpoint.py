@@ -1,0 +1,147 @@
+"""Safe, atomic model checkpoints.
+
+Format (a *model directory*)::
+
+    config.json          {"arch": ..., ...}  (see dcdit.models.factory)
+    model.safetensors    raw weights
+    ema.safetensors      EMA weights (optional; preferred for sampling)
+
+Pickled ``.pt`` files (the released DiT checkpoints, reference DC-DiT
+training checkpoints) are read with ``torch.load(weights_only=True)``; only
+``trust_pickle=True`` lifts that.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dcdit.models.factory import build_model, model_config
+
+CONFIG_NAME = "config.json"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_json(path: str | os.PathLike, obj) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+
+
+def _contiguous(sd: dict) -> dict:
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def save_safetensors(path: str | os.PathLike, state_dict: dict, metadata: Optional[dict] = None) -> None:
+    atomic_write(path, lambda tmp: save_file(_contiguous(state_dict), tmp, metadata=metadata))
+
+
+def load_safetensors(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"corrupt or truncated safetensors file {path}: {e}") from None
+
+
+def save_model_dir(directory: str | os.PathLike, model: nn.Module, ema: Optional[nn.Module] = None) -> Path:
+    """Write config.json + model.safetensors (+ ema.safetensors) atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    unwrap = lambda m: getattr(getattr(m, "module", m), "_orig_mod", getattr(m, "module", m))
+    save_safetensors(directory / "model.safetensors", unwrap(model).state_dict())
+    if ema is not None:
+        save_safetensors(directory / "ema.safetensors", unwrap(ema).state_dict())
+    save_json(directory / CONFIG_NAME, model_config(model))
+    return directory
+
+
+def load_pickle_state_dict(path: str | os.PathLike, trust_pickle: bool = False, prefer: str = "ema") -> dict:
+    """State dict from a ``.pt``: bare, or under "ema"/"model"/"state_dict" (``prefer`` first)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as e:  # truncated zip, unpickling refused, ...
+        hint = "" if trust_pickle else " (loaded with weights_only=True; pass trust_pickle only for files you trust)"
+        raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}{hint}") from None
+    if isinstance(obj, dict):
+        for key in (prefer, "ema", "model", "state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                return obj[key]
+        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    raise ValueError(f"{path} holds no recognisable state dict (expected tensors, or an 'ema'/'model' entry)")
+
+
+def load_model(
+    path: str | os.PathLike,
+    which: str = "ema",
+    config: Optional[dict] = None,
+    trust_pickle: bool = False,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load a model from a model directory, a run directory, or a weights file.
+
+    ``which`` = "ema" (falls back to "model" when no EMA was saved) or "model".
+    A lone weights file needs ``config`` unless a config.json sits beside it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        # A run directory points at its latest checkpoint, or is itself a model directory.
+        latest = path / "latest"
+        if not (path / CONFIG_NAME).exists() and latest.exists():
+            path = path / latest.read_text().strip() if latest.is_file() else latest.resolve()
+        cfg_path = path / CONFIG_NAME
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: not a dcdit model or run directory")
+        weights = path / f"{which}.safetensors"
+        if not weights.exists():
+            weights = path / "model.safetensors"
+        state = load_safetensors(weights)
+    else:
+        cfg_path = path.parent / CONFIG_NAME
+        state = load_safetensors(path) if path.suffix == ".safetensors" else load_pickle_state_dict(path, trust_pickle, which)
+    if config is None:
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"no model config for {path}: pass config= or put a {CONFIG_NAME} beside it")
+        try:
+            config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"corrupt config file {cfg_path}: {e}") from None
+    model = build_model(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "pos_embed"]  # fixed table, regenerated
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not match the {config.get('arch')} config: "
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+            f"{'...' if len(unexpected) > 3 else ''}"
+        )
+    return model.to(map_location).eval()

@@ -1,0 +1,39 @@
+"""Build any dcdit model from a plain config dict, and back.
+
+A model config is ``{"arch": "dit" | "dcdit", **constructor_config}``; it is
+what checkpoints store as JSON next to the weights.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch.nn as nn
+
+
+def build_model(cfg: dict) -> nn.Module:
+    """Model from ``{"arch": ..., **config}``; unknown keys raise ValueError naming them."""
+    cfg = dict(cfg)
+    arch = cfg.pop("arch", None)
+    if arch == "dit":
+        from dcdit.models.dit import DiT
+
+        allowed = set(inspect.signature(DiT.__init__).parameters) - {"self"}
+        unknown = sorted(set(cfg) - allowed)
+        if unknown:
+            raise ValueError(f"unknown DiT config key(s): {', '.join(unknown)}")
+        return DiT(**cfg)
+    if arch == "dcdit":
+        from dcdit.models.dcdit import DCDiT
+
+        return DCDiT.from_config(cfg)
+    raise ValueError(f"unknown model arch {arch!r}: expected 'dit' or 'dcdit'")
+
+
+def model_config(model: nn.Module) -> dict:
+    """The JSON-serialisable config that rebuilds ``model`` with :func:`build_model`."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    from dcdit.models.dit import DiT
+
+    arch = "dit" if isinstance(model, DiT) else "dcdit"
+    return {"arch": arch, **dict(model.config)}
