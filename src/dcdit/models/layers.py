@@ -131,7 +131,9 @@ class LabelEmbedder(nn.Module):
         n_rows = self.embedding_table.num_embeddings
         if labels.dtype not in (torch.int64, torch.int32) or labels.dim() != 1:
             raise ValueError(f"labels must be a 1-D integer tensor, got dtype {labels.dtype} shape {tuple(labels.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_rows):
+        # Range check only for CPU tensors: on an accelerator it would force a
+        # host sync every step (the embedding lookup still fails loudly there).
+        if labels.device.type == "cpu" and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_rows):
             raise ValueError(
                 f"labels must lie in [0, {n_rows - 1}] ({self.num_classes} classes"
                 + (f", {self.num_classes} = null class)" if n_rows > self.num_classes else ")")
@@ -190,15 +192,25 @@ class DiTBlock(nn.Module):
     ``modulation(c)`` gives the six (B, D) tensors (shift/scale/gate for the
     attention and MLP branches); ``forward`` accepts them precomputed so a
     packed variable-length caller can expand them per token once.
+    ``cond_size`` is the width of c when it differs from the block's (nested
+    DC-DiT stages); ``use_mlp=False`` gives an attention-only block (H-Net's
+    lowercase "d" layout letter).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        cond_size: Optional[int] = None,
+        use_mlp: bool = True,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6) if use_mlp else None
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio)) if use_mlp else None
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size or hidden_size, 6 * hidden_size))
 
     def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, D) conditioning -> 6 x (B, D)."""
@@ -216,8 +228,23 @@ class DiTBlock(nn.Module):
         if gate_msa.dim() == x.dim() - 1:
             gate_msa, gate_mlp = gate_msa.unsqueeze(-2), gate_mlp.unsqueeze(-2)
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), attn_fn)
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        if self.mlp is not None:
+            x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and returned in x's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return y.to(x.dtype)
 
 
 class FinalLayer(nn.Module):

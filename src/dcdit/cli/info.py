@@ -1,0 +1,49 @@
+"""`dcdit info`: the model registry with parameter counts and compute."""
+from __future__ import annotations
+
+HELP = "List the model registry (DiT and DC-DiT presets) with parameters and GMACs per forward."
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--image-size", type=int, default=256, help="image size in pixels (latent = size / 8)")
+    parser.add_argument("--filter", default="", help="only names containing this string")
+
+
+def run(args) -> int:
+    import torch
+
+    from dcdit import __version__
+    from dcdit.flops import dit_macs
+    from dcdit.models import DIT_CONFIGS, build_dit
+
+    latent = args.image_size // 8
+    meta = torch.device("meta")  # parameter counts without allocating weights
+    print(f"dcdit {__version__} | torch {torch.__version__} | input {args.image_size}px = {latent}x{latent}x4 latent")
+    print("GMACs per forward of one image (FLOPs = 2 x MACs). 'GMACs' counts linear layers, convolutions and")
+    print("attention (the DiT paper's convention); 'no-attn' leaves attention out (PyTorch's FlopCounterMode on CPU).")
+    print(f"{'model':<16} {'params (M)':>11} {'tokens':>8} {'GMACs':>9} {'no-attn':>9}")
+    for name in DIT_CONFIGS:
+        if args.filter not in name:
+            continue
+        with meta:
+            model = build_dit(name, input_size=latent).eval()
+        n_params = sum(p.numel() for p in model.parameters())
+        # Analytic count, equal to FlopCounterMode on a real forward (tests/test_flops.py).
+        gmacs, no_attn = dit_macs(**model.config) / 1e9, dit_macs(**model.config, attention=False) / 1e9
+        print(f"{name:<16} {n_params / 1e6:>11.1f} {model.x_embedder.num_patches:>8d} {gmacs:>9.2f} {no_attn:>9.2f}")
+    try:
+        from dcdit.models import DCDIT_PRESETS, build_dcdit
+        from dcdit.flops import nominal_dcdit_report
+    except ImportError:
+        return 0
+    print()
+    print("DC-DiT presets: scaffold counted on a real forward, main network at the nominal L/N kept tokens.")
+    print(f"{'model':<16} {'params (M)':>11} {'kept/L':>8} {'GMACs':>9}")
+    for name in DCDIT_PRESETS:
+        if args.filter not in name:
+            continue
+        model = build_dcdit(name, input_size=latent).eval()
+        n_params = sum(p.numel() for p in model.parameters())
+        report, kept, L = nominal_dcdit_report(model, latent)
+        print(f"{name:<16} {n_params / 1e6:>11.1f} {f'{kept}/{L}':>8} {report.gmacs_per_image:>9.2f}")
+    return 0

@@ -1,0 +1,31 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+if not REFERENCE.exists():  # CI clone location may differ: allow an override
+    REFERENCE = Path(os.environ.get("DCDIT_REFERENCE_DIR", "/work/shared/reference"))
+
+
+def load_fixture(name: str) -> dict:
+    path = REFERENCE / name
+    if not path.exists():
+        pytest.skip(f"reference fixture {path} not available")
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def dit_fixture() -> dict:
+    return load_fixture("dit_tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def dcdit_fixture() -> dict:
+    return load_fixture("dcdit_tiny.pt")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
