@@ -1,0 +1,40 @@
+"""`dcdit train`: train a DiT or DC-DiT from a YAML config (also under torchrun)."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "Train a DiT or DC-DiT from a YAML config (torchrun for several processes)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="training config (see configs/); optional with --resume (the run's config.yaml is used)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, dotted key, YAML value (e.g. train.steps=200); repeatable")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                        help="continue from a run or checkpoint directory (no PATH: the run in --out / train.out_dir)")
+    parser.add_argument("--out", metavar="DIR", help="run directory (default: train.out_dir, else runs/<config name>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dcdit.training import load_train_config, train
+    from dcdit.training.state import find_checkpoint
+
+    config = args.config
+    if config is None:
+        if not args.resume:
+            raise ValueError("pass --config FILE.yaml (or --resume RUN_DIR to continue a run)")
+        where = Path(args.out) if args.resume is True and args.out else None
+        if where is None and args.resume is True:
+            raise ValueError("--resume without a path needs --config or --out to find the run")
+        ckpt = find_checkpoint(where or Path(args.resume))
+        run_dir = Path(args.out) if args.out else (ckpt.parent if ckpt is not None else Path(args.resume))
+        config = run_dir / "config.yaml"
+        if not config.exists():
+            raise FileNotFoundError(f"no config.yaml in {run_dir}: pass --config")
+    cfg = load_train_config(config, args.overrides)
+    run_dir = train(cfg, out=args.out, resume=args.resume)
+    print(run_dir)
+    return 0

@@ -1,0 +1,390 @@
+"""Training configuration: one YAML file read into typed dataclasses.
+
+A config file has one mapping per section::
+
+    model:       {arch: dcdit, preset: DC-DiT-S-N4, overrides: {...}, init_from: null}
+    data:        dcdit.data.DataConfig fields (source, path, image_size, ...)
+    diffusion:   {noise_schedule: linear, diffusion_steps: 1000}
+    optim:       {lr: 1.0e-4, weight_decay: 0.0, betas: [0.9, 0.999], grad_clip: 1.0}
+    train:       {steps, global_batch_size, grad_accum, seed, intervals, precision, ...}
+    ratio:       {weight: 0.03, target_N: 4.0, group_size: 16, start_N: null, warmup_steps: 0}
+    multibudget: {enabled: false, start_step: 0, fractions: [0.0, 0.1, ..., 0.6]}
+    samples:     {interval: 0, num: 16, steps: 25, ...}
+
+Every key is checked: an unknown key or a value of the wrong type raises a
+ValueError naming it ("unknown config key 'train.stpes'", "train.steps:
+expected int, got 'abc'"). ``_base_: other.yaml`` inherits from another file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from dcdit.data.config import DataConfig
+
+PRECISIONS = ("fp32", "bf16")
+ARCHS = ("dit", "dcdit")
+
+
+@dataclass
+class ModelSection:
+    # "dit" or "dcdit".
+    arch: str = "dcdit"
+    # Registry name: "DiT-S/2".."DiT-XL/8" or a DC-DiT preset such as "DC-DiT-S-N4".
+    preset: str = "DC-DiT-S-N4"
+    # Constructor keyword overrides (e.g. {depth: 2, hidden_size: 64}). input_size,
+    # in_channels and num_classes default to the data set's values.
+    overrides: dict = field(default_factory=dict)
+    # Start from these weights: a model directory (e.g. `dcdit upcycle` output),
+    # a run directory or a weights file. Its config.json replaces preset; overrides still apply.
+    init_from: Optional[str] = None
+    # Which weights of init_from to start from: "ema" (falls back to "model") or "model".
+    init_which: str = "ema"
+
+
+@dataclass
+class DiffusionSection:
+    # "linear" (DiT) or "cosine".
+    noise_schedule: str = "linear"
+    # Training diffusion length T.
+    diffusion_steps: int = 1000
+
+
+@dataclass
+class OptimConfig:
+    # AdamW learning rate (constant after warm-up).
+    lr: float = 1e-4
+    # AdamW decoupled weight decay.
+    weight_decay: float = 0.0
+    # AdamW betas.
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # AdamW epsilon.
+    eps: float = 1e-8
+    # Clip the global gradient norm to this value (0 or null: no clipping).
+    grad_clip: Optional[float] = 1.0
+    # Linear learning-rate warm-up from 0 over this many steps (0: none, as DiT).
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainLoopConfig:
+    # Optimizer steps to train for (total, counting steps before a resume).
+    steps: int = 400_000
+    # Samples per optimizer step over all processes and accumulation micro-steps.
+    global_batch_size: int = 256
+    # Micro-steps per optimizer step (the global batch is split across them).
+    grad_accum: int = 1
+    # Seed of the model init, data order, noise, timesteps and label dropout.
+    seed: int = 0
+    # EMA decay per step (EMA is kept in fp32).
+    ema_decay: float = 0.9999
+    # Steps between log lines / metrics.jsonl records.
+    log_interval: int = 100
+    # Steps between checkpoints (a final one is always written).
+    ckpt_interval: int = 10_000
+    # Keep only the newest k checkpoints (0: keep all).
+    keep_last_k: int = 3
+    # "fp32" or "bf16" (autocast on CPU and GPU; the model keeps router/dechunk in fp32).
+    precision: str = "fp32"
+    # Wrap the model with torch.compile.
+    compile: bool = False
+    # Stop cleanly (with a checkpoint) after this many minutes of training.
+    max_minutes: Optional[float] = None
+    # "auto" (cuda when available), "cpu", "cuda" or "cuda:K".
+    device: str = "auto"
+    # DataLoader worker processes (0: load in the training process).
+    num_workers: int = 0
+    # Run directory (overridden by --out). null: runs/<config file name>.
+    out_dir: Optional[str] = None
+    # Show a tqdm progress bar (rank 0).
+    progress: bool = True
+    # Also log to TensorBoard when it is installed.
+    tensorboard: bool = True
+    # Also log to Weights & Biases (needs wandb installed); project name.
+    wandb: bool = False
+    wandb_project: str = "dcdit"
+    # DDP: tolerate parameters that get no gradient in a step.
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class RatioConfig:
+    # Weight of the ratio loss (DC-DiT only; 0 disables it).
+    weight: float = 0.03
+    # Target compression N per stage (one number for all stages, or a list).
+    target_N: Union[float, list[float]] = 4.0
+    # Samples per ratio-loss group (null: the whole local batch).
+    group_size: Optional[int] = 16
+    # Ramp N linearly from this value to target_N over warmup_steps (null: no ramp).
+    start_N: Optional[Union[float, list[float]]] = None
+    # Length of the N ramp in steps.
+    warmup_steps: int = 0
+
+
+@dataclass
+class MultiBudgetConfig:
+    # Train with a tail-dropping fraction drawn per step (DC-DiT only).
+    enabled: bool = False
+    # First step that uses it.
+    start_step: int = 0
+    # The set the fraction is drawn from, uniformly, identically on all ranks.
+    fractions: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+
+
+@dataclass
+class SamplesConfig:
+    # Steps between EMA sample grids (0: never).
+    interval: int = 0
+    # Images per grid (classes cycle 0, 1, 2, ...).
+    num: int = 16
+    # DDIM steps.
+    steps: int = 25
+    # Classifier-free guidance scale (1.0: none).
+    cfg_scale: float = 1.0
+    # For latent data: a VAE (diffusers AutoencoderKL path or hub name) to decode with; null skips the grid.
+    vae: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    ratio: RatioConfig = field(default_factory=RatioConfig)
+    multibudget: MultiBudgetConfig = field(default_factory=MultiBudgetConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    # Name of the run (default: the config file's stem).
+    name: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _err(key: str, msg: str) -> ValueError:
+    return ValueError(f"{key}: {msg}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Range checks across fields; each error names the key."""
+    m, t, o, r, mb, s = cfg.model, cfg.train, cfg.optim, cfg.ratio, cfg.multibudget, cfg.samples
+    if m.arch not in ARCHS:
+        raise _err("model.arch", f"expected one of {', '.join(ARCHS)}, got {m.arch!r}")
+    if m.init_which not in ("ema", "model"):
+        raise _err("model.init_which", f"expected 'ema' or 'model', got {m.init_which!r}")
+    if t.precision not in PRECISIONS:
+        raise _err("train.precision", f"expected one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    for key in ("steps", "global_batch_size", "grad_accum", "log_interval", "ckpt_interval"):
+        if getattr(t, key) <= 0:
+            raise _err(f"train.{key}", f"must be positive, got {getattr(t, key)}")
+    for key in ("keep_last_k", "num_workers"):
+        if getattr(t, key) < 0:
+            raise _err(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    if not 0.0 <= t.ema_decay <= 1.0:
+        raise _err("train.ema_decay", f"must lie in [0, 1], got {t.ema_decay}")
+    if t.max_minutes is not None and t.max_minutes <= 0:
+        raise _err("train.max_minutes", f"must be positive, got {t.max_minutes}")
+    if o.lr <= 0:
+        raise _err("optim.lr", f"must be positive, got {o.lr}")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise _err("optim.betas", f"expected two numbers in [0, 1), got {o.betas}")
+    if o.warmup_steps < 0:
+        raise _err("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    if cfg.diffusion.noise_schedule not in ("linear", "cosine"):
+        raise _err("diffusion.noise_schedule", f"expected 'linear' or 'cosine', got {cfg.diffusion.noise_schedule!r}")
+    if cfg.diffusion.diffusion_steps <= 0:
+        raise _err("diffusion.diffusion_steps", f"must be positive, got {cfg.diffusion.diffusion_steps}")
+    if r.weight < 0:
+        raise _err("ratio.weight", f"must be >= 0, got {r.weight}")
+    for key in ("target_N", "start_N"):
+        v = getattr(r, key)
+        if v is not None and any(n <= 1 for n in (v if isinstance(v, list) else [v])):
+            raise _err(f"ratio.{key}", f"every N must be > 1, got {v}")
+    if r.group_size is not None and r.group_size <= 0:
+        raise _err("ratio.group_size", f"must be positive, got {r.group_size}")
+    if not mb.fractions or not all(0.0 <= f < 1.0 for f in mb.fractions):
+        raise _err("multibudget.fractions", f"expected a non-empty list of numbers in [0, 1), got {mb.fractions}")
+    if s.interval < 0 or s.num <= 0 or s.steps <= 0:
+        raise _err("samples", f"interval must be >= 0 and num, steps positive (got {s.interval}, {s.num}, {s.steps})")
+
+
+# ---------------------------------------------------------------- typed conversion
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp, key: str) -> Any:
+    """``value`` checked against annotation ``tp`` (ints widen to float; "1e-4" reads as a float)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg, key)
+            except ValueError as e:
+                if "unknown config key" in str(e):
+                    raise
+                continue
+        raise _err(key, f"expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is Any:
+        return value
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (arg,) = typing.get_args(tp)
+            return [_convert(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        return _to_dataclass(tp, value, key + ".")
+    raise _err(key, f"expected {_type_name(tp)}, got {value!r}")
+
+
+def _to_dataclass(cls, data: Any, prefix: str = ""):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise _err(prefix.rstrip(".") or "config", f"expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ValueError(f"unknown config key '{prefix}{k}'")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    """A checked :class:`TrainConfig` from nested plain data."""
+    return _to_dataclass(TrainConfig, d)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------- files and --set
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ValueError(f"config {path}: _base_ inheritance loops")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"config {path} must be a mapping of sections, got {type(d).__name__}")
+    base = d.pop("_base_", None)
+    if base is not None:
+        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+        d = deep_merge(_read_yaml(base_path, seen + (path.resolve(),)), d)
+    return d
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+def apply_override(d: dict, assignment: str) -> None:
+    """Apply one ``section.key=value`` (value parsed as YAML) to the nested dict ``d`` in place."""
+    if "=" not in assignment:
+        raise ValueError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise ValueError(f"--set: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = d
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        elif not isinstance(child, dict):
+            raise ValueError(f"--set {key}: '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_train_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
+    """Read a YAML config (or start from the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    d = _read_yaml(Path(path)) if path is not None else {}
+    for assignment in overrides or []:
+        apply_override(d, assignment)
+    if path is not None and not d.get("name"):
+        d["name"] = Path(path).stem
+    return config_from_dict(d)
+
+
+def save_train_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from dcdit.checkpoint import atomic_write
+
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def ratio_targets(r: RatioConfig, step: int, n_stages: int) -> list[float]:
+    """Target N per stage at ``step`` (linear ramp from start_N when configured)."""
+
+    def per_stage(v):
+        v = v if isinstance(v, list) else [v]
+        if len(v) == 1:
+            v = v * n_stages
+        if len(v) != n_stages:
+            raise ValueError(f"ratio.target_N: {len(v)} values for a model with {n_stages} routing stage(s)")
+        return [float(x) for x in v]
+
+    target = per_stage(r.target_N)
+    if r.start_N is None or r.warmup_steps <= 0:
+        return target
+    start = per_stage(r.start_N)
+    progress = min(1.0, step / r.warmup_steps)
+    return [s + (e - s) * progress for s, e in zip(start, target)]

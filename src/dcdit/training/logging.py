@@ -1,0 +1,63 @@
+"""Metrics sinks for rank 0: metrics.jsonl always, TensorBoard when installed, wandb when asked for."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, wandb: bool = False,
+                 wandb_project: str = "dcdit", run_name: Optional[str] = None, config: Optional[dict] = None):
+        self.enabled = enabled
+        self.tb = self.wandb = None
+        self._file = None
+        if not enabled:
+            return
+        self._file = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except Exception:  # tensorboard not installed: jsonl only
+                self.tb = None
+        if wandb:
+            try:
+                import wandb as _wandb
+            except ImportError:
+                raise ValueError("train.wandb is set but wandb is not installed (pip install wandb)") from None
+            self.wandb = _wandb
+            _wandb.init(project=wandb_project, name=run_name, config=config, dir=str(run_dir))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for k, v in numeric.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in numeric.items()}, step=step)
+
+    def info(self, msg: str) -> None:
+        """A human-readable line on stderr (rank 0), kept clear of the progress bar."""
+        if not self.enabled:
+            return
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(msg, file=sys.stderr)
+        except ImportError:
+            print(msg, file=sys.stderr)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

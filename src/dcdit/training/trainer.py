@@ -1,0 +1,433 @@
+"""The training loop for DiT and DC-DiT.
+
+One loop serves both: the diffusion loss, plus for DC-DiT the ratio loss on
+the routing the model returns (the diffusion's ``extras``) and, from a start
+step on, multi-budget tail dropping.
+
+Randomness is organised so that runs are reproducible and independent of
+how the global batch is split:
+
+* data order: a pure function of ``(seed, step)`` (see ``training/data.py``);
+* timesteps, noise and label dropout: drawn for the whole global batch from a
+  generator seeded by ``(seed, step)``, each process taking its slice;
+* the multi-budget drop fraction: one draw per step from ``(seed, step)``,
+  hence identical on all ranks;
+* the global torch RNG (anything else random, e.g. data flips) is reseeded
+  from ``(seed, step, rank)`` at every step.
+
+So "N steps, resume, M steps" reproduces "N + M steps" exactly on CPU, and
+2 processes x batch 4 match 1 process x batch 8 up to float rounding.
+Label dropout for classifier-free guidance is therefore applied here (the
+model's label embedder's own random dropout is switched off in the training
+copy, the probability taken from it), which is the same operation.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from dcdit.training import distributed as D
+from dcdit.training.config import TrainConfig, config_to_dict, ratio_targets, save_train_config
+from dcdit.training.data import RankBatchSampler, StepStream, local_slice
+from dcdit.training.logging import MetricsLogger
+from dcdit.training.state import (
+    capture_rng,
+    clean_stale,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+
+# --------------------------------------------------------------------------- helpers
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (e.g. seed, step, stream tag)."""
+    state = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1, np.uint64)
+    return int(state[0]) & 0x7FFFFFFFFFFFFFFF
+
+
+# stream tags for mix_seed
+_NOISE, _BUDGET, _GLOBAL = 1, 2, 3
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def take_over_label_dropout(model: nn.Module) -> tuple[float, Optional[int]]:
+    """Switch off the label embedders' own random dropout; return (probability, null class)."""
+    found = [m for m in model.modules() if hasattr(m, "token_drop") and hasattr(m, "dropout_prob")]
+    probs = {float(m.dropout_prob) for m in found}
+    if len(probs) > 1:
+        raise ValueError(f"model has label embedders with different dropout probabilities {sorted(probs)}")
+    if not found or not probs or max(probs) == 0:
+        return 0.0, None
+    for m in found:
+        m.dropout_prob = 0.0
+    return probs.pop(), int(found[0].num_classes)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, in fp32."""
+    ema_p = list(ema.parameters())
+    model_p = [p.detach().float() for p in model.parameters()]
+    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+    for eb, mb in zip(ema.buffers(), model.buffers()):
+        eb.copy_(mb)
+
+
+def routing_stats(routing) -> dict[str, torch.Tensor]:
+    """Kept share per stage, natural (router's choice) and effective (after tail dropping)."""
+    out = {}
+    for i, st in enumerate(routing or []):
+        out[f"keep_natural_{i}"] = st["natural_mask"].float().mean().detach()
+        out[f"keep_effective_{i}"] = st["keep_mask"].float().mean().detach()
+    return out
+
+
+def compression(metrics: dict) -> tuple[Optional[float], Optional[float]]:
+    """Overall compression L / kept (product over stages), natural and effective."""
+    nat = [v for k, v in metrics.items() if k.startswith("keep_natural_")]
+    eff = [v for k, v in metrics.items() if k.startswith("keep_effective_")]
+    if not nat:
+        return None, None
+    return 1.0 / max(math.prod(nat), 1e-8), 1.0 / max(math.prod(eff), 1e-8)
+
+
+class StopFlag:
+    """Set by SIGTERM / the first Ctrl-C: the loop checkpoints and exits. A second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.signal: Optional[str] = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_train_model(cfg: TrainConfig, dataset) -> nn.Module:
+    """The model a config asks for, sized to the data unless overridden (or loaded from model.init_from)."""
+    from dcdit.models.factory import build_model
+
+    m = cfg.model
+    data_keys = {"input_size": dataset.image_size, "in_channels": dataset.channels,
+                 "num_classes": dataset.num_classes}
+    if m.init_from:
+        from dcdit.checkpoint import load_model
+
+        init = load_model(m.init_from, which=m.init_which)
+        init_cfg = {"arch": "dcdit" if type(init).__name__ != "DiT" else "dit", **dict(init.config)}
+        model = build_model({**init_cfg, **m.overrides})
+        missing, unexpected = model.load_state_dict(init.state_dict(), strict=False)
+        if unexpected or [k for k in missing if k != "pos_embed"]:
+            raise ValueError(f"model.overrides change the shapes of model.init_from ({m.init_from}): "
+                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    elif m.arch == "dit":
+        from dcdit.models.dit import build_dit
+
+        model = build_dit(m.preset, **{**data_keys, **m.overrides})
+    else:
+        from dcdit.models.dcdit import build_dcdit
+
+        model = build_dcdit(m.preset, **{**data_keys, **m.overrides})
+    check_model_fits_data(model, dataset)
+    return model
+
+
+def check_model_fits_data(model: nn.Module, dataset) -> None:
+    c = dict(unwrap(model).config)
+    if c.get("input_size", dataset.image_size) != dataset.image_size:
+        raise ValueError(f"model input_size {c['input_size']} does not match the data's image size {dataset.image_size}")
+    if c.get("in_channels", dataset.channels) != dataset.channels:
+        raise ValueError(f"model in_channels {c['in_channels']} does not match the data's {dataset.channels} channels")
+    if c.get("num_classes", dataset.num_classes) < dataset.num_classes:
+        raise ValueError(f"model num_classes {c['num_classes']} < the data's {dataset.num_classes} classes")
+
+
+def is_dcdit(model: nn.Module) -> bool:
+    return type(unwrap(model)).__name__ != "DiT"
+
+
+# --------------------------------------------------------------------------- train
+
+
+def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bool] = None) -> Path:
+    """Train as ``cfg`` says; returns the run directory.
+
+    ``out`` overrides ``train.out_dir``. ``resume``: a run or checkpoint
+    directory to continue from, or ``True`` for the run directory's latest
+    checkpoint. Launched under torchrun, every process calls this.
+    """
+    from dcdit.data import build_dataset
+    from dcdit.diffusion import create_diffusion
+
+    t_start = time.time()
+    tc = cfg.train
+    info = D.setup(tc.device)
+    device = info.device
+    try:
+        # ---- run directory and checkpoint to resume from
+        ckpt_dir = None
+        if resume:
+            where = Path(out or tc.out_dir or f"runs/{cfg.name or 'train'}") if resume is True else Path(resume)
+            ckpt_dir = find_checkpoint(where)
+            if ckpt_dir is None:
+                raise FileNotFoundError(f"nothing to resume: no checkpoint in {where}")
+            run_dir = Path(out) if out else ckpt_dir.parent
+        else:
+            run_dir = Path(out or tc.out_dir or f"runs/{cfg.name or 'train'}")
+            if list_checkpoints(run_dir):
+                raise ValueError(f"run directory {run_dir} already holds checkpoints: "
+                                 "pass --resume to continue it or --out for a new run")
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            clean_stale(run_dir)
+            save_train_config(cfg, run_dir / "config.yaml")
+        log = MetricsLogger(run_dir, info.is_main, tc.tensorboard, tc.wandb, tc.wandb_project, cfg.name,
+                            config_to_dict(cfg))
+
+        # ---- data
+        dataset = build_dataset(cfg.data)
+        world, accum = info.world_size, tc.grad_accum
+        if tc.global_batch_size % (world * accum):
+            raise ValueError(f"train.global_batch_size ({tc.global_batch_size}) must be divisible by "
+                             f"processes x train.grad_accum ({world} x {accum})")
+        micro = tc.global_batch_size // (world * accum)
+
+        # ---- model, EMA, optimizer (same init on every rank: seeded before building)
+        torch.manual_seed(tc.seed)
+        ckpt = load_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+        if ckpt is not None:
+            from dcdit.models.factory import build_model
+
+            model = build_model(ckpt["model_config"])
+            model.load_state_dict(ckpt["model"], strict=False)
+            check_model_fits_data(model, dataset)
+        else:
+            model = build_train_model(cfg, dataset)
+        model.to(device).train()
+        ema = copy.deepcopy(model).float().eval().requires_grad_(False)
+        if ckpt is not None and ckpt["ema"] is not None:
+            ema.load_state_dict(ckpt["ema"], strict=False)
+        drop_prob, null_class = take_over_label_dropout(model)
+        dcdit = is_dcdit(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        step = 0
+        if ckpt is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            restore_rng(ckpt["rng_tensors"], ckpt["rng_meta"])
+            step = ckpt["step"]
+            del ckpt
+        diffusion = create_diffusion("", noise_schedule=cfg.diffusion.noise_schedule,
+                                     learn_sigma=bool(getattr(unwrap(model), "learn_sigma", True)),
+                                     diffusion_steps=cfg.diffusion.diffusion_steps)
+
+        train_model = model
+        if info.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                              find_unused_parameters=tc.find_unused_parameters)
+        if tc.compile:
+            train_model = torch.compile(train_model)
+
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info(f"run {run_dir} | {type(model).__name__} {n_params / 1e6:.2f}M params | {dataset.describe()} | "
+                 f"{world} process(es) on {device}, batch {tc.global_batch_size} = {world} x {accum} x {micro}"
+                 + (f" | resumed at step {step}" if step else ""))
+
+        # ---- data loader from the current step on
+        stream = StepStream(len(dataset), tc.global_batch_size, tc.seed)
+        sampler = RankBatchSampler(stream, step, tc.steps, info.rank, world, accum)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=tc.num_workers,
+                                             pin_memory=device.type == "cuda",
+                                             persistent_workers=tc.num_workers > 0)
+        batches = iter(loader)
+
+        bf16 = tc.precision == "bf16"
+
+        def forward(x, t, **kwargs):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = train_model(x, t, **kwargs)
+            if isinstance(out, tuple):
+                return (out[0].float(), *out[1:])
+            return out.float()
+
+        def save(reason: str) -> None:
+            if info.is_main:
+                epoch, offset = stream.position(step)
+                path = save_checkpoint(run_dir, step, model, ema, optimizer, (run_dir / "config.yaml").read_text(),
+                                       extra={"epoch": epoch, "epoch_offset": offset, "world_size": world,
+                                              "global_batch_size": tc.global_batch_size, "reason": reason},
+                                       keep_last_k=tc.keep_last_k)
+                log.info(f"saved {path} ({reason})")
+            D.barrier(info)
+
+        # ---- sample grids
+        vae = None
+        sample_dir = run_dir / "samples"
+
+        def sample_grid() -> None:
+            nonlocal vae
+            if not info.is_main:
+                return
+            from dcdit.training.samples import load_vae, write_sample_grid
+
+            if dataset.is_latent and vae is None and cfg.samples.vae:
+                vae = load_vae(cfg.samples.vae, device)
+            path = write_sample_grid(sample_dir / f"step{step:07d}.png", ema, cfg.samples, dataset,
+                                     cfg.diffusion.diffusion_steps, cfg.diffusion.noise_schedule, device, vae)
+            if path is not None:
+                log.info(f"sample grid {path}")
+
+        # ---- the loop
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.steps, initial=step, disable=not (info.is_main and tc.progress), desc="train",
+                   unit="step", dynamic_ncols=True, smoothing=0.1)
+        running: dict[str, torch.Tensor] = {}
+        n_running, t_log, last_saved, stop_reason = 0, time.time(), step if ckpt_dir else -1, None
+        ratio_weight = cfg.ratio.weight if dcdit else 0.0
+        ratio_N: list[float] = []
+        with StopFlag() as stop:
+            while step < tc.steps:
+                torch.manual_seed(mix_seed(tc.seed, step, info.rank, _GLOBAL))
+                # Per-step randomness for the whole global batch (each rank slices its part).
+                g = torch.Generator(device).manual_seed(mix_seed(tc.seed, step, _NOISE))
+                G = tc.global_batch_size
+                t_all = torch.randint(0, diffusion.num_timesteps, (G,), generator=g, device=device)
+                noise_all = torch.randn((G, dataset.channels, dataset.image_size, dataset.image_size),
+                                        generator=g, device=device)
+                drop_all = torch.rand((G,), generator=g, device=device) < drop_prob
+                tail_drop = 0.0
+                if dcdit and cfg.multibudget.enabled and step >= cfg.multibudget.start_step:
+                    fr = cfg.multibudget.fractions
+                    tail_drop = float(fr[np.random.default_rng(mix_seed(tc.seed, step, _BUDGET)).integers(len(fr))])
+
+                lr = o.lr * min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else o.lr
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                for m in range(accum):
+                    x, y = next(batches)
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    sl = local_slice(m, info.rank, world, micro)
+                    if null_class is not None:
+                        y = torch.where(drop_all[sl], torch.full_like(y, null_class), y)
+                    kwargs = {"y": y, **({"tail_drop": tail_drop} if dcdit else {})}
+                    sync = contextlib.nullcontext() if (m == accum - 1 or not info.distributed) else train_model.no_sync()
+                    with sync:
+                        terms = diffusion.training_losses(forward, x, t_all[sl], kwargs, noise=noise_all[sl])
+                        loss = terms["loss"].mean()
+                        stats = {"loss_diffusion": loss.detach(), "mse": terms["mse"].mean().detach()}
+                        if "vb" in terms:
+                            stats["vb"] = terms["vb"].mean().detach()
+                        routing = terms.get("extras")
+                        if dcdit and routing:
+                            stats.update(routing_stats(routing))
+                            if ratio_weight > 0:
+                                ratio_N = ratio_targets(cfg.ratio, step, len(routing))
+                                r_loss = ratio_term(routing, ratio_N, cfg.ratio.group_size)
+                                loss = loss + ratio_weight * r_loss
+                                stats["loss_ratio"] = r_loss.detach()
+                        stats["loss"] = loss.detach()
+                        (loss / accum).backward()
+                    for k, v in stats.items():
+                        running[k] = running.get(k, 0.0) + v.float()
+                    n_running += 1
+
+                grad_norm = (torch.nn.utils.clip_grad_norm_(params, o.grad_clip) if o.grad_clip
+                             else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                update_ema(ema, model, tc.ema_decay)
+                step += 1
+                running["grad_norm"] = running.get("grad_norm", 0.0) + grad_norm.detach().float() * accum
+                if tail_drop or cfg.multibudget.enabled:
+                    running["tail_drop"] = running.get("tail_drop", 0.0) + tail_drop * accum
+                bar.update(1)
+
+                # ---- logging
+                if step % tc.log_interval == 0 or step == tc.steps or step % 10 == 0:
+                    keys = sorted(running)
+                    means = D.mean_over_ranks([float(running[k]) / n_running for k in keys], info)
+                    metrics = dict(zip(keys, means))
+                    nat, eff = compression(metrics)
+                    post = {"loss": f"{metrics['loss']:.4f}"}
+                    if nat is not None:
+                        post["comp"] = f"{nat:.2f}x/{eff:.2f}x"
+                    dt = time.time() - t_log
+                    ips = n_running / accum * tc.global_batch_size / max(dt, 1e-9)
+                    post["img/s"] = f"{ips:.1f}"
+                    bar.set_postfix(post, refresh=False)
+                    if step % tc.log_interval == 0 or step == tc.steps:
+                        metrics.update(lr=lr, images_per_sec=ips, steps_per_sec=n_running / accum / max(dt, 1e-9))
+                        if nat is not None:
+                            metrics.update(compression_natural=nat, compression_effective=eff)
+                        if ratio_N:
+                            metrics["ratio_N"] = ratio_N[0] if len(ratio_N) == 1 else ratio_N
+                        log.log(step, metrics)
+                        running, n_running, t_log = {}, 0, time.time()
+
+                if cfg.samples.interval and step % cfg.samples.interval == 0:
+                    sample_grid()
+
+                # ---- stop requests (signals, time budget) agreed on by all ranks
+                out_of_time = tc.max_minutes is not None and (time.time() - t_start) / 60.0 >= tc.max_minutes
+                local_stop = stop.signal or ("time budget" if out_of_time else None)
+                if D.any_rank(local_stop is not None, info):
+                    stop_reason = local_stop or "stop on another rank"
+                    break
+                if step % tc.ckpt_interval == 0 and step < tc.steps:
+                    save(f"step {step}")
+                    last_saved = step
+            bar.close()
+            if last_saved != step:
+                save(stop_reason or "final")
+            if stop_reason:
+                log.info(f"stopped at step {step}/{tc.steps}: {stop_reason}; resume with --resume {run_dir}")
+        log.close()
+        return run_dir
+    finally:
+        D.teardown(info)
+
+
+def ratio_term(routing, targets: list[float], group_size: Optional[int]) -> torch.Tensor:
+    """Mean over routing stages of the ratio loss at each stage's target N."""
+    from dcdit.losses import ratio_loss
+
+    terms = [ratio_loss([st], N, group_size=group_size) for st, N in zip(routing, targets)]
+    return torch.stack(terms).mean()
