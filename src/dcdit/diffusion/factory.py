@@ -1,0 +1,56 @@
+"""``create_diffusion``: DiT's diffusion factory."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .gaussian_diffusion import LossType, ModelMeanType, ModelVarType
+from .respace import SectionCounts, SpacedDiffusion, space_timesteps
+from .schedules import get_named_beta_schedule
+
+__all__ = ["create_diffusion"]
+
+
+def create_diffusion(
+    timestep_respacing: Optional[SectionCounts],
+    noise_schedule: str = "linear",
+    use_kl: bool = False,
+    sigma_small: bool = False,
+    predict_xstart: bool = False,
+    learn_sigma: bool = True,
+    rescale_learned_sigmas: bool = False,
+    diffusion_steps: int = 1000,
+) -> SpacedDiffusion:
+    """Build the Gaussian diffusion with DiT's defaults.
+
+    Args:
+        timestep_respacing: steps to keep (see :func:`space_timesteps`), e.g. ``"250"``
+            or ``"ddim50"``; ``None`` or ``""`` keeps all ``diffusion_steps``.
+        noise_schedule: ``"linear"`` or ``"cosine"``.
+        use_kl: train on the (rescaled) variational bound only.
+        sigma_small: with a fixed variance, use the posterior variance instead of beta.
+        predict_xstart: the model predicts x_0 instead of the noise.
+        learn_sigma: the model outputs 2C channels, the extra C interpolating the log-variance.
+        rescale_learned_sigmas: scale the VB term by ``diffusion_steps / 1000`` (RESCALED_MSE).
+        diffusion_steps: T of the training process.
+    """
+    betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
+    if use_kl:
+        loss_type = LossType.RESCALED_KL
+    elif rescale_learned_sigmas:
+        loss_type = LossType.RESCALED_MSE
+    else:
+        loss_type = LossType.MSE
+    if learn_sigma:
+        var_type = ModelVarType.LEARNED_RANGE
+    else:
+        var_type = ModelVarType.FIXED_SMALL if sigma_small else ModelVarType.FIXED_LARGE
+    if timestep_respacing is None or timestep_respacing == "":
+        timestep_respacing = [diffusion_steps]
+    return SpacedDiffusion(
+        space_timesteps(diffusion_steps, timestep_respacing),
+        betas=betas,
+        model_mean_type=ModelMeanType.START_X if predict_xstart else ModelMeanType.EPSILON,
+        model_var_type=var_type,
+        loss_type=loss_type,
+    )
