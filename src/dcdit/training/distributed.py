@@ -1,6 +1,7 @@
 """Process-group set-up for `torchrun` launches (single process when not launched by it)."""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -85,3 +86,24 @@ def mean_over_ranks(values: list[float], info: DistInfo) -> list[float]:
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()
+
+
+@torch.no_grad()
+def fingerprint(model: torch.nn.Module) -> str:
+    """Short digest of all parameter values (bitwise: equal digests mean equal weights, practically)."""
+    h = hashlib.sha1()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_ranks_agree(model: torch.nn.Module, info: DistInfo) -> list[str]:
+    """Every rank's weight fingerprint; raises if the ranks' models have diverged."""
+    fp = fingerprint(model)
+    if not info.distributed:
+        return [fp]
+    found: list = [None] * info.world_size
+    dist.all_gather_object(found, fp)
+    if len(set(found)) > 1:
+        raise RuntimeError(f"DDP ranks hold different weights (fingerprints {found})")
+    return found

@@ -287,11 +287,13 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
             return out.float()
 
         def save(reason: str) -> None:
+            ranks = D.check_ranks_agree(model, info)  # every rank holds the same weights (raises if not)
             if info.is_main:
                 epoch, offset = stream.position(step)
                 path = save_checkpoint(run_dir, step, model, ema, optimizer, (run_dir / "config.yaml").read_text(),
                                        extra={"epoch": epoch, "epoch_offset": offset, "world_size": world,
-                                              "global_batch_size": tc.global_batch_size, "reason": reason},
+                                              "global_batch_size": tc.global_batch_size, "reason": reason,
+                                              "rank_fingerprints": ranks},
                                        keep_last_k=tc.keep_last_k)
                 log.info(f"saved {path} ({reason})")
             D.barrier(info)
