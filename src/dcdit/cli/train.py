@@ -29,8 +29,11 @@ def run(args: argparse.Namespace) -> int:
         where = Path(args.out) if args.resume is True and args.out else None
         if where is None and args.resume is True:
             raise ValueError("--resume without a path needs --config or --out to find the run")
-        ckpt = find_checkpoint(where or Path(args.resume))
-        run_dir = Path(args.out) if args.out else (ckpt.parent if ckpt is not None else Path(args.resume))
+        where = where or Path(args.resume)
+        ckpt = find_checkpoint(where)
+        if ckpt is None:
+            raise FileNotFoundError(f"nothing to resume: no checkpoint in {where}")
+        run_dir = Path(args.out) if args.out else ckpt.parent
         config = run_dir / "config.yaml"
         if not config.exists():
             raise FileNotFoundError(f"no config.yaml in {run_dir}: pass --config")

@@ -117,8 +117,9 @@ class TrainLoopConfig:
 class RatioConfig:
     # Weight of the ratio loss (DC-DiT only; 0 disables it).
     weight: float = 0.03
-    # Target compression N per stage (one number for all stages, or a list).
-    target_N: Union[float, list[float]] = 4.0
+    # Target compression N per stage (one number for all stages, or a list);
+    # null: the model's own downsample_factor (DC-DiT-*-N16 presets: 16).
+    target_N: Optional[Union[float, list[float]]] = None
     # Samples per ratio-loss group (null: the whole local batch).
     group_size: Optional[int] = 16
     # Ramp N linearly from this value to target_N over warmup_steps (null: no ramp).
@@ -371,8 +372,11 @@ def save_train_config(cfg: TrainConfig, path: str | Path) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def ratio_targets(r: RatioConfig, step: int, n_stages: int) -> list[float]:
-    """Target N per stage at ``step`` (linear ramp from start_N when configured)."""
+def ratio_targets(r: RatioConfig, step: int, n_stages: int, model_N: Union[float, list, None] = None) -> list[float]:
+    """Target N per stage at ``step`` (linear ramp from start_N when configured).
+
+    ``model_N`` (the model's downsample_factor) is used when ``target_N`` is null.
+    """
 
     def per_stage(v):
         v = v if isinstance(v, list) else [v]
@@ -382,7 +386,7 @@ def ratio_targets(r: RatioConfig, step: int, n_stages: int) -> list[float]:
             raise ValueError(f"ratio.target_N: {len(v)} values for a model with {n_stages} routing stage(s)")
         return [float(x) for x in v]
 
-    target = per_stage(r.target_N)
+    target = per_stage(r.target_N if r.target_N is not None else (model_N if model_N is not None else 4.0))
     if r.start_N is None or r.warmup_steps <= 0:
         return target
     start = per_stage(r.start_N)

@@ -324,6 +324,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
         n_running, t_log, last_saved, stop_reason = 0, time.time(), step if ckpt_dir else -1, None
         ratio_weight = cfg.ratio.weight if dcdit else 0.0
         ratio_N: list[float] = []
+        model_N = dict(unwrap(model).config).get("downsample_factor")
         with StopFlag() as stop:
             while step < tc.steps:
                 torch.manual_seed(mix_seed(tc.seed, step, info.rank, _GLOBAL))
@@ -361,7 +362,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                         if dcdit and routing:
                             stats.update(routing_stats(routing))
                             if ratio_weight > 0:
-                                ratio_N = ratio_targets(cfg.ratio, step, len(routing))
+                                ratio_N = ratio_targets(cfg.ratio, step, len(routing), model_N)
                                 r_loss = ratio_term(routing, ratio_N, cfg.ratio.group_size)
                                 loss = loss + ratio_weight * r_loss
                                 stats["loss_ratio"] = r_loss.detach()
