@@ -1,0 +1,194 @@
+"""``dcdit sample``: images from a checkpoint (DDPM/DDIM, guidance, Lite-CFG, compute budgets, DDP)."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "Sample images from a checkpoint: DDPM/DDIM, guidance, Lite-CFG, compute budgets; PNG grid and/or ADM .npz."
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {v}")
+    return v
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="model directory, run directory (uses 'latest') or weights file")
+    p.add_argument("--which", choices=("ema", "model"), default="ema", help="weights to load (default: ema)")
+    g = p.add_argument_group("sampler")
+    g.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="default: ddim")
+    g.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; default 0)")
+    g.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    g.add_argument("--guidance-channels", type=int, default=None,
+                   help="guide only the first K eps channels (3 reproduces DiT; default: all)")
+    g.add_argument("--noise-schedule", default=None, help="linear|cosine (default: the run's, else linear)")
+    g.add_argument("--diffusion-steps", type=int, default=None, help="training T (default: the run's, else 1000)")
+    g.add_argument("--clip-denoised", choices=("auto", "yes", "no"), default="auto",
+                   help="clamp predicted x0 to [-1, 1] (auto: pixel models yes, latents no)")
+    b = p.add_argument_group("compute budget (DC-DiT; give at most one)")
+    b.add_argument("--tail-drop", type=_fraction, default=None,
+                   help="tail-drop fraction f: drop the lowest-p f of the boundary tokens at every step")
+    b.add_argument("--keep-share", type=float, default=None,
+                   help="target mean share of first-stage tokens kept; f is solved on a probe run")
+    b.add_argument("--gflops", type=float, default=None,
+                   help="target GFLOPs (2 per MAC) per image per sampling step (both CFG halves count); "
+                        "f is solved by bisection on the measured FLOPs of a probe run")
+    b.add_argument("--cond-drop", type=_fraction, default=None,
+                   help="Lite-CFG: tail-drop fraction of the conditional half (same as --tail-drop)")
+    b.add_argument("--uncond-drop", type=_fraction, default=None,
+                   help="Lite-CFG: tail-drop fraction of the unconditional half (needs --cfg-scale != 1)")
+    b.add_argument("--probe-size", type=int, default=4, help="samples in the budget probe (default: 4)")
+    b.add_argument("--probe-steps", type=int, default=10, help="DDIM steps of the budget probe (default: 10)")
+    o = p.add_argument_group("samples and output")
+    o.add_argument("--num-samples", type=int, default=16, help="total samples (default: 16)")
+    o.add_argument("--batch-size", type=int, default=16, help="samples per batch per process (default: 16)")
+    o.add_argument("--seed", type=int, default=0, help="global seed; sample k's noise comes from (seed, k)")
+    o.add_argument("--classes", default=None, help="comma list of labels, cycled (default: all classes cycled)")
+    o.add_argument("--grid", default=None, metavar="PNG", help="write a grid of the first --grid-count samples")
+    o.add_argument("--grid-count", type=int, default=64, help="images in the grid (default: 64)")
+    o.add_argument("--npz", default=None, metavar="NPZ", help="write all samples in the ADM format (arr_0, arr_1)")
+    o.add_argument("--stats-json", default=None, metavar="JSON", help="write kept shares / FLOPs per step here")
+    o.add_argument("--vae", default=None, metavar="DIR", help="local VAE directory to decode latents")
+    o.add_argument("--space", choices=("auto", "latent", "pixel"), default="auto",
+                   help="model space (auto: the run config's data source; 4 channels without one = latent)")
+    o.add_argument("--flops", choices=("first", "all", "none"), default="first",
+                   help="count FLOPs on each process's first batch (default), every batch, or never")
+    o.add_argument("--device", default="auto", help="auto|cpu|cuda[:K] (default: auto)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    import json
+    import sys
+    import warnings
+    from pathlib import Path
+
+    import torch
+
+    from dcdit.checkpoint import load_model, save_json
+    from dcdit.sampling import (
+        Budget,
+        create_sampling_diffusion,
+        generate_local,
+        is_latent_checkpoint,
+        merge_ranks,
+        model_info,
+        parse_classes,
+        read_train_config,
+        save_outputs,
+        solve_budget,
+        supports_tail_drop,
+    )
+    from dcdit.sampling.seeds import labels_for_indices
+    from dcdit.training.distributed import setup, teardown
+
+    if args.grid is None and args.npz is None:
+        raise ValueError("nothing to write: give --grid PNG and/or --npz NPZ")
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise ValueError("--num-samples and --batch-size must be positive")
+    if args.cond_drop is not None and args.tail_drop is not None:
+        raise ValueError("give the conditional fraction once: --cond-drop or --tail-drop")
+    tail = args.cond_drop if args.cond_drop is not None else args.tail_drop
+    budget = Budget.from_options(tail, args.keep_share, args.gflops)
+    if args.uncond_drop is not None and args.cfg_scale == 1.0:
+        raise ValueError("--uncond-drop (Lite-CFG) needs guidance: set --cfg-scale != 1")
+
+    dist_info = setup(args.device)
+    rank, world = dist_info.rank, dist_info.world_size
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else (lambda s: None)
+    try:
+        model = load_model(args.ckpt, which=args.which, map_location=dist_info.device)
+        info = model_info(model)
+        needs_routing = (budget is not None and (budget.kind != "tail_drop" or budget.value > 0)) or (
+            args.uncond_drop is not None)
+        if needs_routing:
+            if not supports_tail_drop(model):
+                raise ValueError(f"compute budgets and Lite-CFG need a DC-DiT checkpoint; {args.ckpt} is a "
+                                 f"{type(model).__name__}")
+        classes = parse_classes(args.classes, info["num_classes"])
+        train_cfg = read_train_config(args.ckpt)
+        dcfg = (train_cfg or {}).get("diffusion") or {}
+        schedule = args.noise_schedule or dcfg.get("noise_schedule", "linear")
+        T = args.diffusion_steps or int(dcfg.get("diffusion_steps", 1000))
+        diffusion = create_sampling_diffusion(args.sampler, args.steps, info["learn_sigma"], schedule, T)
+        latent = args.space == "latent" or (args.space == "auto" and is_latent_checkpoint(train_cfg, info["in_channels"]))
+        clip = {"yes": True, "no": False}.get(args.clip_denoised, not latent)
+
+        decode, keep_latents = None, False
+        if latent:
+            if args.vae is None:
+                keep_latents = True
+                if rank == 0:
+                    warnings.warn("latent model without --vae: saving raw latents (npz keys 'latents', 'labels'); "
+                                  "no grid is written", stacklevel=1)
+            else:
+                from dcdit.data.vae import decode_latents, load_vae
+
+                vae = load_vae(args.vae)
+                if hasattr(vae, "to"):
+                    vae = vae.to(dist_info.device)
+                decode = lambda z: decode_latents(vae, z)
+
+        # Solve the budget once (rank 0) on the run's first samples, then share the fraction.
+        fraction = 0.0 if budget is None else float(budget.value) if budget.kind == "tail_drop" else None
+        if fraction is None:
+            sol = None
+            if rank == 0:
+                n_probe = min(args.probe_size, args.num_samples)
+                probe_labels = labels_for_indices(range(n_probe), info["num_classes"], classes)
+                sol = solve_budget(model, budget, probe_labels, diffusion=diffusion, seed=args.seed,
+                                   cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels,
+                                   uncond_drop=args.uncond_drop, probe_size=n_probe,
+                                   probe_steps=min(args.probe_steps, args.steps))
+                log(f"budget: {budget.kind} {budget.value:g} -> tail-drop fraction {sol.fraction:.4f} "
+                    f"(probe measured {sol.measured:.4g}, {len(sol.evaluations)} probe runs)")
+            if world > 1:
+                import torch.distributed as dist
+
+                box = [None if sol is None else sol.fraction]
+                dist.broadcast_object_list(box, src=0)
+                fraction = float(box[0])
+            else:
+                fraction = sol.fraction
+
+        part = generate_local(
+            model, diffusion, args.num_samples, batch_size=args.batch_size, seed=args.seed, classes=classes,
+            rank=rank, world_size=world, decode=decode, keep_latents=keep_latents, flops=args.flops,
+            progress=rank == 0 and not args.no_progress, sampler=args.sampler, eta=args.eta,
+            cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, tail_drop=fraction,
+            uncond_drop=args.uncond_drop, clip_denoised=clip, device=dist_info.device,
+        )
+        first_out = Path(args.npz or args.grid)
+        parts_dir = first_out.parent / f".{first_out.stem}.parts"
+        merged = merge_ranks(part, args.num_samples, parts_dir, rank, world)
+        if merged is None:
+            return 0
+        written = save_outputs(merged, args.npz, None if keep_latents else args.grid, args.grid_count)
+        st = merged.stats
+        summary = {
+            "num_samples": args.num_samples, "world_size": world, "sampler": args.sampler, "steps": args.steps,
+            "cfg_scale": args.cfg_scale, "tail_drop": fraction, "uncond_drop": args.uncond_drop,
+            "seconds": merged.seconds, "images_per_second": args.num_samples / max(merged.seconds, 1e-9),
+            "budget": None if budget is None else {"kind": budget.kind, "value": budget.value},
+            **({} if st is None else {"stats": st.to_dict()}),
+        }
+        msg = (f"{args.num_samples} samples ({args.sampler}, {args.steps} steps, {world} process(es)) in "
+               f"{merged.seconds:.1f}s = {summary['images_per_second']:.2f} img/s; tail-drop {fraction:.3f}")
+        if st is not None and st.gflops_per_step is not None:
+            msg += f"; {st.gflops_per_step:.4g} GFLOPs/image/step ({st.gflops_per_image:.4g} per image)"
+        if st is not None and st.mean_kept_share is not None:
+            msg += f"; kept share {st.mean_kept_share[0]:.3f}"
+        print(msg)
+        if args.stats_json:
+            save_json(args.stats_json, json.loads(json.dumps(summary, default=float)))
+            written.append(Path(args.stats_json))
+        for w in written:
+            print(f"wrote {w}")
+        return 0
+    finally:
+        teardown(dist_info)

@@ -1,0 +1,31 @@
+"""Sampling: DDPM / DDIM with guidance, Lite-CFG and elastic compute budgets; batched and DDP generation.
+
+Main entry points:
+
+* :func:`sample` - one batch -> (samples, :class:`SampleStats`): per-step
+  kept-token shares and FLOPs; per-sample seeds make results batch-invariant.
+* :class:`Budget` / :func:`solve_budget` - a tail-drop fraction from a
+  kept-share or GFLOPs target (bisection on a measured probe run).
+* :func:`generate_local` / :func:`merge_ranks` / :func:`save_outputs` - many
+  samples over batches and ranks, written as an ADM ``.npz`` and a PNG grid.
+"""
+from dcdit.sampling.budget import BUDGET_KINDS, Budget, BudgetSolution, bisect_fraction, probe_diffusion, solve_budget
+from dcdit.sampling.generate import (
+    LocalSamples,
+    generate_local,
+    is_latent_checkpoint,
+    merge_ranks,
+    read_train_config,
+    save_outputs,
+)
+from dcdit.sampling.guidance import make_model_fn, model_info, supports_tail_drop
+from dcdit.sampling.sampler import SAMPLERS, SampleStats, create_sampling_diffusion, routing_shares, sample
+from dcdit.sampling.seeds import SampleNoise, derive_seed, labels_for_indices, parse_classes, shard_indices
+
+__all__ = [
+    "sample", "SampleStats", "SAMPLERS", "create_sampling_diffusion", "routing_shares",
+    "Budget", "BudgetSolution", "BUDGET_KINDS", "bisect_fraction", "probe_diffusion", "solve_budget",
+    "LocalSamples", "generate_local", "merge_ranks", "save_outputs", "read_train_config", "is_latent_checkpoint",
+    "make_model_fn", "model_info", "supports_tail_drop",
+    "SampleNoise", "derive_seed", "labels_for_indices", "parse_classes", "shard_indices",
+]

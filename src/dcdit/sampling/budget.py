@@ -1,0 +1,197 @@
+"""Compute budgets for elastic inference: a tail-drop fraction solved from a kept-share or GFLOPs target.
+
+DC-DiT's cost falls monotonically (in steps) as the tail-drop fraction ``f``
+grows. A target is met by bisection on ``f`` against a *measurement*: a short
+deterministic probe run (a few DDIM steps spread over the sampling schedule,
+on the first few samples of the batch) whose FLOPs are counted per step or
+whose kept-token share is averaged.
+
+Units: ``gflops`` is GFLOPs (2 FLOPs per MAC) per image per sampling step,
+averaged over the steps; under guidance both halves of the batch count.
+``keep_share`` is the mean share of first-stage tokens kept (conditional half).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch.nn as nn
+
+__all__ = ["BUDGET_KINDS", "Budget", "BudgetSolution", "bisect_fraction", "probe_diffusion", "solve_budget"]
+
+BUDGET_KINDS = ("tail_drop", "keep_share", "gflops")
+MAX_FRACTION = 0.99  # upper end of the searched tail-drop range
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A compute budget: ``kind`` in BUDGET_KINDS and its ``value``; ``tolerance`` is relative."""
+
+    kind: str
+    value: float
+    tolerance: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise ValueError(f"unknown budget kind {self.kind!r}: expected one of {', '.join(BUDGET_KINDS)}")
+        v = float(self.value)
+        if self.kind == "tail_drop" and not 0.0 <= v < 1.0:
+            raise ValueError(f"tail-drop fraction must lie in [0, 1), got {v}")
+        if self.kind == "keep_share" and not 0.0 < v <= 1.0:
+            raise ValueError(f"keep share must lie in (0, 1], got {v}")
+        if self.kind == "gflops" and not v > 0:
+            raise ValueError(f"GFLOPs target must be positive, got {v}")
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"budget tolerance must lie in (0, 1), got {self.tolerance}")
+
+    @classmethod
+    def from_options(cls, tail_drop: Optional[float] = None, keep_share: Optional[float] = None,
+                     gflops: Optional[float] = None) -> Optional["Budget"]:
+        """At most one of the three options (CLI style); None when none is given."""
+        given = [(k, v) for k, v in (("tail_drop", tail_drop), ("keep_share", keep_share), ("gflops", gflops))
+                 if v is not None]
+        if len(given) > 1:
+            names = " and ".join("--" + k.replace("_", "-") for k, _ in given)
+            raise ValueError(f"give one compute budget, not {names}")
+        return cls(*given[0]) if given else None
+
+
+@dataclass
+class BudgetSolution:
+    """The fraction found, what the probe measured there, and every probe evaluation."""
+
+    fraction: float
+    measured: float
+    target: float
+    kind: str
+    reachable: tuple[float, float] = (float("nan"), float("nan"))  # (low, high) measured at f_max and f = 0
+    evaluations: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def relative_error(self) -> float:
+        return abs(self.measured - self.target) / abs(self.target)
+
+
+_UNITS = {"gflops": "GFLOPs per image per step", "keep_share": "kept-token share"}
+
+
+def bisect_fraction(measure: Callable[[float], float], target: float, kind: str = "gflops",
+                    tolerance: float = 0.05, lo: float = 0.0, hi: float = MAX_FRACTION,
+                    max_evals: int = 24) -> BudgetSolution:
+    """Solve ``measure(f) ~= target`` for ``f`` in [lo, hi] by bracketing; ``measure`` must be non-increasing.
+
+    Bisection, sped up by interpolating inside the bracket while that halves it
+    (a probe measurement is a short sampling run, so evaluations are dear).
+
+    Stops once within ``tolerance / 4`` of the target (the real run may drift
+    a little from the probe). Raises ValueError with the reachable range when
+    the target lies outside it, or when no fraction comes within ``tolerance``
+    (the cost moves in steps of whole tokens).
+    """
+    unit = _UNITS.get(kind, kind)
+    evals: list[tuple[float, float]] = []
+
+    def m(f: float) -> float:
+        v = float(measure(f))
+        evals.append((f, v))
+        return v
+
+    top, bottom = m(lo), m(hi)
+    reach = (bottom, top)
+    if bottom > top:
+        raise ValueError(f"{unit} rises with the tail-drop fraction ({top:.4g} at f={lo}, {bottom:.4g} at f={hi})")
+    if target > top * (1 + tolerance) or target < bottom * (1 - tolerance):
+        raise ValueError(
+            f"{kind} target {target:.4g} is outside the reachable range {bottom:.4g} (tail drop {hi:g}) .. "
+            f"{top:.4g} (tail drop {lo:g}) {unit}"
+        )
+    best = min(evals, key=lambda e: abs(e[1] - target))
+    # Bracketed search: (a, fa) costs more than the target, (b, fb) at most the target.
+    # Interpolate inside the bracket (the cost is close to linear in f); fall back to
+    # the midpoint whenever an interpolation step failed to halve the bracket.
+    (a, fa), (b, fb) = (lo, top), (hi, bottom)
+    interpolate = True
+    while abs(best[1] - target) > tolerance / 4 * abs(target) and len(evals) < max_evals and b - a > 1e-4:
+        width = b - a
+        if interpolate and fa > fb:
+            mid = a + (fa - target) / (fa - fb) * width
+            mid = min(max(mid, a + 0.02 * width), b - 0.02 * width)
+        else:
+            mid = 0.5 * (a + b)
+        v = m(mid)
+        if v > target:
+            a, fa = mid, v
+        else:
+            b, fb = mid, v
+        interpolate = (b - a) <= 0.5 * width
+        if abs(v - target) < abs(best[1] - target):
+            best = (mid, v)
+    if abs(best[1] - target) > tolerance * abs(target):
+        below = max((e for e in evals if e[1] <= target), key=lambda e: e[1], default=None)
+        above = min((e for e in evals if e[1] > target), key=lambda e: e[1], default=None)
+        near = ", ".join(f"{v:.4g} at f={f:.4f}" for f, v in (e for e in (above, below) if e is not None))
+        raise ValueError(f"no tail-drop fraction reaches {kind} {target:.4g} within {tolerance:.0%}: "
+                         f"the nearest are {near} ({unit})")
+    return BudgetSolution(best[0], best[1], float(target), kind, reach, evals)
+
+
+def probe_diffusion(diffusion, steps: int = 10):
+    """A diffusion with ``steps`` of ``diffusion``'s steps (evenly spread, first and last kept).
+
+    The model still sees the original timesteps.
+    """
+    from dcdit.diffusion import SpacedDiffusion
+
+    S = diffusion.num_timesteps
+    keep = sorted({int(round(v)) for v in np.linspace(0, S - 1, min(steps, S))})
+    probe = SpacedDiffusion(keep, betas=diffusion.betas, model_mean_type=diffusion.model_mean_type,
+                            model_var_type=diffusion.model_var_type, loss_type=diffusion.loss_type)
+    parent = getattr(diffusion, "timestep_map", None)
+    if parent is not None:  # compose: probe index -> parent index -> original timestep
+        probe.timestep_map = parent[probe.timestep_map]
+    return probe
+
+
+def solve_budget(
+    model: nn.Module,
+    budget: Budget,
+    labels: Sequence[int],
+    *,
+    diffusion,
+    seed: int = 0,
+    indices: Optional[Sequence[int]] = None,
+    cfg_scale: float = 1.0,
+    guidance_channels: Optional[int] = None,
+    uncond_drop: Optional[float] = None,
+    probe_size: int = 4,
+    probe_steps: int = 10,
+    max_fraction: float = MAX_FRACTION,
+) -> BudgetSolution:
+    """The tail-drop fraction meeting ``budget`` for this model and sampling setup.
+
+    The probe samples the first ``probe_size`` labels (with their seeds) for
+    ``probe_steps`` DDIM steps drawn from ``diffusion``'s schedule. A
+    ``tail_drop`` budget is returned as is.
+    """
+    from dcdit.sampling.guidance import supports_tail_drop, unwrap
+    from dcdit.sampling.sampler import sample
+
+    if budget.kind == "tail_drop":
+        return BudgetSolution(float(budget.value), float(budget.value), float(budget.value), "tail_drop")
+    if not supports_tail_drop(model):
+        raise ValueError(f"a {budget.kind} budget needs a DC-DiT model (tail dropping); "
+                         f"{type(unwrap(model)).__name__} has a fixed cost")
+    labels = list(np.asarray(labels).reshape(-1)[:probe_size])
+    indices = list(range(len(labels))) if indices is None else list(indices)[: len(labels)]
+    probe = probe_diffusion(diffusion, probe_steps)
+
+    def measure(f: float) -> float:
+        _, stats = sample(model, probe, labels, seed=seed, indices=indices, sampler="ddim", cfg_scale=cfg_scale,
+                          guidance_channels=guidance_channels, tail_drop=f, uncond_drop=uncond_drop,
+                          measure_flops=budget.kind == "gflops")
+        if budget.kind == "gflops":
+            return stats.gflops_per_step
+        return float(stats.kept_share[:, 0].mean())
+
+    return bisect_fraction(measure, float(budget.value), budget.kind, budget.tolerance, 0.0, max_fraction)

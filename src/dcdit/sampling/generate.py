@@ -1,0 +1,220 @@
+"""Many samples, batched and optionally spread over ranks, written as an ADM ``.npz`` and/or a PNG grid.
+
+Rank ``r`` of ``W`` produces the global indices ``r, r + W, ...`` (labels and
+noise follow from the index, see :mod:`dcdit.sampling.seeds`), writes its
+share to a part file, and rank 0 merges the parts in index order, checking
+that every index 0..N-1 is present exactly once.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from dcdit.sampling.sampler import SampleStats, sample
+from dcdit.sampling.seeds import labels_for_indices, shard_indices
+
+__all__ = ["LocalSamples", "generate_local", "merge_ranks", "save_outputs", "read_train_config", "is_latent_checkpoint"]
+
+FLOP_MODES = ("first", "all", "none")
+
+
+@dataclass
+class LocalSamples:
+    """One rank's samples: global ``indices`` (n,), ``labels`` (n,), and ``images`` uint8 (n, H, W, C)
+    or, for undecoded latent models, ``latents`` float32 (n, C, H, W)."""
+
+    indices: np.ndarray
+    labels: np.ndarray
+    images: Optional[np.ndarray]
+    latents: Optional[np.ndarray]
+    stats: Optional[SampleStats]
+    seconds: float = 0.0
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+
+def generate_local(
+    model: nn.Module,
+    diffusion,
+    num_samples: int,
+    *,
+    batch_size: int = 16,
+    seed: int = 0,
+    classes: Optional[Sequence[int]] = None,
+    rank: int = 0,
+    world_size: int = 1,
+    decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    keep_latents: bool = False,
+    flops: str = "first",
+    progress: bool = False,
+    **sample_kwargs,
+) -> LocalSamples:
+    """Sample this rank's share of ``num_samples`` in batches.
+
+    Args:
+        decode: maps model-space samples to [-1, 1] images (e.g. a VAE decoder); None: identity.
+        keep_latents: return raw model-space float arrays instead of uint8 images (no decode).
+        flops: "first" counts FLOPs on this rank's first batch only (cheap), "all" on
+            every batch, "none" never.
+        **sample_kwargs: passed to :func:`dcdit.sampling.sample` (sampler, eta, cfg_scale, tail_drop, ...).
+    """
+    from dcdit.data.transforms import to_uint8_images
+    from dcdit.sampling.guidance import model_info
+
+    if batch_size < 1:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
+    if flops not in FLOP_MODES:
+        raise ValueError(f"flops mode must be one of {', '.join(FLOP_MODES)}, got {flops!r}")
+    indices = shard_indices(num_samples, rank, world_size)
+    labels = labels_for_indices(indices, model_info(model)["num_classes"], classes)
+    images, latents, stats = [], [], []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(indices), desc="sampling", unit="img", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for b, start in enumerate(range(0, len(indices), batch_size)):
+        idx, lab = indices[start:start + batch_size], labels[start:start + batch_size]
+        measure = flops == "all" or (flops == "first" and b == 0)
+        x, st = sample(model, diffusion, lab, seed=seed, indices=idx, measure_flops=measure, **sample_kwargs)
+        stats.append(st)
+        if keep_latents:
+            latents.append(x.float().cpu().numpy())
+        else:
+            if decode is not None:
+                x = decode(x)
+            images.append(to_uint8_images(x.float().cpu()))
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    return LocalSamples(
+        indices=indices, labels=labels,
+        images=np.concatenate(images) if images else None,
+        latents=np.concatenate(latents) if latents else None,
+        stats=SampleStats.merge(stats) if stats else None,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _save_part(path: Path, part: LocalSamples) -> None:
+    arrays = {"indices": part.indices, "labels": part.labels}
+    if part.images is not None:
+        arrays["images"] = part.images
+    if part.latents is not None:
+        arrays["latents"] = part.latents
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def merge_ranks(part: LocalSamples, num_samples: int, parts_dir: Path, rank: int = 0,
+                world_size: int = 1) -> Optional[LocalSamples]:
+    """Gather every rank's samples on rank 0 in global index order (None on other ranks).
+
+    With one process the local part is only sorted and checked. Parts travel
+    through files in ``parts_dir`` (removed afterwards); statistics through the
+    process group. Raises ValueError if an index is missing or duplicated.
+    """
+    if world_size == 1:
+        merged = part
+        stats, seconds = part.stats, part.seconds
+    else:
+        import torch.distributed as dist
+
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        _save_part(parts_dir / f"rank{rank:05d}.npz", part)
+        gathered: list = [None] * world_size
+        dist.all_gather_object(gathered, (part.stats, part.seconds))
+        dist.barrier()
+        if rank != 0:
+            return None
+        chunks = []
+        for r in range(world_size):
+            with np.load(parts_dir / f"rank{r:05d}.npz") as f:
+                chunks.append({k: f[k] for k in f.files})
+        shutil.rmtree(parts_dir, ignore_errors=True)
+        cat = lambda key: np.concatenate([c[key] for c in chunks]) if key in chunks[0] else None
+        merged = LocalSamples(cat("indices"), cat("labels"), cat("images"), cat("latents"), None)
+        stats = SampleStats.merge([s for s, _ in gathered if s is not None]) if any(s is not None for s, _ in gathered) else None
+        seconds = max(sec for _, sec in gathered)
+    order = np.argsort(merged.indices, kind="stable")
+    idx = merged.indices[order]
+    if idx.shape[0] != num_samples or not np.array_equal(idx, np.arange(num_samples)):
+        dup = int(idx.shape[0] - np.unique(idx).shape[0])
+        raise ValueError(f"merged samples do not cover indices 0..{num_samples - 1} exactly once "
+                         f"({idx.shape[0]} samples, {dup} duplicates)")
+    take = lambda a: None if a is None else a[order]
+    return LocalSamples(idx, merged.labels[order], take(merged.images), take(merged.latents), stats, seconds)
+
+
+def save_outputs(samples: LocalSamples, npz: Optional[str | Path] = None, grid: Optional[str | Path] = None,
+                 grid_count: int = 64, grid_cols: Optional[int] = None) -> list[Path]:
+    """Write the ``.npz`` (ADM format: ``arr_0`` uint8 NHWC, ``arr_1`` labels; or ``latents`` +
+    ``labels`` for undecoded latents) and a PNG grid of the first ``grid_count`` images."""
+    from dcdit.evaluation.io import save_samples_npz
+    from dcdit.viz.grid import image_grid, save_png
+
+    written = []
+    if npz is not None:
+        npz = Path(npz)
+        if samples.images is not None:
+            written.append(save_samples_npz(npz, samples.images, samples.labels))
+        else:
+            if npz.suffix != ".npz":
+                raise ValueError(f"{npz}: sample files must end in .npz")
+            npz.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(npz, latents=samples.latents.astype(np.float32), labels=samples.labels.astype(np.int64))
+            written.append(npz)
+    if grid is not None and samples.images is not None:
+        written.append(save_png(grid, image_grid(samples.images[:grid_count], grid_cols)))
+    return written
+
+
+# ----------------------------------------------------------------- run config
+
+
+def read_train_config(ckpt: str | Path) -> Optional[dict]:
+    """The training config (YAML) that produced a checkpoint, if one sits with it; else None.
+
+    Looks for ``train_config.yaml`` in a checkpoint directory and
+    ``config.yaml`` in its run directory (also for a run directory or weights file).
+    """
+    import yaml
+
+    path = Path(ckpt)
+    cands = []
+    if path.is_dir():
+        latest = path / "latest"
+        if latest.is_file():
+            cands.append(path / latest.read_text().strip() / "train_config.yaml")
+        cands += [path / "train_config.yaml", path / "config.yaml", path.parent / "config.yaml"]
+    else:
+        cands += [path.parent / "train_config.yaml", path.parent / "config.yaml", path.parent.parent / "config.yaml"]
+    for c in cands:
+        if c.is_file():
+            try:
+                cfg = yaml.safe_load(c.read_text())
+            except yaml.YAMLError as e:
+                raise ValueError(f"corrupt training config {c}: {str(e).splitlines()[0]}") from None
+            if isinstance(cfg, dict) and ("data" in cfg or "diffusion" in cfg):
+                return cfg
+    return None
+
+
+def is_latent_checkpoint(train_config: Optional[dict], in_channels: int) -> bool:
+    """Latent-space model? The training config's data source decides; without one, 4 channels means latent."""
+    if train_config is not None:
+        source = (train_config.get("data") or {}).get("source")
+        if source is not None:
+            return source == "latents"
+    return in_channels == 4

@@ -1,0 +1,100 @@
+"""The network call of one sampling step: plain, guided, or Lite-CFG, with an optional tail-drop fraction.
+
+A *model function* here is ``fn(x, t, y) -> tensor | (tensor, routing)`` as the
+diffusion loops expect. DiT models return a tensor; DC-DiT models return
+``(prediction, routing)`` and accept a tail-drop fraction.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ["unwrap", "supports_tail_drop", "model_info", "make_model_fn", "check_fraction"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def supports_tail_drop(model: nn.Module) -> bool:
+    """True for models whose forward takes ``tail_drop`` (DC-DiT)."""
+    try:
+        return "tail_drop" in inspect.signature(unwrap(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def model_info(model: nn.Module) -> dict:
+    """``in_channels``, ``input_hw`` (H, W), ``num_classes``, ``learn_sigma`` of a dcdit model."""
+    m = unwrap(model)
+    cfg = dict(getattr(m, "config", {}) or {})
+    info: dict = {}
+    for key in ("in_channels", "input_size", "num_classes"):
+        value = cfg.get(key, getattr(m, key, None))
+        if value is None:
+            raise ValueError(f"model {type(m).__name__} does not declare {key} (expected in model.config)")
+        info[key] = value
+    size = info.pop("input_size")
+    info["input_hw"] = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    info["in_channels"], info["num_classes"] = int(info["in_channels"]), int(info["num_classes"])
+    info["learn_sigma"] = bool(cfg.get("learn_sigma", getattr(m, "learn_sigma", True)))
+    return info
+
+
+def check_fraction(value: Any, name: str) -> float:
+    """A tail-drop fraction in [0, 1), else ValueError naming ``name``."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}") from None
+    if not 0.0 <= f < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {f}")
+    return f
+
+
+def make_model_fn(
+    model: nn.Module,
+    cfg_scale: float = 1.0,
+    guidance_channels: Optional[int] = None,
+    tail_drop: float = 0.0,
+    uncond_drop: Optional[float] = None,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]:
+    """Build ``fn(x, t, y)`` for one sampling configuration.
+
+    Args:
+        model: a DiT or DC-DiT.
+        cfg_scale: classifier-free guidance scale; 1.0 means no guidance. With
+            guidance, ``x`` and ``y`` carry a [cond; uncond] batch (y's second half
+            is the null class) and the guided eps is returned in both halves.
+        guidance_channels: guide only the first k eps channels (3 reproduces DiT);
+            None guides all of them.
+        tail_drop: DC-DiT tail-drop fraction (of the conditional half with guidance).
+        uncond_drop: Lite-CFG: fraction for the unconditional half (None: same as ``tail_drop``).
+    """
+    if cfg_scale < 0:
+        raise ValueError(f"cfg scale must be >= 0, got {cfg_scale}")
+    tail_drop = check_fraction(tail_drop, "tail-drop fraction")
+    if uncond_drop is not None:
+        uncond_drop = check_fraction(uncond_drop, "unconditional tail-drop fraction")
+    routed = supports_tail_drop(model)
+    if not routed and (tail_drop > 0 or (uncond_drop or 0) > 0):
+        raise ValueError(f"tail dropping needs a DC-DiT model; {type(unwrap(model)).__name__} has a fixed token count")
+    guided = cfg_scale != 1.0
+    if uncond_drop is not None and not guided:
+        raise ValueError("an unconditional tail-drop fraction (Lite-CFG) needs guidance: set a cfg scale != 1")
+
+    if not guided:
+        if routed:
+            return lambda x, t, y: model(x, t, y, tail_drop=tail_drop)
+        return lambda x, t, y: model(x, t, y)
+    if routed:
+        cond, uncond = tail_drop, (tail_drop if uncond_drop is None else uncond_drop)
+        return lambda x, t, y: model.forward_with_cfg(
+            x, t, y, cfg_scale, guidance_channels=guidance_channels, cond_tail_drop=cond, uncond_tail_drop=uncond
+        )
+    return lambda x, t, y: model.forward_with_cfg(x, t, y, cfg_scale, guidance_channels=guidance_channels)

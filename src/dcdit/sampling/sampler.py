@@ -1,0 +1,321 @@
+"""Batched DDPM / DDIM sampling with per-sample seeds, guidance, tail dropping and statistics.
+
+:func:`sample` runs the reverse process itself (one ``p_mean_variance`` call
+per step from :mod:`dcdit.diffusion`) so that every random draw comes from the
+sample's own stream (:class:`~dcdit.sampling.seeds.SampleNoise`): a sample's
+result does not depend on its batch. Each step's network call can be run under
+the FLOP counter, and DC-DiT routing is turned into kept-token shares, so a
+run reports what it cost step by step (DC-DiT's cost changes with t).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from dcdit.diffusion import split_model_output
+from dcdit.sampling.guidance import make_model_fn, model_info, supports_tail_drop
+from dcdit.sampling.seeds import SampleNoise
+
+__all__ = ["SAMPLERS", "SampleStats", "sample", "routing_shares", "create_sampling_diffusion"]
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+def create_sampling_diffusion(sampler: str, steps: int, learn_sigma: bool = True,
+                              noise_schedule: str = "linear", diffusion_steps: int = 1000):
+    """The respaced diffusion for ``steps`` sampling steps ("ddimN" spacing for DDIM when realisable)."""
+    from dcdit.diffusion import create_diffusion, space_timesteps
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    if not isinstance(steps, int) or not 1 <= steps <= diffusion_steps:
+        raise ValueError(f"sampling steps must be an integer in 1..{diffusion_steps}, got {steps!r}")
+    spacing = str(steps)
+    if sampler == "ddim":
+        try:
+            space_timesteps(diffusion_steps, f"ddim{steps}")
+            spacing = f"ddim{steps}"
+        except ValueError:
+            pass  # no integer stride gives exactly `steps`: use even spacing
+    return create_diffusion(spacing, noise_schedule=noise_schedule, learn_sigma=learn_sigma,
+                            diffusion_steps=diffusion_steps)
+
+
+@dataclass
+class SampleStats:
+    """What a sampling run did, per step and per sample.
+
+    Attributes:
+        timesteps: original timestep (0..T-1) of each step, in sampling order.
+        kept_share: (steps, stages, n) share of each stage's tokens kept, per
+            conditional sample (None for DiT).
+        natural_share: (steps, stages, n) share the router chose before tail dropping.
+        flops_per_step: (steps, n) FLOPs (2 per MAC) per image of each step's
+            network call(s); samples of one batch share their batch's mean; both
+            halves of a guided batch are charged to the image. None if not measured.
+        flops_by_component: FLOPs per image summed over the run, per component.
+        tail_drop, uncond_drop: fractions used (uncond_drop None without Lite-CFG).
+    """
+
+    timesteps: list[int]
+    kept_share: Optional[np.ndarray] = None
+    natural_share: Optional[np.ndarray] = None
+    flops_per_step: Optional[np.ndarray] = None
+    flops_by_component: dict[str, float] = field(default_factory=dict)
+    tail_drop: float = 0.0
+    uncond_drop: Optional[float] = None
+    num_images: int = 0
+
+    # ------------------------------------------------------------- summaries
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def gflops_per_step(self) -> Optional[float]:
+        """Mean GFLOPs per image per sampling step."""
+        return None if self.flops_per_step is None else float(self.flops_per_step.mean() / 1e9)
+
+    @property
+    def gflops_per_image(self) -> Optional[float]:
+        """GFLOPs per image over the whole run (sum over steps)."""
+        return None if self.flops_per_step is None else float(self.flops_per_step.sum(0).mean() / 1e9)
+
+    @property
+    def mean_kept_share(self) -> Optional[list[float]]:
+        """Mean kept share per stage over steps and samples."""
+        return None if self.kept_share is None else [float(v) for v in self.kept_share.mean(axis=(0, 2))]
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable summary (means and per-step means)."""
+        out: dict[str, Any] = {
+            "num_images": self.num_images,
+            "num_steps": self.num_steps,
+            "timesteps": list(map(int, self.timesteps)),
+            "tail_drop": self.tail_drop,
+            "uncond_drop": self.uncond_drop,
+            "gflops_per_step": self.gflops_per_step,
+            "gflops_per_image": self.gflops_per_image,
+            "mean_kept_share": self.mean_kept_share,
+        }
+        if self.flops_per_step is not None:
+            out["gflops_per_step_by_t"] = [float(v) for v in self.flops_per_step.mean(1) / 1e9]
+            out["gflops_per_image_by_component"] = {k: v / 1e9 for k, v in self.flops_by_component.items()}
+        if self.kept_share is not None:
+            out["kept_share_by_t"] = self.kept_share.mean(2).tolist()
+        return out
+
+    @staticmethod
+    def merge(parts: Sequence["SampleStats"]) -> "SampleStats":
+        """Combine the statistics of several batches of one run (same steps).
+
+        Arrays are concatenated over samples; batches that did not measure
+        FLOPs (or routing) are left out of that field's statistics.
+        """
+        parts = [p for p in parts if p is not None and p.num_images]
+        if not parts:
+            raise ValueError("no statistics to merge")
+        first = parts[0]
+        if any(p.timesteps != first.timesteps for p in parts):
+            raise ValueError("cannot merge statistics of runs with different timesteps")
+
+        def cat(name: str, axis: int) -> Optional[np.ndarray]:
+            arrays = [getattr(p, name) for p in parts if getattr(p, name) is not None]
+            return np.concatenate(arrays, axis=axis) if arrays else None
+
+        measured = [p for p in parts if p.flops_per_step is not None]
+        n_measured = sum(p.num_images for p in measured)
+        comps: dict[str, float] = {}
+        for p in measured:
+            for k, v in p.flops_by_component.items():
+                comps[k] = comps.get(k, 0.0) + v * p.num_images / n_measured
+        return SampleStats(first.timesteps, cat("kept_share", 2), cat("natural_share", 2), cat("flops_per_step", 1),
+                           comps, first.tail_drop, first.uncond_drop, sum(p.num_images for p in parts))
+
+
+def component_labels(model: nn.Module) -> dict[str, str]:
+    """Top-level module name -> component label, from the model's ``component_names()`` when it has one."""
+    from dcdit.sampling.guidance import unwrap
+
+    fn = getattr(unwrap(model), "component_names", None)
+    if not callable(fn):
+        return {}
+    return {k: v for k, v in fn().items() if "." not in k}
+
+
+def routing_shares(routing: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(stages, n) kept and natural shares of the first ``n`` rows (the conditional half) of DC-DiT routing."""
+    kept, natural = [], []
+    for stage in routing:
+        keep = stage["keep_mask"][:n].float()
+        nat = stage.get("natural_mask", stage["keep_mask"])[:n].float()
+        kept.append(keep.mean(dim=1).cpu().numpy())
+        natural.append(nat.mean(dim=1).cpu().numpy())
+    return np.stack(kept), np.stack(natural)
+
+
+def _ddim_update(diffusion, out: dict, x: torch.Tensor, t: torch.Tensor, eta: float,
+                 noise: Optional[torch.Tensor]) -> torch.Tensor:
+    """DDIM step (Song et al. 2021, eq. 12) from p_mean_variance output, with the given noise."""
+    eps = diffusion.predict_eps_from_xstart(x, t, out["pred_xstart"])
+    idx = t.cpu().numpy()
+    view = lambda a: torch.as_tensor(a[idx], dtype=x.dtype, device=x.device).view(-1, *([1] * (x.ndim - 1)))
+    abar, abar_prev = view(diffusion.alphas_cumprod), view(diffusion.alphas_cumprod_prev)
+    sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+    sample = out["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
+    if noise is not None:
+        sample = sample + sigma * noise
+    return sample
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    diffusion,
+    labels: Sequence[int] | torch.Tensor,
+    *,
+    seed: int = 0,
+    indices: Optional[Sequence[int]] = None,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    cfg_scale: float = 1.0,
+    guidance_channels: Optional[int] = None,
+    tail_drop: float = 0.0,
+    uncond_drop: Optional[float] = None,
+    budget: Any = None,
+    clip_denoised: bool = False,
+    measure_flops: bool = True,
+    callback: Optional[Callable[[dict], None]] = None,
+    progress: bool = False,
+    device: Optional[torch.device | str] = None,
+) -> tuple[torch.Tensor, SampleStats]:
+    """Sample one batch; returns ``(samples (n, C, H, W) in model space, stats)``.
+
+    Args:
+        model: DiT or DC-DiT (eval mode).
+        diffusion: a (respaced) diffusion, e.g. from :func:`create_sampling_diffusion`.
+        labels: (n,) class labels.
+        seed, indices: global seed and the samples' global indices (default 0..n-1);
+            they fix each sample's noise independently of the batch.
+        sampler: "ddpm" (ancestral) or "ddim" (with ``eta``; 0 is deterministic).
+        cfg_scale, guidance_channels: classifier-free guidance (1.0: none).
+        tail_drop: DC-DiT tail-drop fraction (conditional half under guidance).
+        uncond_drop: Lite-CFG fraction for the unconditional half.
+        budget: instead of ``tail_drop``: a :class:`~dcdit.sampling.budget.Budget`
+            (kept share or GFLOPs target), solved on this batch with a short probe run.
+        clip_denoised: clamp predicted x_0 to [-1, 1] (pixel models; latents: False).
+        measure_flops: count each step's FLOPs (slows CPU runs a little).
+        callback: called after every step with a dict: "i" (step index, counting
+            down), "step" (0-based), "num_steps", "t" (original timesteps, (n,)),
+            "x_t" (the step's noisy input), "sample", "pred_xstart" (conditional
+            half, (n, C, H, W)), "extras" (routing or None) and "flops" (FlopReport or None).
+        progress: show a per-step tqdm bar.
+        device: where to sample (default: the model's device).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    info = model_info(model)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
+    n = labels.numel()
+    if n == 0:
+        raise ValueError("no labels: nothing to sample")
+    if int(labels.min()) < 0 or int(labels.max()) >= info["num_classes"]:
+        raise ValueError(f"class labels must lie in 0..{info['num_classes'] - 1}, got {labels.tolist()[:8]}")
+    indices = list(range(n)) if indices is None else [int(k) for k in indices]
+    if len(indices) != n:
+        raise ValueError(f"got {len(indices)} indices for {n} labels")
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+
+    if budget is not None:
+        from dcdit.sampling.budget import Budget, solve_budget
+
+        if not isinstance(budget, Budget):
+            raise ValueError(f"budget must be a dcdit.sampling.Budget, got {type(budget).__name__}")
+        tail_drop = solve_budget(model, budget, labels, seed=seed, indices=indices, cfg_scale=cfg_scale,
+                                 guidance_channels=guidance_channels, uncond_drop=uncond_drop,
+                                 diffusion=diffusion).fraction
+
+    fn = make_model_fn(model, cfg_scale, guidance_channels, tail_drop, uncond_drop)
+    guided = cfg_scale != 1.0
+    routed = supports_tail_drop(model)
+    shape = (info["in_channels"], *info["input_hw"])
+    noise = SampleNoise(seed, indices, shape)
+    y = labels.to(device)
+    if guided:
+        y = torch.cat([y, torch.full_like(y, info["num_classes"])])
+    x = noise.draw(device)
+
+    relabel = component_labels(model) if measure_flops else {}
+    steps = list(range(diffusion.num_timesteps - 1, -1, -1))
+    tmap = getattr(diffusion, "timestep_map", None)  # respaced index -> original timestep
+    timesteps: list[int] = []
+    kept, natural, flops = [], [], []
+    comps: dict[str, float] = {}
+    iterator = steps
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(steps, desc=sampler.upper(), leave=False)
+    for step, i in enumerate(iterator):
+        t = torch.full((n,), i, device=device, dtype=torch.long)
+        xin = torch.cat([x, x]) if guided else x
+        tin = torch.cat([t, t]) if guided else t
+        report = None
+        if measure_flops:
+            from dcdit.flops import count_flops
+
+            def counted(xx, tt, yy):
+                nonlocal report
+                report, out = count_flops(lambda: fn(xx, tt, yy), model, batch_size=n)
+                return out
+
+            call = counted
+        else:
+            call = fn
+        out = diffusion.p_mean_variance(lambda xx, tt: call(xx, tt, y), xin, tin, clip_denoised=clip_denoised)
+        out = {k: (v[:n] if isinstance(v, torch.Tensor) and v.shape[0] == xin.shape[0] else v) for k, v in out.items()}
+        nonzero = i != 0
+        if sampler == "ddpm":
+            x_next = out["mean"]
+            if nonzero:
+                x_next = x_next + torch.exp(0.5 * out["log_variance"]) * noise.draw(device, x.dtype)
+        else:
+            x_next = _ddim_update(diffusion, out, x, t, eta, noise.draw(device, x.dtype) if eta > 0 and nonzero else None)
+        extras = out.get("extras")
+        timesteps.append(int(tmap[i]) if tmap is not None else i)
+        if routed and extras is not None:
+            k_share, n_share = routing_shares(extras, n)
+            kept.append(k_share)
+            natural.append(n_share)
+        if report is not None:
+            flops.append(np.full(n, report.total / n, dtype=np.float64))
+            for k, v in report.by_component.items():
+                k = relabel.get(k, k)
+                comps[k] = comps.get(k, 0.0) + v / n
+        if callback is not None:
+            callback({
+                "i": i, "step": step, "num_steps": len(steps), "t": torch.full((n,), timesteps[-1]),
+                "x_t": x, "sample": x_next, "pred_xstart": out["pred_xstart"], "extras": extras, "flops": report,
+            })
+        x = x_next
+
+    stats = SampleStats(
+        timesteps=timesteps,
+        kept_share=np.stack(kept) if kept else None,
+        natural_share=np.stack(natural) if natural else None,
+        flops_per_step=np.stack(flops) if flops else None,
+        flops_by_component=comps,
+        tail_drop=float(tail_drop),
+        uncond_drop=None if uncond_drop is None else float(uncond_drop),
+        num_images=n,
+    )
+    return x, stats
+
