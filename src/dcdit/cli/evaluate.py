@@ -1,0 +1,75 @@
+"""``dcdit evaluate``: FID / IS / precision-recall / KID / class accuracy of samples."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "Score samples against a reference: FID, IS, precision/recall, KID, class accuracy."
+
+
+def _range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (e.g. 0,255), got {text!r}") from None
+    return lo, hi
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("samples", help="samples: ADM .npz (arr_0 uint8 NHWC), image folder, or statistics .npz")
+    p.add_argument("reference", nargs="?", default=None,
+                   help="reference: ADM .npz, image folder, or statistics .npz (mu, sigma); optional for is/acc")
+    p.add_argument("--metrics", default="fid", help="comma list of fid,is,pr,kid,acc (default: fid)")
+    p.add_argument("--feature", default="inception",
+                   help="inception | inception:PATH | classifier:PATH | torchscript:PATH (default: inception)")
+    p.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default: 50)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    p.add_argument("--json", metavar="OUT", default=None, help="also write the results to this JSON file")
+    p.add_argument("--cache-dir", default=None, help="statistics cache (default: $DCDIT_CACHE or ~/.cache/dcdit/stats)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write cached statistics")
+    p.add_argument("--recompute-reference-stats", action="store_true",
+                   help="ignore mu/sigma stored in a reference .npz that also has images")
+    p.add_argument("--splits", type=int, default=10, help="IS splits (default: 10)")
+    p.add_argument("--k", type=int, default=3, help="k for precision/recall (default: 3)")
+    p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default: 100)")
+    p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (default: 1000)")
+    p.add_argument("--input-range", type=_range, default=None,
+                   help="torchscript only: value range the network expects, LOW,HIGH (default: 0,255)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="torchscript only: resize images to this size first (default: native size)")
+    p.add_argument("--quiet", action="store_true", help="print only the table")
+
+
+def run(args) -> int:
+    import json
+    import sys
+    import time
+    from pathlib import Path
+
+    from dcdit.evaluation import build_extractor, evaluate, format_table, parse_metrics
+
+    metrics = parse_metrics(args.metrics)
+    if not args.feature.startswith("torchscript") and (args.input_range or args.input_size):
+        raise ValueError("--input-range/--input-size apply only to --feature torchscript:PATH")
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    t0 = time.time()
+    extractor = build_extractor(args.feature, batch_size=args.batch_size, device=args.device,
+                                input_range=args.input_range, input_size=args.input_size)
+    result = evaluate(
+        args.samples, args.reference, metrics, extractor,
+        cache_dir=args.cache_dir, use_cache=not args.no_cache, limit=args.limit,
+        is_splits=args.splits, k=args.k, kid_subsets=args.kid_subsets,
+        kid_subset_size=args.kid_subset_size, use_reference_stats=not args.recompute_reference_stats,
+        log=log,
+    )
+    result["samples"] = str(args.samples)
+    if args.reference is not None:
+        result["reference"] = str(args.reference)
+    result["seconds"] = round(time.time() - t0, 2)
+    print(format_table(result))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        log(f"wrote {out}")
+    return 0
