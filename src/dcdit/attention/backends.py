@@ -1,0 +1,157 @@
+"""Variable-length self-attention behind one interface.
+
+Every backend computes exact softmax(QK^T / sqrt(d)) V independently for each
+sequence of a packed batch: ``q, k, v`` are (T, H, d) with the sequences laid
+end to end and ``cu_seqlens`` (B+1,) marking their starts. Nothing attends
+across sequences and no padding is attended to, so the attention work is
+sum_i L_i^2, not B * max(L)^2 (except for the ``padded`` reference backend).
+
+Backends (``resolve_backend("auto", ...)`` picks the first that applies):
+
+- ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` (CUDA, fp16/bf16, when
+  the flash-attn package is installed).
+- ``torch_varlen``: PyTorch's own ``torch.nn.attention.varlen.varlen_attn``
+  (CUDA, fp16/bf16; PyTorch >= 2.9).
+- ``sdpa_loop``: one ``F.scaled_dot_product_attention`` call per sequence (runs
+  of equal lengths are batched into one call). The fastest exact path on CPU
+  and the fallback for fp32 on CUDA.
+- ``padded``: pad to (B, H, max L, d) and mask the keys. Costs B * max(L)^2;
+  kept as an independent reference for equivalence tests.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa_loop", "padded")
+
+VarlenFn = Callable[..., torch.Tensor]
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func  # type: ignore
+    except Exception:  # not installed, or built for another torch/CUDA
+        return None
+    return flash_attn_varlen_func
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:
+        return None
+    return varlen_attn
+
+
+def available_backends(device: torch.device | str, dtype: torch.dtype) -> list[str]:
+    """Backends usable for tensors of this device and dtype, in ``auto`` preference order."""
+    device = torch.device(device)
+    half = dtype in (torch.float16, torch.bfloat16)
+    out = []
+    if device.type == "cuda" and half and _flash_attn_varlen() is not None:
+        out.append("flash_attn")
+    if device.type == "cuda" and half and _torch_varlen() is not None:
+        out.append("torch_varlen")
+    return out + ["sdpa_loop", "padded"]
+
+
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """Concrete backend for ``name`` ("auto" or a backend name) on this device/dtype."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    usable = available_backends(device, dtype)
+    if name == "auto":
+        return usable[0]
+    if name not in usable:
+        raise ValueError(
+            f"attention backend {name!r} is not usable for {dtype} tensors on {torch.device(device).type}; "
+            f"usable: {', '.join(usable)}"
+        )
+    return name
+
+
+# --------------------------------------------------------------------------- #
+#                                  Backends                                   #
+# --------------------------------------------------------------------------- #
+
+def _sdpa_loop(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
+    """One SDPA call per run of equal-length sequences; q/k/v (T, H, d)."""
+    outs = []
+    start, i, n = 0, 0, len(lengths)
+    while i < n:
+        j = i
+        while j + 1 < n and lengths[j + 1] == lengths[i]:  # batch a run of equal lengths
+            j += 1
+        L, m = lengths[i], j - i + 1
+        end = start + L * m
+        if L > 0:
+            # (m*L, H, d) -> (m, H, L, d)
+            qs, ks, vs = (t[start:end].unflatten(0, (m, L)).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)  # (m, H, L, d)
+            outs.append(o.transpose(1, 2).flatten(0, 1))  # (m*L, H, d)
+        start, i = end, j + 1
+    if not outs:
+        return q.new_empty(q.shape)
+    return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0].contiguous()
+
+
+def _padded(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
+    """Pad to (B, H, M, d), mask padded keys, attend, unpad."""
+    B, T = cu_seqlens.numel() - 1, q.shape[0]
+    cu = cu_seqlens.long()
+    seg = torch.repeat_interleave(torch.arange(B, device=q.device), cu[1:] - cu[:-1], output_size=T)
+    local = torch.arange(T, device=q.device) - cu[seg]
+    M = max(int(max_seqlen), 1)
+
+    def pad(t):
+        out = t.new_zeros(B, M, *t.shape[1:])
+        out[seg, local] = t
+        return out.transpose(1, 2)  # (B, H, M, d)
+
+    key_ok = torch.zeros(B, M, dtype=torch.bool, device=q.device)
+    key_ok[seg, local] = True
+    o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=key_ok[:, None, None, :], scale=scale)
+    return o.transpose(1, 2)[seg, local]  # (T, H, d)
+
+
+def _flash(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
+    cu = cu_seqlens.to(torch.int32)
+    return _flash_attn_varlen()(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen), softmax_scale=scale)
+
+
+def _torch_varlen_call(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
+    cu = cu_seqlens.to(torch.int32)
+    return _torch_varlen()(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen), scale=scale)
+
+
+_IMPLS = {"flash_attn": _flash, "torch_varlen": _torch_varlen_call, "sdpa_loop": _sdpa_loop, "padded": _padded}
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    lengths: Optional[Sequence[int]] = None,
+    backend: str = "auto",
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Exact attention within each packed sequence.
+
+    q, k, v: (T, H, d); cu_seqlens: (B+1,) cumulative lengths starting at 0;
+    max_seqlen: the longest L_i; lengths: the L_i as Python ints (saves a host
+    sync for the CPU backends). Returns (T, H, d).
+    """
+    if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must all be (T, H, d), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    name = resolve_backend(backend, q.device, q.dtype)
+    if lengths is None and name in ("sdpa_loop",):
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    return _IMPLS[name](q, k, v, cu_seqlens, max_seqlen, lengths, scale)

@@ -1,0 +1,156 @@
+"""The spatial-predictability router and the boundary rules.
+
+The router scores how poorly a token is predicted from its neighbourhood:
+z = conv1x1(h) (width D/4), r = z - conv3x3(z), logit = conv3x3 -> GroupNorm ->
+SiLU -> conv1x1(r), p = sigmoid(logit). Predictable (smooth) regions score low.
+The first and last token of every sequence get p = 1; a token is a boundary
+(kept) iff p > 0.5. Tail dropping then removes the floor(f * n) kept tokens
+with the lowest p (elastic inference).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from dcdit.chunking.packing import PackedSeqs, packed_conv1d, packed_group_norm
+
+TailDrop = Union[float, torch.Tensor]
+
+
+class STE(torch.autograd.Function):
+    """Ones in the forward pass; the gradient passes straight through to the input."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def ste(x: torch.Tensor) -> torch.Tensor:
+    return STE.apply(x)
+
+
+def check_tail_drop(tail_drop: TailDrop, batch: int, device: torch.device) -> TailDrop:
+    """Validate a drop fraction (a number or one per sample) in [0, 1); tensors come back float32 (B,)."""
+    if torch.is_tensor(tail_drop):
+        if tail_drop.dim() == 0:
+            tail_drop = tail_drop.expand(batch)
+        if tail_drop.shape != (batch,):
+            raise ValueError(f"tail_drop must be a float or a ({batch},) tensor, got shape {tuple(tail_drop.shape)}")
+        tail_drop = tail_drop.to(device=device, dtype=torch.float32)
+        if tail_drop.numel() and (bool((tail_drop < 0).any()) or bool((tail_drop >= 1).any())):
+            raise ValueError(f"tail_drop fractions must lie in [0, 1), got {tail_drop.tolist()}")
+        return tail_drop
+    if isinstance(tail_drop, bool) or not isinstance(tail_drop, (int, float)):
+        raise ValueError(f"tail_drop must be a float or a ({batch},) tensor, got {type(tail_drop).__name__}")
+    if not 0.0 <= float(tail_drop) < 1.0:
+        raise ValueError(f"tail_drop must lie in [0, 1), got {tail_drop}")
+    return float(tail_drop)
+
+
+@dataclass
+class BoundarySelection:
+    """Boundary decisions in padded (B, M) layout (padding: prob 0, masks False)."""
+
+    prob: torch.Tensor  # (B, M) float, p with the forced first/last tokens set to 1
+    natural: torch.Tensor  # (B, M) bool, p > 0.5 (before tail dropping)
+    keep: torch.Tensor  # (B, M) bool, after tail dropping
+    selected: torch.Tensor  # (B, M) float, max(p, 1 - p): the STE's input
+
+
+def select_boundaries(prob: torch.Tensor, valid: torch.Tensor, tail_drop: TailDrop = 0.0) -> BoundarySelection:
+    """Apply the boundary rules to router probabilities.
+
+    prob: (B, M) with the forced tokens already at 1; valid: (B, M) bool.
+    A token is kept iff p > 0.5 (the reference's argmax over (1 - p, p)); with
+    a drop fraction f, the floor(f * n_kept) kept tokens of lowest p are
+    dropped (ties: lower raster index first). f is a number or a (B,) tensor;
+    the count is computed in float32 exactly as the reference does.
+    """
+    natural = (prob > 0.5) & valid
+    keep = natural
+    if torch.is_tensor(tail_drop) or tail_drop > 0.0:
+        B, M = prob.shape
+        n = natural.sum(dim=1)  # (B,)
+        frac = tail_drop.to(prob.device, torch.float32) if torch.is_tensor(tail_drop) else tail_drop
+        n_drop = (n.float() * frac).long()  # floor, in float32 like the reference
+        key = prob.detach().masked_fill(~natural, float("inf"))
+        order = torch.sort(key, dim=1, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(M, device=prob.device).expand(B, M))
+        keep = natural & (rank >= n_drop[:, None])
+    selected = torch.where(natural, prob, 1 - prob)
+    return BoundarySelection(prob=prob, natural=natural, keep=keep, selected=selected)
+
+
+class SpatialPredictabilityRouter(nn.Module):
+    """Scores tokens by their local prediction residual; 2D on the outer grid, 1D on inner sequences.
+
+    Parameter names follow the reference (``proj``, ``context_predictor``,
+    ``residual_scorer.{0,1,3}``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        spatial_dims: int = 2,
+        norm_groups: int = 8,
+        bias_init: float = -1.1,
+        fp32: bool = True,
+    ):
+        super().__init__()
+        if spatial_dims not in (1, 2):
+            raise ValueError(f"spatial_dims must be 1 or 2, got {spatial_dims}")
+        bottleneck = dim // 4
+        if bottleneck < 1 or bottleneck % norm_groups:
+            raise ValueError(f"router width {dim} // 4 = {bottleneck} must be a positive multiple of {norm_groups} groups")
+        Conv = nn.Conv2d if spatial_dims == 2 else nn.Conv1d
+        self.spatial_dims, self.fp32 = spatial_dims, fp32
+        self.proj = Conv(dim, bottleneck, kernel_size=1)
+        self.context_predictor = Conv(bottleneck, bottleneck, kernel_size=3, padding=1)
+        self.residual_scorer = nn.Sequential(
+            Conv(bottleneck, bottleneck, kernel_size=3, padding=1),
+            nn.GroupNorm(norm_groups, bottleneck),
+            nn.SiLU(),
+            Conv(bottleneck, 1, kernel_size=1),
+        )
+        nn.init.constant_(self.residual_scorer[-1].bias, bias_init)
+
+    def logits(self, h: torch.Tensor, seqs: PackedSeqs, grid: Optional[tuple[int, int]]) -> torch.Tensor:
+        """h (T, D) -> keep logits (T,)."""
+        if self.spatial_dims == 2:
+            if grid is None or not seqs.is_uniform or seqs.max_seqlen != grid[0] * grid[1]:
+                raise ValueError(f"2D routing needs every sequence to fill the {grid} grid")
+            B, (gh, gw) = seqs.batch, grid
+            z = self.proj(h.reshape(B, gh, gw, -1).permute(0, 3, 1, 2))  # (B, D/4, gh, gw)
+            r = z - self.context_predictor(z)
+            return self.residual_scorer(r).reshape(-1)  # (T,)
+        conv0, norm, act, conv1 = self.residual_scorer
+        z = packed_conv1d(h, self.proj, seqs)  # (T, D/4)
+        r = z - packed_conv1d(z, self.context_predictor, seqs)
+        r = act(packed_group_norm(packed_conv1d(r, conv0, seqs), norm, seqs))
+        return packed_conv1d(r, conv1, seqs)[:, 0]
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        seqs: PackedSeqs,
+        grid: Optional[tuple[int, int]] = None,
+        tail_drop: TailDrop = 0.0,
+    ) -> BoundarySelection:
+        """h (T, D) packed tokens -> boundary decisions in padded (B, M) layout."""
+        ctx = torch.autocast(h.device.type, enabled=False) if self.fp32 else nullcontext()
+        with ctx:
+            if self.fp32:
+                h = h.to(self.proj.weight.dtype)
+            p = torch.sigmoid(self.logits(h, seqs, grid).float())  # (T,)
+            last = seqs.local == (seqs.lengths_t[seqs.seg_ids] - 1)
+            p = torch.where((seqs.local == 0) | last, torch.ones_like(p), p)  # forced boundaries
+            prob = seqs.pad(p)  # (B, M), 0 at padding
+            return select_boundaries(prob, seqs.valid_mask(), tail_drop)
