@@ -226,6 +226,11 @@ def test_classifier_trains_to_high_accuracy(toy_classifier, tmp_path):
     assert torch.allclose(loaded(x), toy_classifier(x), atol=1e-6)
     with pytest.raises(ValueError, match="labels must lie"):
         classifier_accuracy(toy_classifier, imgs, labels + 4)
+    (out / "classifier.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="unreadable classifier weights"):
+        load_classifier(out)
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        load_classifier(tmp_path / "no_such_dir")
 
 
 def test_classifier_features_fid_and_accuracy(toy_classifier, tmp_path):
@@ -348,3 +353,48 @@ def test_cli_evaluate_and_train_classifier(tmp_path, capsys, monkeypatch, toy_cl
     assert load_classifier(tmp_path / "c2").config.num_classes == 4
     assert main(["train-classifier", "--source", "npz"]) == 2
     assert "--data-path" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- TorchScript
+
+
+class _StyleGANLike(torch.nn.Module):
+    """Mimics the StyleGAN2-ADA detector's call convention on tiny inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3)
+        self.fc = torch.nn.Linear(6, 5)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False, no_output_bias: bool = False):
+        f = self.conv(img / 255.0).mean(dim=(2, 3))
+        return f if return_features else torch.softmax(self.fc(f), dim=1)
+
+
+class _Plain(torch.nn.Module):
+    def forward(self, x: torch.Tensor):
+        return x[:, :2]  # (N, 2, H, W): spatially averaged by the extractor
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script
+def test_torchscript_extractors(tmp_path):
+    from dcdit.evaluation import TorchScriptExtractor, build_extractor
+
+    torch.jit.script(_StyleGANLike()).save(str(tmp_path / "sg.pt"))
+    torch.jit.script(_Plain()).save(str(tmp_path / "plain.pt"))
+    imgs = _images(4, size=8)
+    sg = build_extractor(f"torchscript:{tmp_path / 'sg.pt'}", batch_size=3)
+    feats, probs = sg.features_and_probs(imgs)
+    assert sg.has_probs and feats.shape == (4, 6) and probs.shape == (4, 5)
+    assert np.allclose(probs.sum(1), 1)
+    plain = TorchScriptExtractor(tmp_path / "plain.pt", input_range=(0, 1))
+    expected = imgs[..., :2].astype(np.float64).mean(axis=(1, 2)) / 255.0
+    assert not plain.has_probs and np.allclose(plain(imgs), expected, atol=1e-5)
+    assert plain.name != TorchScriptExtractor(tmp_path / "plain.pt").name  # contract is in the name
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        build_extractor(f"torchscript:{tmp_path / 'nope.pt'}")
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a TorchScript"):
+        build_extractor(f"torchscript:{tmp_path / 'junk.pt'}")
+    with pytest.raises(ValueError, match="unknown feature extractor"):
+        build_extractor("vgg")

@@ -153,14 +153,19 @@ def load_classifier(path, device="cpu") -> SmallCNN:
     elif unknown:
         raise ValueError(f"{config_path}: unknown classifier config keys {sorted(unknown)}")
     model = SmallCNN(ClassifierConfig(**cfg_dict))
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(weights))
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
+            state = load_file(str(weights))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+    except Exception as e:  # safetensors / pickle / zip errors of many kinds
+        raise ValueError(f"{weights}: unreadable classifier weights ({type(e).__name__}: {str(e)[:80]})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{weights}: expected a state_dict, got {type(state).__name__}")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
