@@ -392,6 +392,14 @@ class DCDiT(nn.Module):
                 return names
             prefix, node = prefix + "main_network.", node.main_network
 
+    def flop_components(self) -> dict[str, str]:
+        """Top-level child name -> component label (what :mod:`dcdit.flops` reads).
+
+        Nested stages live inside ``main_network`` and count as main network
+        here; :meth:`component_names` resolves them.
+        """
+        return {k: v for k, v in self.component_names().items() if "." not in k}
+
     @staticmethod
     def component_of(module_path: str, names: Optional[dict[str, str]] = None) -> Optional[str]:
         """Component label of a module path such as ``"encoder.layers.0.conv1"`` (None if unlisted)."""

@@ -1,0 +1,114 @@
+"""Variable-length attention backends: agreement, no cross-sample leakage, FLOPs, selection."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from dcdit.attention import available_backends, packed_attn_fn, resolve_backend, varlen_attention
+
+LENGTHS = [7, 1, 7, 7, 13, 2, 30]  # runs of equal lengths, a singleton, a long one
+
+
+def naive(q, k, v, lengths):
+    out, a = [], 0
+    for n in lengths:
+        qs, ks, vs = (t[a : a + n].transpose(0, 1) for t in (q, k, v))  # (H, n, d)
+        att = (qs @ ks.transpose(-1, -2) / qs.shape[-1] ** 0.5).softmax(-1)
+        out.append((att @ vs).transpose(0, 1))
+        a += n
+    return torch.cat(out)
+
+
+def packed_qkv(lengths, H=3, d=16, seed=0, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, H, d, generator=g).to(device, dtype) for _ in range(3))
+    cu = torch.tensor([0] + lengths).cumsum(0).to(device=device, dtype=torch.int32)
+    return q, k, v, cu
+
+
+@pytest.mark.parametrize("backend", ["sdpa_loop", "padded", "auto"])
+def test_backends_agree_with_naive_attention_fp32(backend):
+    q, k, v, cu = packed_qkv(LENGTHS)
+    want = naive(q, k, v, LENGTHS)
+    out = varlen_attention(q, k, v, cu, max(LENGTHS), LENGTHS, backend=backend)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+    # lengths are optional (read from cu_seqlens)
+    torch.testing.assert_close(varlen_attention(q, k, v, cu, max(LENGTHS), backend=backend), want, atol=1e-5, rtol=0)
+
+
+def test_no_attention_across_sequences():
+    q, k, v, cu = packed_qkv(LENGTHS)
+    base = varlen_attention(q, k, v, cu, max(LENGTHS), LENGTHS)
+    v2 = v.clone()
+    v2[:7] += 100.0  # change only the first sequence
+    out = varlen_attention(q, k, v2, cu, max(LENGTHS), LENGTHS)
+    assert not torch.allclose(out[:7], base[:7])
+    torch.testing.assert_close(out[7:], base[7:], atol=0, rtol=0)
+
+
+def test_packed_attn_fn_layout_and_rounding():
+    q, k, v, cu = packed_qkv(LENGTHS)
+    fn = packed_attn_fn(cu, max(LENGTHS), LENGTHS)
+    as_block = lambda t: t.transpose(0, 1)[None]  # (T, H, d) -> (1, H, T, d), what Attention hands over
+    out = fn(as_block(q), as_block(k), as_block(v))
+    assert out.shape == (1, 3, sum(LENGTHS), 16)
+    torch.testing.assert_close(out[0].transpose(0, 1), naive(q, k, v, LENGTHS), atol=1e-5, rtol=0)
+    rounded = packed_attn_fn(cu, max(LENGTHS), LENGTHS, round_qkv=torch.bfloat16)
+    r = lambda t: t.bfloat16().float()
+    want = naive(r(q), r(k), r(v), LENGTHS)
+    torch.testing.assert_close(rounded(as_block(q), as_block(k), as_block(v))[0].transpose(0, 1), want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError):
+        fn(q.transpose(0, 1)[None].expand(2, -1, -1, -1), as_block(k), as_block(v))
+
+
+def test_gradients_flow_through_loop_backend():
+    q, k, v, cu = packed_qkv(LENGTHS)
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    varlen_attention(q, k, v, cu, max(LENGTHS), LENGTHS, backend="sdpa_loop").square().sum().backward()
+    qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    naive(qn, kn, vn, LENGTHS).square().sum().backward()
+    for a, b in ((q, qn), (k, kn), (v, vn)):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_flops_follow_real_lengths():
+    """Counted attention work is sum_i L_i^2, not B * max(L)^2."""
+    q, k, v, cu = packed_qkv(LENGTHS)
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v)}
+    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+        varlen_attention(q, k, v, cu, max(LENGTHS), LENGTHS, backend="sdpa_loop")
+    H, d = q.shape[1], q.shape[2]
+    assert counter.get_total_flops() == 4 * H * d * sum(n * n for n in LENGTHS)  # QK^T and AV, 2 FLOPs per MAC
+
+
+def test_backend_selection():
+    assert resolve_backend("auto", "cpu", torch.float32) == "sdpa_loop"
+    assert resolve_backend("auto", "cpu", torch.bfloat16) == "sdpa_loop"
+    assert "padded" in available_backends("cpu", torch.float32)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        resolve_backend("xformers", "cpu", torch.float32)
+    with pytest.raises(ValueError, match="not usable"):
+        resolve_backend("flash_attn", "cpu", torch.float32)
+    with pytest.raises(ValueError):
+        varlen_attention(torch.zeros(4, 2, 8), torch.zeros(4, 2, 8), torch.zeros(3, 2, 8), torch.tensor([0, 4]), 4)
+
+
+def test_bf16_loop_backend_close_to_fp32():
+    q, k, v, cu = packed_qkv(LENGTHS)
+    want = naive(q, k, v, LENGTHS)
+    out = varlen_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), cu, max(LENGTHS), LENGTHS)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_backends_agree(dtype):
+    q, k, v, cu = packed_qkv(LENGTHS, device="cuda", dtype=dtype)
+    want = naive(q.float(), k.float(), v.float(), LENGTHS)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name in available_backends("cuda", dtype):
+        out = varlen_attention(q, k, v, cu, max(LENGTHS), LENGTHS, backend=name)
+        torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol, msg=name)
