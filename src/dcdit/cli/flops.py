@@ -1,0 +1,128 @@
+"""``dcdit flops``: per-component FLOPs per sampling step and per image over a whole sampling run."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "FLOPs per component, per sampling step and per image over a real sampling run (each step counted)."
+
+
+def fraction_list(text: str) -> list[float]:
+    """"0,0.2,0.4" -> [0.0, 0.2, 0.4], each in [0, 1)."""
+    try:
+        vals = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0,0.2,0.4, got {text!r}") from None
+    if not vals or any(not 0.0 <= v < 1.0 for v in vals):
+        raise argparse.ArgumentTypeError(f"tail-drop fractions must lie in [0, 1), got {text!r}")
+    return vals
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--ckpt / --model and the shape options of a registry model (shared with ``dcdit bench``)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="model directory, run directory or weights file")
+    src.add_argument("--model", help="registry name with random weights, e.g. DiT-S/2 or DC-DiT-S-N4")
+    p.add_argument("--image-size", type=int, default=256, help="--model: image size in pixels (default: 256)")
+    p.add_argument("--in-channels", type=int, default=4, help="--model: 4 = SD-VAE latents (size/8), else pixels")
+    p.add_argument("--num-classes", type=int, default=1000, help="--model: classes (default: 1000)")
+    p.add_argument("--calibrate-router", type=float, default=None, metavar="SHARE",
+                   help="--model DC-DiT: set the untrained router's bias to keep about SHARE of the tokens")
+
+
+def load_for_cost(args):
+    """The model named by --ckpt or --model (with optional router calibration) and a label for tables."""
+    from pathlib import Path
+
+    from dcdit.checkpoint import load_model
+    from dcdit.sampling.cost import build_named_model, calibrate_router_bias
+
+    if args.ckpt:
+        if args.calibrate_router is not None:
+            raise ValueError("--calibrate-router is for untrained --model networks, not checkpoints")
+        return load_model(args.ckpt), Path(args.ckpt).name
+    model = build_named_model(args.model, args.image_size, args.in_channels, args.num_classes)
+    label = f"{args.model} (random init)"
+    if args.calibrate_router is not None:
+        share = calibrate_router_bias(model, args.calibrate_router)
+        label = f"{args.model} (random init, router set to keep {share:.2f})"
+    return model, label
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="default: ddim")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
+    p.add_argument("--tail-drop", type=fraction_list, default=[0.0], help="comma list of fractions (default: 0)")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale (1: none; >1 counts both halves)")
+    p.add_argument("--uncond-drop", type=float, default=None, help="Lite-CFG: unconditional-half fraction")
+    p.add_argument("--batch-size", type=int, default=2, help="images in the counted run (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the counted run (default: 0)")
+    p.add_argument("--per-step", action="store_true", help="also print GFLOPs and kept share per timestep")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+
+
+def run(args) -> int:
+    from dcdit.checkpoint import save_json
+    from dcdit.sampling import create_sampling_diffusion, model_info, supports_tail_drop
+    from dcdit.sampling.cost import measure_run_cost
+    from dcdit.sampling.seeds import labels_for_indices
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    model, label = load_for_cost(args)
+    info = model_info(model)
+    if not supports_tail_drop(model) and (any(args.tail_drop) or args.uncond_drop is not None):
+        raise ValueError(f"tail dropping needs a DC-DiT; {label} is a {type(model).__name__}")
+    diffusion = create_sampling_diffusion(args.sampler, args.steps, info["learn_sigma"])
+    labels = labels_for_indices(range(args.batch_size), info["num_classes"])
+    costs = [measure_run_cost(model, diffusion, labels, seed=args.seed, sampler=args.sampler,
+                              cfg_scale=args.cfg_scale, tail_drop=f, uncond_drop=args.uncond_drop,
+                              clip_denoised=False) for f in args.tail_drop]
+    print(f"{label} | {args.sampler.upper()} {args.steps} steps | batch {args.batch_size} | cfg {args.cfg_scale:g}"
+          + (f" | uncond drop {args.uncond_drop:g}" if args.uncond_drop is not None else ""))
+    print("GFLOPs = 2 x GMACs, attention included; per image (with guidance both halves count).")
+    print(format_cost_table(costs))
+    if args.per_step:
+        print()
+        print(format_per_step(costs))
+    if args.json:
+        save_json(args.json, {"model": label, "sampler": args.sampler, "steps": args.steps,
+                              "cfg_scale": args.cfg_scale, "batch_size": args.batch_size,
+                              "runs": [c.to_dict() for c in costs]})
+        print(f"wrote {args.json}")
+    return 0
+
+
+def format_cost_table(costs) -> str:
+    """Summary rows per tail-drop fraction, then GFLOPs per image per step by component."""
+    lines = [f"{'tail drop':>9} {'kept':>6} {'GFLOPs/step':>12} {'min..max over t':>19} {'GFLOPs/image':>13} "
+             f"{'GMACs/step':>11}"]
+    for c in costs:
+        kept = "-" if c.kept_share is None else f"{c.kept_share:.3f}"
+        rng = f"{min(c.gflops_by_t):.4g}..{max(c.gflops_by_t):.4g}"
+        lines.append(f"{c.tail_drop:>9.3g} {kept:>6} {c.gflops_per_step:>12.4g} {rng:>19} {c.gflops_per_image:>13.4g} "
+                     f"{c.gflops_per_step / 2:>11.4g}")
+    comps = sorted({k for c in costs for k in c.components_per_step}, key=lambda k: -costs[0].components_per_step.get(k, 0))
+    lines.append("")
+    head = "".join(f"{'f=' + format(c.tail_drop, 'g'):>12}" for c in costs)
+    lines.append(f"{'component (GFLOPs/step)':<24}{head}{'share':>8}")
+    for k in comps:
+        vals = "".join(f"{c.components_per_step.get(k, 0.0):>12.4g}" for c in costs)
+        share = costs[0].components_per_step.get(k, 0.0) / max(costs[0].gflops_per_step, 1e-30)
+        lines.append(f"{k:<24}{vals}{share:>8.1%}")
+    lines.append(f"{'total':<24}" + "".join(f"{c.gflops_per_step:>12.4g}" for c in costs))
+    lines.append(f"{'total per image (run)':<24}" + "".join(f"{c.gflops_per_image:>12.4g}" for c in costs))
+    return "\n".join(lines)
+
+
+def format_per_step(costs) -> str:
+    """GFLOPs (and kept share) per timestep for every fraction."""
+    head = "".join(f"{'f=' + format(c.tail_drop, 'g'):>18}" for c in costs)
+    lines = [f"{'t':>5}{head}   (GFLOPs/step, kept share)"]
+    for i, t in enumerate(costs[0].timesteps):
+        cells = ""
+        for c in costs:
+            kept = "" if c.kept_share_by_t is None else f" ({c.kept_share_by_t[i]:.2f})"
+            cells += f"{format(c.gflops_by_t[i], '.4g') + kept:>18}"
+        lines.append(f"{t:>5}{cells}")
+    return "\n".join(lines)
