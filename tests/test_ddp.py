@@ -12,7 +12,7 @@ import torch
 from dcdit.checkpoint import load_safetensors
 from dcdit.training import load_train_config, train
 
-from test_training import CONFIGS, TINY_DIT
+from test_training import CONFIGS, TINY_DCDIT, TINY_DIT
 
 pytestmark = pytest.mark.ddp
 
@@ -55,3 +55,10 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     sets = TINY_DIT + ["train.steps=4", "data.num_samples=12"]
     ddp, single = run_both(tmp_path, sets)
     compare(ddp, single, 4, atol=1e-5)
+
+
+def test_ddp_dcdit_matches_single_process(tmp_path):
+    # Ratio loss in groups of 4 (= one rank's batch) and multi-budget tail dropping from step 1.
+    sets = TINY_DCDIT + ["train.steps=3", "data.num_samples=12", "model.arch=dcdit"]
+    ddp, single = run_both(tmp_path, sets)
+    compare(ddp, single, 3, atol=1e-5)

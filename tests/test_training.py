@@ -23,6 +23,13 @@ TINY_DIT = [
     "train.ema_decay=0.9", "train.device=cpu", "train.tensorboard=false", "optim.lr=1e-3", "samples.interval=0",
 ]
 
+# A DC-DiT of the same scale: 8x8 grid, conv encoder/decoder at width 32, 1 DiT block at 64.
+TINY_DCDIT = [s for s in TINY_DIT if not s.startswith("model.")] + [
+    "model.arch=dcdit", "model.preset=DC-DiT-S-N4",
+    "model.overrides={d_model: [64, 64], num_heads: [4, 4], arch_layout: [c1, [D1], c1], enc_dec_dim_factor: [2, null]}",
+    "ratio.group_size=4", "multibudget.enabled=true", "multibudget.start_step=1",
+]
+
 
 def records(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -172,3 +179,23 @@ def test_label_dropout_taken_over_and_reproducible(tmp_path):
     a = records(train(load_train_config(None, TINY_DIT + ["train.steps=2"]), out=tmp_path / "a"))
     b = records(train(load_train_config(None, TINY_DIT + ["train.steps=2"]), out=tmp_path / "b"))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_dcdit_ratio_loss_multibudget_and_compression_logged(tmp_path):
+    run = train(load_train_config(None, TINY_DCDIT + ["train.steps=4"]), out=tmp_path / "r")
+    rec = records(run)
+    assert {"loss_ratio", "compression_natural", "compression_effective", "tail_drop", "ratio_N"} <= set(rec[-1])
+    assert all(np.isfinite(r["loss"]) for r in rec)
+    assert rec[0]["tail_drop"] >= 0 and rec[-1]["ratio_N"] == 4.0
+    assert rec[-1]["compression_effective"] >= rec[-1]["compression_natural"] - 1e-6
+    from dcdit.checkpoint import load_model
+
+    assert type(load_model(run)).__name__ == "DCDiT"
+
+
+def test_multibudget_fraction_same_on_every_rank():
+    from dcdit.training.trainer import mix_seed
+
+    draws = [np.random.default_rng(mix_seed(0, step, 2)).integers(7) for step in range(200)]
+    again = [np.random.default_rng(mix_seed(0, step, 2)).integers(7) for step in range(200)]
+    assert draws == again and len(set(draws)) == 7  # a function of (seed, step) only, covering the set

@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
     from pathlib import Path
 
     from dcdit.training import load_train_config, train
@@ -40,4 +41,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_train_config(config, args.overrides)
     run_dir = train(cfg, out=args.out, resume=args.resume)
     print(run_dir)
-    return 0
+    # A run stopped by a signal exits like an interrupted program (its checkpoint is saved).
+    ckpt = find_checkpoint(run_dir) if run_dir.exists() else None
+    reason = json.loads((ckpt / "train_state.json").read_text()).get("reason") if ckpt else None
+    return {"SIGINT": 130, "SIGTERM": 143}.get(reason, 0)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dcdit.losses import ratio_loss
 from dcdit.training import distributed as D
 from dcdit.training.config import TrainConfig, config_to_dict, ratio_targets, save_train_config
 from dcdit.training.data import RankBatchSampler, StepStream, local_slice
@@ -149,10 +150,13 @@ def build_train_model(cfg: TrainConfig, dataset) -> nn.Module:
         init = load_model(m.init_from, which=m.init_which)
         init_cfg = {"arch": "dcdit" if type(init).__name__ != "DiT" else "dit", **dict(init.config)}
         model = build_model({**init_cfg, **m.overrides})
-        missing, unexpected = model.load_state_dict(init.state_dict(), strict=False)
-        if unexpected or [k for k in missing if k != "pos_embed"]:
-            raise ValueError(f"model.overrides change the shapes of model.init_from ({m.init_from}): "
-                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        init_state, target = init.state_dict(), model.state_dict()
+        bad = [k for k in target if k != "pos_embed" and (k not in init_state or init_state[k].shape != target[k].shape)]
+        if bad or set(init_state) - set(target):
+            raise ValueError(f"model.overrides {m.overrides} do not fit the weights of model.init_from "
+                             f"({m.init_from}), e.g. at {(bad or sorted(set(init_state) - set(target)))[0]}; "
+                             "keep only shape-preserving overrides (e.g. class_dropout_prob)")
+        model.load_state_dict({k: v for k, v in init_state.items() if k != "pos_embed"}, strict=False)
     elif m.arch == "dit":
         from dcdit.models.dit import build_dit
 
@@ -224,6 +228,11 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
             raise ValueError(f"train.global_batch_size ({tc.global_batch_size}) must be divisible by "
                              f"processes x train.grad_accum ({world} x {accum})")
         micro = tc.global_batch_size // (world * accum)
+        ratio_group = cfg.ratio.group_size
+        if ratio_group is not None and ratio_group >= micro:
+            ratio_group = None  # the whole micro-batch is one group
+        elif ratio_group is not None and micro % ratio_group:
+            raise ValueError(f"ratio.group_size ({ratio_group}) must divide the per-process micro-batch ({micro})")
 
         # ---- model, EMA, optimizer (same init on every rank: seeded before building)
         torch.manual_seed(tc.seed)
@@ -255,12 +264,12 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                                      learn_sigma=bool(getattr(unwrap(model), "learn_sigma", True)),
                                      diffusion_steps=cfg.diffusion.diffusion_steps)
 
-        train_model = model
+        train_model = ddp_model = model
         if info.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                              find_unused_parameters=tc.find_unused_parameters)
+            train_model = ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=tc.find_unused_parameters)
         if tc.compile:
             train_model = torch.compile(train_model)
 
@@ -351,7 +360,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                     if null_class is not None:
                         y = torch.where(drop_all[sl], torch.full_like(y, null_class), y)
                     kwargs = {"y": y, **({"tail_drop": tail_drop} if dcdit else {})}
-                    sync = contextlib.nullcontext() if (m == accum - 1 or not info.distributed) else train_model.no_sync()
+                    sync = contextlib.nullcontext() if (m == accum - 1 or not info.distributed) else ddp_model.no_sync()
                     with sync:
                         terms = diffusion.training_losses(forward, x, t_all[sl], kwargs, noise=noise_all[sl])
                         loss = terms["loss"].mean()
@@ -363,7 +372,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                             stats.update(routing_stats(routing))
                             if ratio_weight > 0:
                                 ratio_N = ratio_targets(cfg.ratio, step, len(routing), model_N)
-                                r_loss = ratio_term(routing, ratio_N, cfg.ratio.group_size)
+                                r_loss = ratio_loss(routing, ratio_N, group_size=ratio_group)
                                 loss = loss + ratio_weight * r_loss
                                 stats["loss_ratio"] = r_loss.detach()
                         stats["loss"] = loss.detach()
@@ -426,11 +435,3 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
         return run_dir
     finally:
         D.teardown(info)
-
-
-def ratio_term(routing, targets: list[float], group_size: Optional[int]) -> torch.Tensor:
-    """Mean over routing stages of the ratio loss at each stage's target N."""
-    from dcdit.losses import ratio_loss
-
-    terms = [ratio_loss([st], N, group_size=group_size) for st, N in zip(routing, targets)]
-    return torch.stack(terms).mean()
