@@ -41,7 +41,7 @@ def sample_images(model: nn.Module, cfg: SamplesConfig, channels: int, image_siz
     from dcdit.diffusion import create_diffusion
 
     diffusion = create_diffusion(f"ddim{cfg.steps}", noise_schedule=noise_schedule,
-                                 learn_sigma=bool(getattr(model, "learn_sigma", True)),
+                                 learn_sigma=bool(dict(model.config).get("learn_sigma", True)),
                                  diffusion_steps=diffusion_steps)
     g = torch.Generator().manual_seed(seed)
     n = cfg.num

@@ -179,6 +179,17 @@ def check_model_fits_data(model: nn.Module, dataset) -> None:
         raise ValueError(f"model num_classes {c['num_classes']} < the data's {dataset.num_classes} classes")
 
 
+def load_weights(model: nn.Module, state: dict, source) -> None:
+    """Strict load with a one-line error naming the file."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise ValueError(f"{source} does not match the model: {lines[0] if lines else e}") from None
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
 def is_dcdit(model: nn.Module) -> bool:
     return type(unwrap(model)).__name__ != "DiT"
 
@@ -241,14 +252,14 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
             from dcdit.models.factory import build_model
 
             model = build_model(ckpt["model_config"])
-            model.load_state_dict(ckpt["model"], strict=False)
+            load_weights(model, ckpt["model"], ckpt_dir / "model.safetensors")
             check_model_fits_data(model, dataset)
         else:
             model = build_train_model(cfg, dataset)
         model.to(device).train()
         ema = copy.deepcopy(model).float().eval().requires_grad_(False)
         if ckpt is not None and ckpt["ema"] is not None:
-            ema.load_state_dict(ckpt["ema"], strict=False)
+            load_weights(ema, ckpt["ema"], ckpt_dir / "ema.safetensors")
         drop_prob, null_class = take_over_label_dropout(model)
         dcdit = is_dcdit(model)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -261,7 +272,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
             step = ckpt["step"]
             del ckpt
         diffusion = create_diffusion("", noise_schedule=cfg.diffusion.noise_schedule,
-                                     learn_sigma=bool(getattr(unwrap(model), "learn_sigma", True)),
+                                     learn_sigma=bool(unwrap(model).config.get("learn_sigma", True)),
                                      diffusion_steps=cfg.diffusion.diffusion_steps)
 
         train_model = ddp_model = model
