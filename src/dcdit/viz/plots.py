@@ -248,14 +248,15 @@ def plot_quality_vs_compute(
         if annotate:
             for r, xv, yv in zip(rs, xs, ys):
                 if r.get(annotate) is not None:
-                    ax.annotate(f"{float(r[annotate]):g}", (xv, yv), textcoords="offset points", xytext=(4, 4),
+                    text = f"f={float(r[annotate]):g}" if annotate == "tail_drop" else f"{float(r[annotate]):g}"
+                    ax.annotate(text, (xv, yv), textcoords="offset points", xytext=(4, 4),
                                 fontsize=7)
     ax.set_xlabel(xlabel or ("GFLOPs per image" if x == "gflops" else x))
     ax.set_ylabel(ylabel or y.upper())
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(title or f"{(ylabel or y.upper())} vs compute" + (f" (labels: {annotate})" if annotate else ""),
-                 fontsize=10)
+    note = " (f = tail-drop fraction)" if annotate == "tail_drop" else (f" (labels: {annotate})" if annotate else "")
+    ax.set_title(title or f"{ylabel or y.upper()} vs compute{note}", fontsize=10)
     return _save(fig, path)
 
 
