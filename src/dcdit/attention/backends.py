@@ -122,11 +122,13 @@ def _padded(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
 
 def _flash(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
     cu = cu_seqlens.to(torch.int32)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _flash_attn_varlen()(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen), softmax_scale=scale)
 
 
 def _torch_varlen_call(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
     cu = cu_seqlens.to(torch.int32)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _torch_varlen()(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen), scale=scale)
 
 

@@ -49,17 +49,18 @@ def chunk(h: torch.Tensor, keep: torch.Tensor, seqs: PackedSeqs) -> tuple[torch.
     return h.index_select(0, idx), idx, PackedSeqs(counts, h.device)
 
 
-def _coords(local: torch.Tensor, grid: Optional[tuple[int, int]]) -> torch.Tensor:
-    """Positions (N,) -> coordinates (N, 2) as (row, col) on a grid, or (N, 1) along a sequence."""
+def _rows_cols(local: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raster positions (N,) -> (row, col), each (N,) long."""
+    return torch.div(local, grid[1], rounding_mode="floor"), local % grid[1]
+
+
+def _pairwise_sq_dist(local: torch.Tensor, grid: Optional[tuple[int, int]]) -> torch.Tensor:
+    """(k,) positions -> (k, k) exact squared distances (on the grid, or along the sequence)."""
     if grid is None:
-        return local.float()[:, None]
-    w = grid[1]
-    return torch.stack([torch.div(local, w, rounding_mode="floor"), local % w], dim=1).float()
-
-
-def _sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(n, c), (m, c) integer-valued coordinates -> (n, m) exact squared distances."""
-    return (a[:, None, :] - b[None, :, :]).pow(2).sum(-1)
+        x = local.float()
+        return (x[:, None] - x[None, :]).square()
+    r, c = (v.float() for v in _rows_cols(local, grid))
+    return (r[:, None] - r[None, :]).square() + (c[:, None] - c[None, :]).square()
 
 
 def smooth_kept(
@@ -79,12 +80,34 @@ def smooth_kept(
     for b, k in enumerate(seqs_kept.lengths):
         if k == 0:
             continue
-        s = slice(int(seqs_kept.starts_host[b]), int(seqs_kept.starts_host[b]) + k)
-        hb, pb, xy = h[s], p[s], _coords(local[s], grid)
-        w = torch.exp(-_sq_dist(xy, xy) / (2.0 * sigma**2)) * pb[None, :]  # (k, k)
+        s = slice(seqs_kept.starts_host[b], seqs_kept.starts_host[b] + k)
+        hb, pb = h[s], p[s]
+        w = torch.exp(_pairwise_sq_dist(local[s], grid) / (-2.0 * sigma**2)) * pb[None, :]  # (k, k)
         w = w / (w.sum(dim=-1, keepdim=True) + NORM_EPS)
-        out.append(pb[:, None] * hb + (1 - pb[:, None]) * (w @ hb))
+        out.append(torch.addcmul(pb[:, None] * hb, (1 - pb)[:, None], w @ hb))
     return torch.cat(out, dim=0) if out else h.new_empty(h.shape)
+
+
+def _nearest_1d(kept: torch.Tensor, L: int) -> torch.Tensor:
+    """Sorted kept positions (k,) -> for each of 0..L-1 the index of the nearest (ties: lower)."""
+    q = torch.arange(L, device=kept.device)
+    right = torch.searchsorted(kept, q).clamp_(max=kept.numel() - 1)
+    left = (right - 1).clamp_(min=0)
+    use_left = (q - kept[left]).abs() <= (kept[right] - q).abs()
+    return torch.where(use_left, left, right)
+
+
+def _nearest_2d(kept: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Raster positions (k,) ascending -> for every grid cell the index of the nearest (ties: lower).
+
+    Squared distances are separable, (dr^2)[row] + (dc^2)[col], so the (L, k)
+    table is one broadcast add of a (h, k) and a (w, k) table.
+    """
+    gh, gw = grid
+    r, c = (v.float() for v in _rows_cols(kept, grid))
+    dr2 = (torch.arange(gh, device=kept.device, dtype=torch.float32)[:, None] - r[None, :]).square()  # (gh, k)
+    dc2 = (torch.arange(gw, device=kept.device, dtype=torch.float32)[:, None] - c[None, :]).square()  # (gw, k)
+    return (dr2[:, None, :] + dc2[None, :, :]).reshape(gh * gw, -1).argmin(dim=1)  # first minimum
 
 
 def nearest_kept_index(
@@ -95,7 +118,8 @@ def nearest_kept_index(
 ) -> torch.Tensor:
     """Step b's lookup: for every token of ``seqs`` (T,), the packed index of its nearest kept token.
 
-    Ties go to the kept token with the lowest index. Dense (L x k) per sample.
+    Ties go to the kept token with the lowest index. Exact; O(L k) per sample
+    on a grid (dense search), O(L log k) along a sequence.
     """
     out = []
     for b, (L, k) in enumerate(zip(seqs.lengths, seqs_kept.lengths)):
@@ -103,10 +127,11 @@ def nearest_kept_index(
             continue
         if k == 0:
             raise ValueError(f"sample {b} has no kept token to plug back from")
-        s0 = int(seqs_kept.starts_host[b])
-        kept_xy = _coords(local_kept[s0 : s0 + k], grid)
-        all_xy = _coords(torch.arange(L, device=local_kept.device), grid)
-        out.append(_sq_dist(all_xy, kept_xy).argmin(dim=1) + s0)  # argmin: first minimum
+        if grid is not None and L != grid[0] * grid[1]:
+            raise ValueError(f"sample {b} has {L} tokens, not a full {grid} grid")
+        s0 = seqs_kept.starts_host[b]
+        kept = local_kept[s0 : s0 + k]
+        out.append((_nearest_1d(kept, L) if grid is None else _nearest_2d(kept, grid)) + s0)
     if not out:
         return local_kept.new_empty(0)
     return torch.cat(out, dim=0)
