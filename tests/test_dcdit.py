@@ -423,3 +423,47 @@ def test_nested_stages_forward_and_padding_invariance():
     with pytest.raises(ValueError):
         ratio_loss(routing, [4.0])
     _padding_invariance(model, cfg, B=3, drop=0.1)
+
+
+# --------------------------------------------------------------------------- #
+#                        Attention backends and FLOPs                         #
+# --------------------------------------------------------------------------- #
+
+def test_model_backends_agree():
+    cfg = tiny_config()
+    model = perturbed(DCDiT(cfg))
+    set_router_bias(model, 0.0)
+    x, t, y = inputs(cfg, 3)
+    with torch.no_grad():
+        loop, _ = model.set_attn_backend("sdpa_loop")(x, t, y, tail_drop=0.2)
+        padded, _ = model.set_attn_backend("padded")(x, t, y, tail_drop=0.2)
+    torch.testing.assert_close(loop, padded, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError):
+        model.set_attn_backend("nope")
+
+
+def test_attention_flops_follow_kept_lengths():
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    cfg = tiny_config(arch_layout=["c1", ["D3"], "c1"])
+    model = perturbed(DCDiT(cfg))
+    set_router_bias(model, 0.0)
+    x, t, y = inputs(cfg, 3)
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v)}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+        _, (r,) = model(x, t, y, tail_drop=0.1)
+    attn = sum(v for op, v in counter.get_flop_counts()["Global"].items() if "attention" in str(op))
+    lengths = r["num_kept"].tolist()
+    assert len(set(lengths)) > 1
+    assert attn == 3 * 4 * 64 * sum(n * n for n in lengths)  # 3 blocks x (QK^T + AV) x 2 FLOPs x D x sum L_i^2
+
+
+def test_layout_without_chunking_is_a_patch1_dit():
+    cfg = tiny_config(arch_layout=["c1D2"], d_model=[64], num_heads=[4], enc_dec_dim_factor=None,
+                      downsample_factor=4.0)
+    model = perturbed(DCDiT(cfg))
+    x, t, y = inputs(cfg, 2)
+    with torch.no_grad():
+        out, routing = model(x, t, y)
+    assert routing == [] and out.shape == (2, 8, 16, 16) and torch.isfinite(out).all()
+    assert ratio_loss(routing, 4.0).item() == 0.0
