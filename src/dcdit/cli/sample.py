@@ -76,6 +76,7 @@ def run(args) -> int:
         create_sampling_diffusion,
         generate_local,
         is_latent_checkpoint,
+        latent_decoder,
         merge_ranks,
         model_info,
         parse_classes,
@@ -127,34 +128,35 @@ def run(args) -> int:
                     warnings.warn("latent model without --vae: saving raw latents (npz keys 'latents', 'labels'); "
                                   "no grid is written", stacklevel=1)
             else:
-                from dcdit.data.vae import decode_latents, load_vae
-
-                vae = load_vae(args.vae)
-                if hasattr(vae, "to"):
-                    vae = vae.to(dist_info.device)
-                decode = lambda z: decode_latents(vae, z)
+                decode = latent_decoder(args.vae, dist_info.device)
 
         # Solve the budget once (rank 0) on the run's first samples, then share the fraction.
         fraction = 0.0 if budget is None else float(budget.value) if budget.kind == "tail_drop" else None
         if fraction is None:
-            sol = None
+            sol, error = None, None
             if rank == 0:
                 n_probe = min(args.probe_size, args.num_samples)
                 probe_labels = labels_for_indices(range(n_probe), info["num_classes"], classes)
-                sol = solve_budget(model, budget, probe_labels, diffusion=diffusion, seed=args.seed,
-                                   cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels,
-                                   uncond_drop=args.uncond_drop, probe_size=n_probe,
-                                   probe_steps=min(args.probe_steps, args.steps))
-                log(f"budget: {budget.kind} {budget.value:g} -> tail-drop fraction {sol.fraction:.4f} "
-                    f"(probe measured {sol.measured:.4g}, {len(sol.evaluations)} probe runs)")
-            if world > 1:
+                try:
+                    sol = solve_budget(model, budget, probe_labels, diffusion=diffusion, seed=args.seed,
+                                       cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels,
+                                       uncond_drop=args.uncond_drop, probe_size=n_probe,
+                                       probe_steps=min(args.probe_steps, args.steps))
+                except ValueError as e:
+                    error = str(e)
+                else:
+                    log(f"budget: {budget.kind} {budget.value:g} -> tail-drop fraction {sol.fraction:.4f} "
+                        f"(probe measured {sol.measured:.4g}, {len(sol.evaluations)} probe runs)")
+            if world > 1:  # share the fraction (or the error, so no rank waits forever)
                 import torch.distributed as dist
 
-                box = [None if sol is None else sol.fraction]
+                box = [(None if sol is None else sol.fraction, error)]
                 dist.broadcast_object_list(box, src=0)
-                fraction = float(box[0])
+                fraction, error = box[0]
             else:
-                fraction = sol.fraction
+                fraction = None if sol is None else sol.fraction
+            if error is not None:
+                raise ValueError(error)
 
         part = generate_local(
             model, diffusion, args.num_samples, batch_size=args.batch_size, seed=args.seed, classes=classes,

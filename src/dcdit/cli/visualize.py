@@ -72,10 +72,10 @@ def run(args) -> int:
     display = default_display
     if latent and args.vae:
         from dcdit.data.transforms import to_uint8_images
-        from dcdit.data.vae import decode_latents, load_vae
+        from dcdit.sampling import latent_decoder
 
-        vae = load_vae(args.vae)
-        display = lambda z: to_uint8_images(decode_latents(vae, z.to(device)).float().cpu())
+        decode = latent_decoder(args.vae, device)
+        display = lambda z: to_uint8_images(decode(z).float().cpu())
     elif latent:
         warnings.warn("latent model without --vae: showing the first three latent channels", stacklevel=1)
 

@@ -14,6 +14,7 @@ from dcdit.sampling.generate import (
     LocalSamples,
     generate_local,
     is_latent_checkpoint,
+    latent_decoder,
     merge_ranks,
     read_train_config,
     save_outputs,
@@ -26,6 +27,7 @@ __all__ = [
     "sample", "SampleStats", "SAMPLERS", "create_sampling_diffusion", "routing_shares",
     "Budget", "BudgetSolution", "BUDGET_KINDS", "bisect_fraction", "probe_diffusion", "solve_budget",
     "LocalSamples", "generate_local", "merge_ranks", "save_outputs", "read_train_config", "is_latent_checkpoint",
+    "latent_decoder",
     "make_model_fn", "model_info", "supports_tail_drop",
     "SampleNoise", "derive_seed", "labels_for_indices", "parse_classes", "shard_indices",
 ]

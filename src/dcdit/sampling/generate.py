@@ -20,7 +20,8 @@ import torch.nn as nn
 from dcdit.sampling.sampler import SampleStats, sample
 from dcdit.sampling.seeds import labels_for_indices, shard_indices
 
-__all__ = ["LocalSamples", "generate_local", "merge_ranks", "save_outputs", "read_train_config", "is_latent_checkpoint"]
+__all__ = ["LocalSamples", "generate_local", "merge_ranks", "save_outputs", "read_train_config", "is_latent_checkpoint",
+           "latent_decoder"]
 
 FLOP_MODES = ("first", "all", "none")
 
@@ -218,3 +219,17 @@ def is_latent_checkpoint(train_config: Optional[dict], in_channels: int) -> bool
         if source is not None:
             return source == "latents"
     return in_channels == 4
+
+
+def latent_decoder(vae_dir: str | Path, device: torch.device | str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
+    """``z -> images in [-1, 1]`` with the local VAE in ``vae_dir`` (``dcdit.data.vae``; z as the model samples it)."""
+    try:
+        from dcdit.data.vae import decode_latents, load_vae
+    except ImportError as e:
+        raise ValueError(f"--vae needs the VAE support of dcdit.data.vae, which is unavailable ({e})") from None
+    if not Path(vae_dir).exists():
+        raise FileNotFoundError(f"VAE directory not found: {vae_dir}")
+    vae = load_vae(vae_dir)
+    if hasattr(vae, "to"):
+        vae = vae.to(device)
+    return lambda z: decode_latents(vae, z.to(device))
