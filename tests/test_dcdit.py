@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -11,8 +10,6 @@ from dcdit.compat import load_reference_dcdit
 from dcdit.losses import ratio_loss
 from dcdit.models import DCDIT_PRESETS, DCDiT, DCDiTConfig, build_dcdit, build_model, model_config
 
-FIXTURE = "/work/shared/reference/dcdit_tiny.pt"
-needs_fixture = pytest.mark.skipif(not os.path.exists(FIXTURE), reason="reference fixture not available")
 ATOL = 1e-5
 
 
@@ -54,13 +51,12 @@ def inputs(cfg: DCDiTConfig, B: int, seed: int = 0):
 # --------------------------------------------------------------------------- #
 
 @pytest.fixture(scope="module")
-def ref():
-    d = torch.load(FIXTURE, weights_only=True)
+def ref(dcdit_fixture):  # dcdit_fixture (tests/conftest.py) skips when the file is absent
+    d = dcdit_fixture
     model = load_reference_dcdit(d["state_dict"], d["config"]).eval()
     return d, model
 
 
-@needs_fixture
 @pytest.mark.parametrize("drop", [0.0, 0.3])
 def test_fixture_forward(ref, drop):
     d, model = ref
@@ -77,7 +73,6 @@ def test_fixture_forward(ref, drop):
     torch.testing.assert_close(ratio_loss(routing, 4.0, group_size=3), want["ratio_loss_rb3"], atol=ATOL, rtol=0)
 
 
-@needs_fixture
 def test_fixture_per_sample_drop(ref):
     d, model = ref
     inp, want = d["inputs"], d["outputs"]["forward_per_sample_drop"]
@@ -87,7 +82,6 @@ def test_fixture_per_sample_drop(ref):
     torch.testing.assert_close(out, want["out"], atol=ATOL, rtol=0)
 
 
-@needs_fixture
 def test_fixture_guided(ref):
     d, model = ref
     c, want = d["inputs"]["cfg"], d["outputs"]["forward_with_cfg"]
@@ -100,7 +94,6 @@ def test_fixture_guided(ref):
     assert len(routing) == 1 and routing[0]["keep_mask"].shape == (6, 256)
 
 
-@needs_fixture
 def test_fixture_pos_embed_layout(ref):
     """The fixture's pos_embed is the reference table plus N(0, 0.05) noise: ours differs by noise only."""
     d, model = ref

@@ -21,14 +21,13 @@ Backends (``resolve_backend("auto", ...)`` picks the first that applies):
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa_loop", "padded")
 
-VarlenFn = Callable[..., torch.Tensor]
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,7 +35,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from dcdit.attention import packed_attn_fn, resolve_backend, BACKENDS
+from dcdit.attention import BACKENDS, packed_attn_fn
 from dcdit.chunking import (
     ChunkLayer,
     DeChunkLayer,
