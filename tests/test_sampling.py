@@ -280,3 +280,16 @@ def test_ddp_sampling_two_processes(ckpt, tmp_path):
     assert np.abs(ref.astype(int) - images).max() <= 1  # same samples, each exactly once, in index order
     flat = images.reshape(7, -1)
     assert len({row.tobytes() for row in flat}) == 7
+
+
+def test_cli_bench_side_by_side(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--image-size", "32", "--steps", "1", "--repeats", "1", "--warmup", "0",
+                 "--batch-size", "1", "--tail-drop", "0,0.5", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["arch"] for r in rows] == ["DiT", "DCDiT", "DCDiT"] and rows[0]["speedup_vs_dit"] == 1.0
+    assert rows[2]["gflops_per_step"] < rows[1]["gflops_per_step"]  # tail dropping saves compute
+    assert all(r["images_per_second"] > 0 and len(r["seconds"]) == 1 for r in rows)
+    assert "DC-DiT-S-N4" in capsys.readouterr().out

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dcdit.diffusion import split_model_output
+from dcdit.flops import count_flops
 from dcdit.sampling.guidance import make_model_fn, model_info, supports_tail_drop
 from dcdit.sampling.seeds import SampleNoise
 
@@ -264,23 +264,21 @@ def sample(
         from tqdm.auto import tqdm
 
         iterator = tqdm(steps, desc=sampler.upper(), leave=False)
+    report = None  # the FLOP report of the current step's network call
+
+    def call(xx: torch.Tensor, tt: torch.Tensor):
+        nonlocal report
+        if not measure_flops:
+            return fn(xx, tt, y)
+        report, result = count_flops(lambda: fn(xx, tt, y), model, batch_size=n)
+        return result
+
     for step, i in enumerate(iterator):
         t = torch.full((n,), i, device=device, dtype=torch.long)
         xin = torch.cat([x, x]) if guided else x
         tin = torch.cat([t, t]) if guided else t
         report = None
-        if measure_flops:
-            from dcdit.flops import count_flops
-
-            def counted(xx, tt, yy):
-                nonlocal report
-                report, out = count_flops(lambda: fn(xx, tt, yy), model, batch_size=n)
-                return out
-
-            call = counted
-        else:
-            call = fn
-        out = diffusion.p_mean_variance(lambda xx, tt: call(xx, tt, y), xin, tin, clip_denoised=clip_denoised)
+        out = diffusion.p_mean_variance(call, xin, tin, clip_denoised=clip_denoised)
         out = {k: (v[:n] if isinstance(v, torch.Tensor) and v.shape[0] == xin.shape[0] else v) for k, v in out.items()}
         nonzero = i != 0
         if sampler == "ddpm":
