@@ -26,6 +26,11 @@ def dcdit_fixture() -> dict:
     return load_fixture("dcdit_tiny.pt")
 
 
+# Tiny models on a shared 2-core machine run far faster single-threaded
+# (thread hand-off costs more than the work); tests only need correctness.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
