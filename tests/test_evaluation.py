@@ -34,6 +34,15 @@ from dcdit.evaluation import (
 from dcdit.evaluation.io import iter_npz_batches
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids oversubscription on a shared CPU (30x here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _images(n=8, size=16, c=3, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, c), dtype=np.uint8)
 
