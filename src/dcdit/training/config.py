@@ -98,6 +98,9 @@ class TrainLoopConfig:
     max_minutes: Optional[float] = None
     # "auto" (cuda when available), "cpu", "cuda" or "cuda:K".
     device: str = "auto"
+    # CPU threads for torch (null: torch's default). On a machine shared with
+    # other jobs, 1 avoids the large slow-down of oversubscribed OpenMP threads.
+    num_threads: Optional[int] = None
     # DataLoader worker processes (0: load in the training process).
     num_workers: int = 0
     # Run directory (overridden by --out). null: runs/<config file name>.
@@ -193,6 +196,8 @@ def validate(cfg: TrainConfig) -> None:
             raise _err(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
     if not 0.0 <= t.ema_decay <= 1.0:
         raise _err("train.ema_decay", f"must lie in [0, 1], got {t.ema_decay}")
+    if t.num_threads is not None and t.num_threads <= 0:
+        raise _err("train.num_threads", f"must be positive, got {t.num_threads}")
     if t.max_minutes is not None and t.max_minutes <= 0:
         raise _err("train.max_minutes", f"must be positive, got {t.max_minutes}")
     if o.lr <= 0:

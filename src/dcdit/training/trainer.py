@@ -211,6 +211,8 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
     tc = cfg.train
     info = D.setup(tc.device)
     device = info.device
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
     try:
         # ---- run directory and checkpoint to resume from
         ckpt_dir = None
