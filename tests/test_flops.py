@@ -37,3 +37,15 @@ def test_counter_on_real_dit_s2():
     assert report.gmacs_per_image == pytest.approx(5.45, rel=0.01)
     report, _ = count_model_flops(model, x, t, y)
     assert report.gmacs_per_image == pytest.approx(6.06, rel=0.01)
+
+
+def test_nominal_dcdit_report_splits_scaffold_and_main_network():
+    from dcdit.flops import dit_block_macs, nominal_dcdit_report
+
+    r4 = nominal_dcdit_report("DC-DiT-S-N4", input_size=16, num_classes=10)
+    r16 = nominal_dcdit_report("DC-DiT-S-N16", input_size=16, num_classes=10)
+    assert (r4["L"], r4["kept"], r16["kept"]) == (256, 64, 16)
+    assert r4["main_macs"] == 12 * dit_block_macs(64, 384)
+    assert r4["macs"] == r4["scaffold_macs"] + r4["main_macs"]
+    assert r4["scaffold_macs"] == r16["scaffold_macs"] > 0  # N only changes the kept count
+    assert {"encoder", "decoder", "routing", "embeddings", "final layer"} <= set(r4["by_component"])

@@ -166,3 +166,40 @@ def dit_macs(input_size: int, patch_size: int, in_channels: int, hidden_size: in
     blocks = depth * dit_block_macs(T, D, mlp_ratio, attention)
     final = D * 2 * D + T * D * patch_size**2 * out_ch
     return embed + blocks + final
+
+
+def nominal_dcdit_report(name: str, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000) -> dict:
+    """Params and MACs of a DC-DiT preset when its main network sees exactly L/N tokens.
+
+    A DC-DiT's cost depends on what its router keeps, so a registry listing
+    needs a nominal figure. The scaffold (stem, encoder, routing, chunk,
+    dechunk, decoder, final layer) is counted on a real forward of the preset
+    with a one-block main network (its cost does not depend on depth; the
+    dechunk's share is taken at the untrained router's choice, about L/4);
+    the main network is counted analytically at K = L/N tokens per image.
+    Single-stage layouts only. Returns params, kept K, L and MACs per image.
+    """
+    import re
+
+    from dcdit.models import DCDIT_PRESETS, DCDiT, DCDiTConfig
+
+    preset = dict(DCDIT_PRESETS[name])
+    layout = preset["arch_layout"]
+    if len(layout) != 3 or len(layout[1]) != 1 or not re.fullmatch(r"D\d+", str(layout[1][0])):
+        raise ValueError(f"{name}: nominal FLOPs are defined for single-stage layouts, got {layout}")
+    depth = int(layout[1][0][1:])
+    common = dict(input_size=input_size, in_channels=in_channels, num_classes=num_classes)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in DCDiT(DCDiTConfig(**preset, **common)).parameters())
+    shallow = DCDiT(DCDiTConfig(**{**preset, "arch_layout": [layout[0], ["D1"], layout[2]]}, **common)).eval()
+    x = torch.randn(1, in_channels, input_size, input_size)
+    report, _ = count_model_flops(shallow, x, torch.tensor([500]), torch.tensor([0]))
+    scaffold = {k: v // 2 for k, v in report.by_component.items() if k != "main network"}
+    L = (input_size // shallow.config.get("patch_size", 1)) ** 2
+    N = preset.get("downsample_factor", 4.0)
+    N = N[0] if isinstance(N, (list, tuple)) else N
+    K = max(2, round(L / float(N)))
+    D = preset["d_model"][-1]
+    main = depth * dit_block_macs(K, D)
+    return dict(params=params, kept=K, L=L, scaffold_macs=sum(scaffold.values()), main_macs=main,
+                macs=sum(scaffold.values()) + main, by_component={**scaffold, "main network": main})
