@@ -194,8 +194,9 @@ def test_dcdit_ratio_loss_multibudget_and_compression_logged(tmp_path):
 
 
 def test_multibudget_fraction_same_on_every_rank():
-    from dcdit.training.trainer import mix_seed
+    from dcdit.training.trainer import budget_fraction
 
-    draws = [np.random.default_rng(mix_seed(0, step, 2)).integers(7) for step in range(200)]
-    again = [np.random.default_rng(mix_seed(0, step, 2)).integers(7) for step in range(200)]
-    assert draws == again and len(set(draws)) == 7  # a function of (seed, step) only, covering the set
+    cfg = load_train_config(None, ["multibudget.enabled=true", "multibudget.start_step=10"])
+    draws = [budget_fraction(cfg, 0, step) for step in range(300)]
+    assert draws == [budget_fraction(cfg, 0, step) for step in range(300)]  # a function of (seed, step) only
+    assert set(draws[:10]) == {0.0} and set(draws[10:]) == set(cfg.multibudget.fractions)

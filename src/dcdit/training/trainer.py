@@ -134,6 +134,29 @@ class StopFlag:
         return False
 
 
+def draw_global_batch(seed: int, step: int, global_batch: int, sample_shape: tuple, num_timesteps: int,
+                      drop_prob: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Timesteps, noise and label-drop flags for every global position of a step, from (seed, step)."""
+    g = torch.Generator(device).manual_seed(mix_seed(seed, step, _NOISE))
+    t = torch.randint(0, num_timesteps, (global_batch,), generator=g, device=device)
+    noise = torch.randn((global_batch, *sample_shape), generator=g, device=device)
+    drop = torch.rand((global_batch,), generator=g, device=device) < drop_prob
+    return t, noise, drop
+
+
+def budget_fraction(cfg: TrainConfig, seed: int, step: int) -> float:
+    """Multi-budget tail-drop fraction of a step: uniform over the set, a function of (seed, step) only."""
+    mb = cfg.multibudget
+    if not mb.enabled or step < mb.start_step:
+        return 0.0
+    return float(mb.fractions[np.random.default_rng(mix_seed(seed, step, _BUDGET)).integers(len(mb.fractions))])
+
+
+def lr_at(o, step: int) -> float:
+    """Constant learning rate after an optional linear warm-up."""
+    return o.lr * min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else o.lr
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -347,22 +370,14 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
         ratio_weight = cfg.ratio.weight if dcdit else 0.0
         ratio_N: list[float] = []
         model_N = dict(unwrap(model).config).get("downsample_factor")
+        sample_shape = (dataset.channels, dataset.image_size, dataset.image_size)
         with StopFlag() as stop:
             while step < tc.steps:
                 torch.manual_seed(mix_seed(tc.seed, step, info.rank, _GLOBAL))
-                # Per-step randomness for the whole global batch (each rank slices its part).
-                g = torch.Generator(device).manual_seed(mix_seed(tc.seed, step, _NOISE))
-                G = tc.global_batch_size
-                t_all = torch.randint(0, diffusion.num_timesteps, (G,), generator=g, device=device)
-                noise_all = torch.randn((G, dataset.channels, dataset.image_size, dataset.image_size),
-                                        generator=g, device=device)
-                drop_all = torch.rand((G,), generator=g, device=device) < drop_prob
-                tail_drop = 0.0
-                if dcdit and cfg.multibudget.enabled and step >= cfg.multibudget.start_step:
-                    fr = cfg.multibudget.fractions
-                    tail_drop = float(fr[np.random.default_rng(mix_seed(tc.seed, step, _BUDGET)).integers(len(fr))])
-
-                lr = o.lr * min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else o.lr
+                t_all, noise_all, drop_all = draw_global_batch(tc.seed, step, tc.global_batch_size, sample_shape,
+                                                               diffusion.num_timesteps, drop_prob, device)
+                tail_drop = budget_fraction(cfg, tc.seed, step) if dcdit else 0.0
+                lr = lr_at(o, step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
@@ -394,8 +409,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                         running[k] = running.get(k, 0.0) + v.float()
                     n_running += 1
 
-                grad_norm = (torch.nn.utils.clip_grad_norm_(params, o.grad_clip) if o.grad_clip
-                             else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip or float("inf"))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 update_ema(ema, model, tc.ema_decay)
@@ -428,7 +442,9 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                         running, n_running, t_log = {}, 0, time.time()
 
                 if cfg.samples.interval and step % cfg.samples.interval == 0:
+                    t0 = time.time()
                     sample_grid()
+                    t_log += time.time() - t0  # keep sampling out of the images/s figure
 
                 # ---- stop requests (signals, time budget) agreed on by all ranks
                 out_of_time = tc.max_minutes is not None and (time.time() - t_start) / 60.0 >= tc.max_minutes
