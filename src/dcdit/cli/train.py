@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "Train a DiT or DC-DiT from a YAML config (torchrun for several processes)"
+HELP = "Train a DiT or DC-DiT from a YAML config (torchrun for several processes); resume exactly."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

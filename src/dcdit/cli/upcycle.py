@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "Build a DC-DiT from a DiT checkpoint (blocks -> main network) for `dcdit train` to start from"
+HELP = "Build a DC-DiT from a DiT checkpoint (blocks -> main network) for `dcdit train` to start from."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -198,10 +198,13 @@ def _read_latest(run_dir: Path) -> Optional[str]:
 
 
 def find_checkpoint(path: str | os.PathLike) -> Optional[Path]:
-    """The checkpoint a path means: a checkpoint dir itself, or a run dir's ``latest`` (else its newest)."""
+    """The checkpoint a path means: a checkpoint dir itself, or a run dir's ``latest`` (else its newest).
+
+    None when there is none (also when ``path`` does not exist).
+    """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"resume path not found: {path}")
+        return None
     if (path / STATE_JSON).exists():
         return path
     name = _read_latest(path)
