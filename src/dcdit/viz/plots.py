@@ -303,3 +303,24 @@ def plot_class_grid(
                 ax.set_ylabel(f"{c}: {name}" if name else f"class {c}", fontsize=8)
     fig.suptitle(title or "samples by class", fontsize=10)
     return _save(fig, path)
+
+
+def plot_bars(labels: Sequence[str], values: Sequence[float], path: str | Path, xlabel: str = "",
+              title: Optional[str] = None) -> Plot:
+    """Horizontal bars with their values written at the end (e.g. GFLOPs per image per model)."""
+    if len(labels) != len(values) or not labels:
+        raise ValueError(f"need one value per label, got {len(labels)} labels and {len(values)} values")
+    fig = _figure(7.5, 0.45 * len(labels) + 1.2)
+    ax = fig.subplots()
+    y = np.arange(len(labels))[::-1]
+    colors = ["tab:blue" if "DC-DiT" in lab else "tab:gray" for lab in labels]
+    ax.barh(y, values, color=colors)
+    for yi, v in zip(y, values):
+        ax.text(v, yi, f" {v:.3g}", va="center", fontsize=8)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_xlim(0, max(values) * 1.18)
+    ax.grid(axis="x", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)
