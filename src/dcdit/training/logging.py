@@ -27,9 +27,10 @@ class MetricsLogger:
             try:
                 import wandb as _wandb
             except ImportError:
-                raise ValueError("train.wandb is set but wandb is not installed (pip install wandb)") from None
-            self.wandb = _wandb
-            _wandb.init(project=wandb_project, name=run_name, config=config, dir=str(run_dir))
+                self.info("train.wandb is set but wandb is not installed (pip install wandb): logging to metrics.jsonl only")
+            else:
+                self.wandb = _wandb
+                _wandb.init(project=wandb_project, name=run_name, config=config, dir=str(run_dir))
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
