@@ -163,10 +163,11 @@ def test_sigterm_checkpoints_and_exits(tmp_path, monkeypatch):
             signal.raise_signal(signal.SIGTERM)
 
     monkeypatch.setattr(T, "update_ema", ema_then_signal)
+    before = signal.getsignal(signal.SIGTERM)
     run = train(load_train_config(None, TINY_DIT + ["train.steps=100"]), out=tmp_path / "r")
     state = json.loads((run / "ckpt-0000003" / "train_state.json").read_text())
     assert state["reason"] == "SIGTERM" and (run / "latest").read_text().strip() == "ckpt-0000003"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    assert signal.getsignal(signal.SIGTERM) is before  # handler restored
 
 
 def test_label_dropout_taken_over_and_reproducible(tmp_path):
