@@ -1,0 +1,26 @@
+"""Data sources behind one interface: ``build_dataset(DataConfig) -> Dataset`` of (x, y)."""
+from __future__ import annotations
+
+import importlib
+
+from dcdit.data.base import DcditDataset, SubsetDataset
+from dcdit.data.config import DataConfig, DataError
+from dcdit.data.transforms import to_uint8_images
+
+__all__ = ["DataConfig", "DataError", "DcditDataset", "SubsetDataset", "build_dataset", "to_uint8_images"]
+
+
+def build_dataset(cfg: DataConfig):
+    """The dataset ``cfg`` describes (see :class:`DataConfig`)."""
+    if cfg.source == "shapes":
+        from dcdit.data.shapes import ShapesDataset
+
+        return ShapesDataset(
+            num_samples=cfg.num_samples or 10000, image_size=cfg.image_size or 32, channels=cfg.channels or 3,
+            num_classes=cfg.num_classes or 10, seed=cfg.seed, random_flip=cfg.random_flip, in_memory=cfg.in_memory,
+        )
+    try:
+        module = importlib.import_module(f"dcdit.data.{cfg.source}")
+    except ModuleNotFoundError as e:
+        raise DataError(f"data source {cfg.source!r} is not available in this build ({e})") from None
+    return module.build(cfg)
