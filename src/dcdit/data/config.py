@@ -31,7 +31,7 @@ class DataConfig:
     # latent grid or the pixel size the latents were extracted at.
     image_size: Optional[int] = None
     # Image channels (1 or 3; images are converted). None: 3 for shapes and
-    # folder, 1 for mnist, stored for npz; latents always use the stored count.
+    # folder, 1 for mnist, stored for npz; for latents it must equal the stored count.
     channels: Optional[int] = None
     # Number of classes. None: inferred (shapes 10, mnist 10, folder = number of
     # sub-folders, npz = max label + 1, latents from the index). A larger value
@@ -57,8 +57,8 @@ class DataConfig:
             raise DataError(f"unknown data source {self.source!r} (choose from {', '.join(SOURCES)})")
         if self.image_size is not None and int(self.image_size) <= 0:
             raise DataError(f"image_size must be positive, got {self.image_size}")
-        if self.channels is not None and self.channels not in (1, 3):
-            raise DataError(f"channels must be 1 or 3, got {self.channels}")
+        if self.channels is not None and self.source != "latents" and self.channels not in (1, 3):
+            raise DataError(f"channels must be 1 or 3 for image sources, got {self.channels}")
         if self.num_classes is not None and int(self.num_classes) <= 0:
             raise DataError(f"num_classes must be positive, got {self.num_classes}")
         if self.num_samples is not None and int(self.num_samples) <= 0:

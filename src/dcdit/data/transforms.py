@@ -45,7 +45,7 @@ def from_uint8_images(u) -> torch.Tensor:
         raise ValueError(f"from_uint8_images expects uint8 images, got dtype {a.dtype}")
     if a.ndim not in (3, 4):
         raise ValueError(f"from_uint8_images expects HWC or NHWC images, got shape {a.shape}")
-    t = torch.from_numpy(np.ascontiguousarray(a)).to(torch.float32).div_(127.5).sub_(1.0)
+    t = torch.from_numpy(a.astype(np.float32)).div_(127.5).sub_(1.0)  # astype copies: safe for read-only input
     return t.permute(2, 0, 1) if a.ndim == 3 else t.permute(0, 3, 1, 2)
 
 
