@@ -58,7 +58,7 @@ def test_image_folder_labels_crop_and_corrupt_files(tmp_path):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         ds = build_dataset(DataConfig(source="folder", path=str(tmp_path), image_size=16, skip_corrupt=True))
-    assert any("skipped 1 unreadable" in str(m.message) for m in w)
+    assert any("skipped 1 unreadable" in str(m.message) for m in w) and ds.num_skipped == 1
     assert len(ds) == 6 and ds.num_classes == 2 and ds[0][0].shape == (3, 16, 16)
     assert [int(ds[i][1]) for i in range(6)] == [0, 0, 0, 1, 1, 1]
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 import importlib
 
 from dcdit.data.base import DcditDataset, SubsetDataset
-from dcdit.data.config import DataConfig, DataError
-from dcdit.data.transforms import to_uint8_images
+from dcdit.data.config import SOURCES, DataConfig, DataError
+from dcdit.data.transforms import from_uint8_images, to_uint8_images
+from dcdit.data.vae import LATENT_SCALE, decode_latents, encode_images, load_vae
 
-__all__ = ["DataConfig", "DataError", "DcditDataset", "SubsetDataset", "build_dataset", "to_uint8_images"]
+__all__ = ["DataConfig", "DataError", "DcditDataset", "SubsetDataset", "SOURCES", "build_dataset",
+           "to_uint8_images", "from_uint8_images", "LATENT_SCALE", "load_vae", "encode_images", "decode_latents"]
 
 
 def build_dataset(cfg: DataConfig):

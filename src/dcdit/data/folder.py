@@ -51,6 +51,13 @@ def load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
 
 
 class ImageFolderDataset(DcditDataset):
+    """Images from ``root/<class>/**``, centre-cropped to ``image_size``; labels from sorted class names.
+
+    ``in_memory`` (None: when the crops fit in ~1 GiB) decodes everything once up front.
+    ``skip_corrupt`` drops unreadable files (count in ``num_skipped``, one warning);
+    otherwise the first unreadable file raises `DataError` naming it.
+    """
+
     def __init__(self, root: str | Path, image_size: int = 256, channels: int = 3, num_classes: int | None = None,
                  skip_corrupt: bool = False, random_flip: bool = False, in_memory: bool | None = None):
         files, labels, self.class_names = list_image_folder(root)
@@ -58,6 +65,7 @@ class ImageFolderDataset(DcditDataset):
         if in_memory is None:
             in_memory = len(files) * image_size**2 * channels <= (1 << 30)
         self.images = None
+        self.num_skipped = 0  # unreadable files dropped by skip_corrupt
         if in_memory or skip_corrupt:  # decoding up front finds the corrupt files once
             images, keep, bad = [], [], 0
             for i, f in enumerate(files):
@@ -68,6 +76,7 @@ class ImageFolderDataset(DcditDataset):
                     if not skip_corrupt:
                         raise
                     bad += 1
+            self.num_skipped = bad
             if bad:
                 warnings.warn(f"{root}: skipped {bad} unreadable image(s) of {len(files)}")
             if not keep:

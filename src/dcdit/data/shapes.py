@@ -26,7 +26,7 @@ the object's outline and its texture transitions. Flat object interiors
 (solid class, wide stripes' centres) and the background are not detail.
 
 Rendering is vectorised over images with numpy: 10k images of 32 x 32 take
-about a second.
+one to three seconds on one CPU core.
 """
 from __future__ import annotations
 
