@@ -201,3 +201,39 @@ def test_multibudget_fraction_same_on_every_rank():
     draws = [budget_fraction(cfg, 0, step) for step in range(300)]
     assert draws == [budget_fraction(cfg, 0, step) for step in range(300)]  # a function of (seed, step) only
     assert set(draws[:10]) == {0.0} and set(draws[10:]) == set(cfg.multibudget.fractions)
+
+
+def test_latents_source_trains_and_grids_need_a_vae(tmp_path):
+    from types import SimpleNamespace
+
+    from dcdit.data.latents import LatentShardWriter
+    from dcdit.training.config import SamplesConfig
+    from dcdit.training.samples import write_sample_grid
+
+    w = LatentShardWriter(tmp_path / "lat", shard_size=16, meta={"image_size": 64, "num_classes": 10})
+    w.add(torch.randn(24, 4, 8, 8) * 0.5, torch.arange(24) % 10)
+    w.close()
+    sets = [s for s in TINY_DIT if not s.startswith("data.")] + [
+        "data.source=latents", f"data.path={tmp_path / 'lat'}", "train.steps=2", "samples.interval=2"]
+    run = train(load_train_config(None, sets), out=tmp_path / "r")
+    assert records(run)[-1]["step"] == 2 and not (run / "samples").exists()  # no VAE: grid skipped
+
+    class FakeVAE(torch.nn.Module):  # decodes 4x8x8 latents to 3x16x16 "images"
+        config = SimpleNamespace(latent_channels=4)
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def decode(self, z):
+            return SimpleNamespace(sample=torch.tanh(z[:, :3]).repeat_interleave(2, -1).repeat_interleave(2, -2))
+
+    from dcdit.checkpoint import load_model
+    from dcdit.data import DataConfig, build_dataset
+
+    ds = build_dataset(DataConfig(source="latents", path=str(tmp_path / "lat")))
+    png = write_sample_grid(tmp_path / "g.png", load_model(run), SamplesConfig(num=2, steps=2), ds, 1000, "linear",
+                            torch.device("cpu"), vae=FakeVAE())
+    from PIL import Image
+
+    assert Image.open(png).size == (2 * 16 + 3 * 2, 16 + 2 * 2)

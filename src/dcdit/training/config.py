@@ -151,7 +151,8 @@ class SamplesConfig:
     steps: int = 25
     # Classifier-free guidance scale (1.0: none).
     cfg_scale: float = 1.0
-    # For latent data: a VAE (diffusers AutoencoderKL path or hub name) to decode with; null skips the grid.
+    # For latent data: a local VAE folder (diffusers AutoencoderKL, e.g. a copy of
+    # stabilityai/sd-vae-ft-ema) to decode with; null skips the grid.
     vae: Optional[str] = None
 
 

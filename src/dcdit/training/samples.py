@@ -73,15 +73,15 @@ def write_sample_grid(path: Path, model: nn.Module, cfg: SamplesConfig, dataset,
     x = sample_images(model, cfg, dataset.channels, dataset.image_size, dataset.num_classes,
                       diffusion_steps, noise_schedule, device)
     if dataset.is_latent:
-        x = vae.decode(x / 0.18215).sample
+        from dcdit.data.vae import decode_latents
+
+        x = decode_latents(vae, x)
     save_png(path, image_grid(to_uint8_images(x.float().cpu())))
     return path
 
 
-def load_vae(name: str, device: torch.device):
-    """A diffusers AutoencoderKL (optional dependency) for decoding latent sample grids."""
-    try:
-        from diffusers.models import AutoencoderKL
-    except ImportError:
-        raise ValueError("samples.vae is set but diffusers is not installed (pip install 'dcdit[vae]')") from None
-    return AutoencoderKL.from_pretrained(name).to(device).eval()
+def load_vae(path: str, device: torch.device):
+    """The SD VAE from a local folder (dcdit.data.vae; needs diffusers) for decoding latent sample grids."""
+    from dcdit.data.vae import load_vae as _load
+
+    return _load(path, device)
