@@ -194,8 +194,8 @@ def test_latents_writer_reader_round_trip(tmp_path):
     assert torch.equal(pickle.loads(pickle.dumps(ds))[6][0], z[6])
     with pytest.raises(DataError, match="not image_size=8"):
         build_dataset(DataConfig(source="latents", path=str(tmp_path / "lat"), image_size=8))
-    (tmp_path / "lat" / "latents_00001.npy").unlink()
-    with pytest.raises(DataError, match="missing latents shard.*latents_00001.npy"):
+    (tmp_path / "lat" / "latents-00001.npy").unlink()
+    with pytest.raises(DataError, match="missing latents shard.*latents-00001.npy"):
         LatentDataset(tmp_path / "lat")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no index.json"):
