@@ -187,3 +187,70 @@ def test_model_output_unchanged_by_fast_dechunk(monkeypatch):
         dense, r_dense = model(x, t, y, tail_drop=0.3)
     assert torch.equal(r_fast[0]["keep_mask"], r_dense[0]["keep_mask"])
     torch.testing.assert_close(fast, dense, atol=1e-5, rtol=0)
+
+
+def _tiny(**kw):
+    from dcdit.models import DCDiT, DCDiTConfig
+
+    base = dict(input_size=16, in_channels=4, num_classes=10, arch_layout=["c1", ["D2"], "c1"], d_model=[64, 64],
+                num_heads=[4, 4], enc_dec_dim_factor=[2, None])
+    model = DCDiT(DCDiTConfig(**{**base, **kw}))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        for name, m in model.named_modules():
+            if name.endswith("routing_module"):
+                m.residual_scorer[-1].bias.fill_(0.0)
+                m.residual_scorer[-1].weight.normal_(0, 2.0, generator=g)  # kept counts vary per sample
+    return model.eval()
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_grouped_inference_equals_one_batch(nested):
+    kw = dict(arch_layout=["c1", ["c1", ["D1"], "c1"], "c1"], d_model=[64, 64, 64], num_heads=[4, 4, 4],
+              enc_dec_dim_factor=[2, None, None], downsample_factor=[4.0, 2.0]) if nested else {}
+    model = _tiny(**kw)
+    g = torch.Generator().manual_seed(1)
+    B = 5
+    x = torch.randn(B, 4, 16, 16, generator=g)
+    t, y = torch.randint(0, 1000, (B,), generator=g), torch.randint(0, 10, (B,), generator=g)
+    drop = torch.tensor([0.0, 0.3, 0.5, 0.1, 0.9])
+    with torch.no_grad():
+        model.inference_group_tokens = 0
+        whole, r_whole = model(x, t, y, tail_drop=drop)
+        model.inference_group_tokens = 2 * 256  # groups of 2, 2, 1 samples
+        grouped, r_grouped = model(x, t, y, tail_drop=drop)
+    assert len(set(r_whole[0]["num_kept"].tolist())) > 1
+    torch.testing.assert_close(grouped, whole, atol=1e-5, rtol=0)
+    assert len(r_grouped) == len(r_whole)
+    for a, b in zip(r_grouped, r_whole):
+        assert a["grid"] == b["grid"]
+        for k in ("keep_mask", "natural_mask", "valid_mask", "num_kept"):
+            assert torch.equal(a[k], b[k]), k
+        torch.testing.assert_close(a["boundary_prob"], b["boundary_prob"], atol=1e-5, rtol=0)
+    # with gradients recorded the batch is never split
+    model.inference_group_tokens = 256
+    out, _ = model(x, t, y, tail_drop=drop)
+    torch.testing.assert_close(out.detach(), whole, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("lengths", [[7, 7, 7], [3, 9, 1, 6]])
+def test_packed_dit_block_matches_dit_block(lengths):
+    from dcdit.attention import packed_attn_fn
+    from dcdit.models.dcdit import packed_dit_block
+    from dcdit.models.layers import DiTBlock
+
+    torch.manual_seed(0)
+    block = DiTBlock(32, 4)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.1)
+    seqs = PackedSeqs(lengths, "cpu")
+    x = torch.randn(seqs.total, 32)
+    c = torch.randn(len(lengths), 32)
+    attn = packed_attn_fn(seqs.cu_seqlens, seqs.max_seqlen, seqs.lengths, "sdpa_loop")
+    got = packed_dit_block(block, x, block.modulation(c), seqs, attn)
+    for b, (a, n) in enumerate(zip(seqs.starts_host, lengths)):  # each sequence alone through the DiT block
+        want = block(x[a : a + n][None], c[b : b + 1])[0]
+        torch.testing.assert_close(got[a : a + n], want, atol=1e-5, rtol=0)

@@ -55,6 +55,7 @@ from dcdit.models.layers import (
     TimestepEmbedder,
     get_2d_sincos_pos_embed,
     guided_combine,
+    modulate,
 )
 
 TailDrop = Union[float, torch.Tensor]
@@ -197,9 +198,36 @@ class BlockStack(nn.Module):
                     seqs.cu_seqlens, seqs.max_seqlen, seqs.lengths, layout.attn_backend,
                     round_qkv=torch.bfloat16 if self.attn_qkv_bf16 else None,
                 )
-            mod = tuple(seqs.per_token(m)[None] for m in layer.modulation(c))  # 6 x (1, T, D)
-            x = layer(x[None], attn_fn=attn_fn, mod=mod)[0]  # (T, D)
+            x = packed_dit_block(layer, x, layer.modulation(c), seqs, attn_fn)
         return self.rmsnorm(x)
+
+
+def packed_dit_block(layer: DiTBlock, x: torch.Tensor, mod: tuple, seqs: PackedSeqs, attn_fn) -> torch.Tensor:
+    """``layer`` (a DiTBlock) on packed tokens x (T, D) with per-sample modulation ``mod`` (6 x (B, D)).
+
+    The same arithmetic as ``DiTBlock.forward`` with the modulation expanded
+    per token, without holding six (T, D) expansions: when every sequence
+    has the same length the (B, D) rows broadcast over a (B, L, D) view;
+    otherwise each is gathered per token right before its one use.
+    """
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+    T, D = x.shape
+    if seqs.is_uniform and seqs.batch * seqs.max_seqlen == T:
+        B, L = seqs.batch, seqs.max_seqlen
+        xs = x.view(B, L, D)
+        tok = lambda m: m[:, None, :]  # (B, 1, D), broadcast over each sample's tokens
+        attn_in = lambda h: h.reshape(1, T, D)
+        attn_out = lambda a: a.view(B, L, D)
+    else:
+        xs = x[None]  # (1, T, D)
+        tok = lambda m: seqs.per_token(m)[None]  # (1, T, D)
+        attn_in = attn_out = lambda h: h
+    h = modulate(layer.norm1(xs), tok(shift_msa), tok(scale_msa))
+    xs = xs + tok(gate_msa) * attn_out(layer.attn(attn_in(h), attn_fn))
+    del h
+    if layer.mlp is not None:
+        xs = xs + tok(gate_mlp) * layer.mlp(modulate(layer.norm2(xs), tok(shift_mlp), tok(scale_mlp)))
+    return xs.reshape(T, D)
 
 
 # --------------------------------------------------------------------------- #
@@ -251,29 +279,39 @@ def _run_stage(
     """One stage on packed tokens x (T, E): encode, route, chunk, recurse, dechunk, decode.
 
     gpos (T,): every token's raster index in the full input grid (for the
-    positional embedding at the innermost stage).
+    positional embedding at the innermost stage). The caller should hold no
+    other reference to ``x``: it is released once encoded.
     """
     if not hasattr(owner, "routing_module"):  # innermost stage at the top: a plain block stack
         return owner.main_network(x, c, layout, pos=pos_table.index_select(0, gpos).to(x.dtype)), []
     seqs = layout.seqs
     h = owner.encoder(x, c, layout)  # (T, D_r)
-    with torch.autocast(h.device.type, enabled=False):  # residual in fp32 (as the reference intends)
-        residual = owner.residual_proj(h.to(owner.residual_proj.weight.dtype))
+    del x
     sel = owner.routing_module(h, seqs, layout.grid, tail_drop)  # padded (B, M) decisions
     hk, kept_idx, seqs_k = owner.chunk(h, sel.keep, seqs)  # (T', D_r)
     inner_layout = TokenLayout(seqs_k, None, layout.attn_backend)
     gpos_k = gpos.index_select(0, kept_idx)
     if isinstance(owner.main_network, BlockStack):
-        hk = owner.main_network(hk, c, inner_layout, pos=pos_table.index_select(0, gpos_k).to(hk.dtype))
+        # positions added in place (the chunk output is not used again), and the block stack gets
+        # the only reference to its input, so it is freed after the first block
+        hk = [hk.add_(pos_table.index_select(0, gpos_k).to(hk.dtype))]
+        hk = owner.main_network(hk.pop(), c, inner_layout)
         inner_routing = []
     else:
         hk, inner_routing = owner.main_network(hk, c, inner_layout, gpos_k, pos_table, tail_drop)
-    p_packed = seqs.unpad(sel.prob)  # (T,)
+    p_k = seqs.unpad(sel.prob).index_select(0, kept_idx)
     local_k = seqs.local.index_select(0, kept_idx)
-    out = owner.dechunk(hk, p_packed.index_select(0, kept_idx), local_k, seqs_k, seqs, layout.grid)  # (T, D_r)
-    h = out.float() * ste(seqs.unpad(sel.selected))[:, None] + residual
-    h = owner.decoder(h, c, layout)  # (T, E)
-    return h, [_pad_routing(sel, seqs, layout.grid), *inner_routing]
+    # the residual is computed here, not before the main network: h (D_r wide, compute dtype) is
+    # needed anyway, and holding the fp32 residual through the main network would double that memory
+    with torch.autocast(h.device.type, enabled=False):  # residual in fp32 (as the reference intends)
+        residual = owner.residual_proj(h.to(owner.residual_proj.weight.dtype))
+    del h
+    out = owner.dechunk(hk, p_k, local_k, seqs_k, seqs, layout.grid)  # (T, D_r)
+    del hk
+    out = out.float() * ste(seqs.unpad(sel.selected))[:, None] + residual
+    del residual
+    out = owner.decoder(out, c, layout)  # (T, E)
+    return out, [_pad_routing(sel, seqs, layout.grid), *inner_routing]
 
 
 class DCStage(nn.Module):
@@ -317,6 +355,11 @@ class DCDiT(nn.Module):
         self.patch_size, self.grid = config.patch_size, config.grid
         self.num_classes = config.num_classes
         self.attn_backend = "auto"  # runtime choice, see dcdit.attention.BACKENDS
+        # Inference only (no grad recorded): forward groups of samples with at most this many grid
+        # tokens in total one after another (at least one sample per group), which bounds the
+        # activation memory of large batches (every sample is computed independently, so results
+        # are the same). 0 disables. See :meth:`forward`.
+        self.inference_group_tokens = 16384
 
         self.x_embedder = ConvStem(config.input_hw, config.patch_size, config.in_channels, E)
         self.t_embedder = TimestepEmbedder(D)
@@ -429,17 +472,36 @@ class DCDiT(nn.Module):
         """x (B, C, H, W), t (B,), y (B,); tail_drop a fraction in [0, 1) or one per sample (B,).
 
         Returns (prediction (B, out_channels, H, W), routing: one dict per chunking stage).
+
+        When no gradient is recorded and the batch holds more than
+        ``self.inference_group_tokens`` grid tokens, the batch is forwarded in
+        groups of samples (every sample is computed independently, so the
+        result is the same), bounding the activation memory of large batches.
         """
         B = x.shape[0]
         if t.shape != (B,) or y.shape != (B,):
             raise ValueError(f"t and y must have shape ({B},) to match x, got {tuple(t.shape)} and {tuple(y.shape)}")
         tail_drop = check_tail_drop(tail_drop, B, x.device)
         gh, gw = self.grid
+        group = max(1, self.inference_group_tokens // (gh * gw)) if self.inference_group_tokens else B
+        if B > group and not torch.is_grad_enabled():
+            parts = [
+                self._forward(x[b0 : b0 + group], t[b0 : b0 + group], y[b0 : b0 + group],
+                              tail_drop[b0 : b0 + group] if torch.is_tensor(tail_drop) else tail_drop)
+                for b0 in range(0, B, group)
+            ]
+            return torch.cat([p[0] for p in parts]), _merge_routing([p[1] for p in parts])
+        return self._forward(x, t, y, tail_drop)
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, tail_drop: TailDrop):
+        B = x.shape[0]
+        gh, gw = self.grid
         h = self.x_embedder(x)  # (B, E, gh, gw)
-        tokens = h.permute(0, 2, 3, 1).reshape(B * gh * gw, h.shape[1])  # (B*L, E) packed
+        tokens = [h.permute(0, 2, 3, 1).reshape(B * gh * gw, h.shape[1])]  # (B*L, E) packed
+        del h  # the stage holds the only reference to its input (freed once encoded)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (B, D)
         layout = TokenLayout(PackedSeqs.uniform(B, gh * gw, x.device), (gh, gw), self.attn_backend)
-        h, routing = _run_stage(self, tokens, c, layout, layout.seqs.local, self.pos_embed[0], tail_drop)
+        h, routing = _run_stage(self, tokens.pop(), c, layout, layout.seqs.local, self.pos_embed[0], tail_drop)
         out = self.final_layer(h.reshape(B, gh * gw, -1), c)  # (B, L, p*p*C_out)
         return self.unpatchify(out), routing
 
@@ -474,6 +536,19 @@ class DCDiT(nn.Module):
             frac = cond
         out, routing = self.forward(torch.cat([half, half], dim=0), t, y, tail_drop=frac)
         return guided_combine(out, cfg_scale, guidance_channels or self.in_channels), routing
+
+
+def _merge_routing(parts: list[list[dict]]) -> list[dict]:
+    """Concatenate the routing dicts of sample groups along the batch (inner stages padded to one width)."""
+    merged = []
+    for stage in zip(*parts):
+        d = {"grid": stage[0]["grid"]}
+        for k in ("boundary_prob", "keep_mask", "natural_mask", "valid_mask"):
+            M = max(r[k].shape[1] for r in stage)
+            d[k] = torch.cat([torch.nn.functional.pad(r[k], (0, M - r[k].shape[1])) for r in stage])
+        d["num_kept"] = torch.cat([r["num_kept"] for r in stage])
+        merged.append({k: d[k] for k in stage[0]})
+    return merged
 
 
 def build_dcdit(name: str, **overrides) -> DCDiT:
