@@ -9,7 +9,7 @@ AdamW. bf16 runs the forward under torch.autocast(bfloat16); the router,
 residual projection and dechunk stay fp32 inside the model. fp32 and bf16
 steps are interleaved on one model. Target: bf16 >= 2x faster than fp32.
 
-Loss check: a small DC-DiT (width 128, 4 DiT blocks, 16x16x4 synthetic latents
+Loss check: a small DC-DiT (width 96, 3 DiT blocks, 16x16x4 synthetic latents
 of 10 classes, natural routing, batch 16, AdamW 1e-3) trained 200 steps from the
 same init and data in fp32 (seeds 0 and 1) and bf16 (seeds 0 and 1). "Within
 noise" means the bf16 - fp32 difference of the mean loss over the last 100
@@ -106,8 +106,9 @@ def loss_run(torch, data, labels, seed: int, bf16: bool, steps: int, batch: int)
     from dcdit.models import DCDiT, DCDiTConfig
 
     torch.manual_seed(1234)  # same init for every run
-    cfg = DCDiTConfig(input_size=16, in_channels=4, num_classes=10, arch_layout=["c1", ["D4"], "c1"],
-                      d_model=[128, 128], num_heads=[4, 4], enc_dec_dim_factor=[2, None], class_dropout_prob=0.0)
+    cfg = DCDiTConfig(input_size=16, in_channels=4, num_classes=10, arch_layout=["c1", ["D3"], "c1"],
+                      d_model=[96, 96], num_heads=[4, 4], enc_dec_dim_factor=[3, None], class_dropout_prob=0.0,
+                      norm_groups=16, router_norm_groups=8)
     model = DCDiT(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     diffusion = create_diffusion(None)

@@ -55,7 +55,6 @@ from dcdit.models.layers import (
     TimestepEmbedder,
     get_2d_sincos_pos_embed,
     guided_combine,
-    modulate,
 )
 
 TailDrop = Union[float, torch.Tensor]
@@ -222,11 +221,13 @@ def packed_dit_block(layer: DiTBlock, x: torch.Tensor, mod: tuple, seqs: PackedS
         xs = x[None]  # (1, T, D)
         tok = lambda m: seqs.per_token(m)[None]  # (1, T, D)
         attn_in = attn_out = lambda h: h
-    h = modulate(layer.norm1(xs), tok(shift_msa), tok(scale_msa))
+    # modulate(h, shift, scale) = h * (1 + scale) + shift, with 1 + scale formed per sample (the same
+    # values) before the per-token expansion
+    h = layer.norm1(xs) * tok(1 + scale_msa) + tok(shift_msa)
     xs = xs + tok(gate_msa) * attn_out(layer.attn(attn_in(h), attn_fn))
     del h
     if layer.mlp is not None:
-        xs = xs + tok(gate_mlp) * layer.mlp(modulate(layer.norm2(xs), tok(shift_mlp), tok(scale_mlp)))
+        xs = xs + tok(gate_mlp) * layer.mlp(layer.norm2(xs) * tok(1 + scale_mlp) + tok(shift_mlp))
     return xs.reshape(T, D)
 
 
