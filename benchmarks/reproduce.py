@@ -51,22 +51,22 @@ class Settings:
     hidden: int = 128
     depth: int = 4
     heads: int = 4
-    steps: int = 400                  # training steps, identical for every MNIST model
+    steps: int = 200                  # training steps, identical for every MNIST model
     batch: int = 32                   # global batch, identical for every MNIST model
     lr: float = 5e-4
     warmup: int = 50
     ema_decay: float = 0.99
     multibudget_start: float = 0.5    # share of the run after which DC-DiT N=4 trains multi-budget
     fractions: list = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
-    ddim_steps: int = 20
+    ddim_steps: int = 10
     n_fid: int = 2000                 # samples per model for the main FID
     n_ref: int = 2000                 # held-out real MNIST test images
-    n_small: int = 500                # samples per elastic / upcycling point
+    n_small: int = 250                # samples per elastic / upcycling point
     sample_batch: int = 250
     speed_batch: int = 100
     elastic: list = field(default_factory=lambda: [0.2, 0.4, 0.6])
     classifier_steps: int = 600
-    shapes_steps: int = 600
+    shapes_steps: int = 300
     shapes_images: int = 128          # held-out images for the routing analysis
     shapes_train_images: int = 10000
     shapes_timesteps: list = field(default_factory=lambda: [25, 50, 100, 150, 250, 500, 750, 950])
@@ -311,8 +311,10 @@ def score(ctx: Ctx, model, n: int, seed: int, tail_drop: float, tag: str, grid: 
            "gflops_per_image": st.gflops_per_image, "ddim_steps": ctx.s.ddim_steps,
            "gflops_by_component": {k: v / 1e9 for k, v in st.flops_by_component.items()},
            "sampling_seconds": round(secs, 1), **kept_summary(st)}
+    # FID of the first k samples too, so points scored with fewer samples can be compared at equal n
+    res["fid_at"] = {str(k): ctx.fid(fs.features[:k]) for k in sorted({250, 500, 1000, ctx.s.n_small}) if k < n}
     if n > ctx.s.n_small:
-        res["fid_small"] = ctx.fid(fs.features[:ctx.s.n_small])
+        res["fid_small"] = res["fid_at"][str(ctx.s.n_small)]
     if grid:
         from dcdit.viz.plots import plot_class_grid
 
@@ -450,6 +452,10 @@ def stage_upcycle(ctx: Ctx, seed: int) -> dict:
     points = []
     for init, rdir in (("scratch", ctx.out / "runs" / f"dcdit_n4_s{seed}"), ("upcycled", run_dir)):
         for step in sorted({quarter, half}):
+            if not (rdir / f"ckpt-{step:07d}").is_dir():
+                log(f"upcycle: no {init} checkpoint at step {step}: point skipped")
+                continue
+
             def run(rdir=rdir, step=step, init=init):
                 model = load(rdir, f"ckpt-{step:07d}")
                 return score(ctx, model, s.n_small, seed, 0.0, f"dcdit_n4_{init}_step{step}_s{seed}")
@@ -457,8 +463,8 @@ def stage_upcycle(ctx: Ctx, seed: int) -> dict:
             r = cached(ctx.out / f"upcycle_{init}_step{step}_s{seed}.json", run)
             points.append({"init": init, "steps": step, **{k: r[k] for k in ("fid", "class_acc", "n")}})
     final = read_json(ctx.out / f"eval_dcdit_n4_s{seed}.json")
-    if final is not None and "fid_small" in final:
-        points.append({"init": "scratch", "steps": s.steps, "fid": final["fid_small"],
+    if final is not None and small(final, s.n_small) is not None:
+        points.append({"init": "scratch", "steps": s.steps, "fid": small(final, s.n_small),
                        "class_acc": final["class_acc"], "n": s.n_small})
     return {"init": info, "train": tr, "points": points}
 
@@ -484,6 +490,11 @@ def mean_sd(vals):
 def ms(vals, nd=2):
     m, sd = mean_sd(vals)
     return fmt(m, nd) + (f" ± {sd:.{nd}f}" if sd is not None else "")
+
+
+def small(e: dict, n: int):
+    """FID of the first n samples of an evaluation (None if not recorded)."""
+    return (e.get("fid_at") or {}).get(str(n), e.get("fid_small"))
 
 
 def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
@@ -524,7 +535,7 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
                 if ev[0].get("kept_share_noisiest") is not None else "1 → 1 (fixed)")
         tl = [t.get("final_loss") for t in R["train"][n] if t]
         L.append(f"| {LABEL[n]} | {tokens[n]} | {ev[0]['params_m']:.2f} | {ms([e['fid'] for e in ev], 1)} | "
-                 f"{ms([e.get('fid_small') for e in ev], 1)} | {ms([e['class_acc'] for e in ev], 3)} | "
+                 f"{ms([small(e, s.n_small) for e in ev], 1)} | {ms([e['class_acc'] for e in ev], 3)} | "
                  f"{ms([e['gflops_per_image'] for e in ev], 2)} | {ms(ips, 1) if ips else '-'} | {kept} | "
                  f"{ms(tl, 4)} |")
     e0 = next((e for e in R["eval"]["dcdit_n4"] if e), None)
@@ -542,10 +553,10 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
     records = []
     ev4 = [e for e in R["eval"]["dcdit_n4"] if e]
     if ev4:
-        L.append(f"| 0 | {ms([e.get('fid_small') for e in ev4], 1)} | {ms([e['class_acc'] for e in ev4], 3)} | "
+        L.append(f"| 0 | {ms([small(e, s.n_small) for e in ev4], 1)} | {ms([e['class_acc'] for e in ev4], 3)} | "
                  f"{ms([e['gflops_per_image'] for e in ev4])} | {ms([e.get('kept_share_mean') for e in ev4], 3)} |")
         records.append({"model": "DC-DiT N=4 elastic", "gflops": np.mean([e["gflops_per_image"] for e in ev4]),
-                        "fid": np.mean([e["fid_small"] for e in ev4]), "tail_drop": 0.0})
+                        "fid": np.mean([small(e, s.n_small) for e in ev4]), "tail_drop": 0.0})
     for f in s.elastic:
         el = [e for e in R["elastic"][f"{f:g}"] if e]
         if not el:
@@ -559,7 +570,7 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
         ev = [e for e in R["eval"][n] if e]
         if ev and n != "dcdit_n4":
             records.append({"model": LABEL[n], "gflops": np.mean([e["gflops_per_image"] for e in ev]),
-                            "fid": np.mean([e["fid_small"] for e in ev]), "tail_drop": None})
+                            "fid": np.mean([small(e, s.n_small) for e in ev]), "tail_drop": None})
     L.append("")
     # shapes
     sh = [x for x in R["shapes"] if x]
@@ -626,6 +637,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds (e.g. 0,1)")
     ap.add_argument("--only", default=None, choices=STAGES, help="run one stage (its prerequisites must be cached)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--n-small", type=int, default=None,
+                    help="samples per elastic / upcycling point (default 250; --smoke 12)")
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help="train/eval only these MNIST models (e.g. to run stages in parallel processes)")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -633,9 +648,16 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     s = smoke_settings() if args.smoke else Settings()
+    if args.n_small:
+        s.n_small = args.n_small
     saved = out / "settings.json"
-    if saved.is_file() and read_json(saved) != json.loads(json.dumps(asdict(s))):
-        raise SystemExit(f"{out} was produced with different settings ({saved}); use another --out")
+    # n_small and ddim_steps (evaluation sizes) may change between invocations: each evaluation's JSON
+    # records its own n and step count. Everything else must match what the cached stages were produced with.
+    free = ("n_small", "ddim_steps")
+    if saved.is_file():
+        old = {k: v for k, v in read_json(saved).items() if k not in free}
+        if old != {k: v for k, v in json.loads(json.dumps(asdict(s))).items() if k not in free}:
+            raise SystemExit(f"{out} was produced with different settings ({saved}); use another --out")
     write_json(saved, asdict(s))
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     ctx = Ctx(out, s, args.smoke)
@@ -647,10 +669,11 @@ def main(argv=None) -> int:
     if want("reference"):
         stage_reference(ctx)
     for seed in seeds:
-        for n in MODELS:
+        models = [n for n in MODELS if n in args.models.split(",")]
+        for n in models:
             if want("train"):
                 stage_train(ctx, n, seed)
-        for n in MODELS:
+        for n in models:
             if want("eval"):
                 stage_eval(ctx, n, seed)
         if want("speed"):
