@@ -6,7 +6,11 @@ Each setup runs in its own Python process: build the model, reset the
 kernel's peak-RSS counter (/proc/self/clear_refs), run a DDIM sampling call of
 ``--steps`` steps (the per-step peak does not depend on the number of steps),
 read VmHWM. Reported: peak RSS of the process, and the peak above the RSS
-just before sampling (weights and interpreter excluded). DC-DiT runs at fixed
+just before sampling (weights and interpreter excluded). Two allocator
+settings: glibc's default (large blocks are mmap'd and returned on free, so
+the peak RSS follows the live tensors) and the tuned malloc of the other
+benchmarks (freed blocks stay in the heap for reuse: faster, but the RSS then
+also holds fragmentation). The target is judged with the default allocator. DC-DiT runs at fixed
 kept shares 1/2 and 1/4 (exact, as in bench_forward) and with the
 timestep schedule of bench_sampling. Target: DC-DiT's peak <= DiT's.
 """
@@ -72,42 +76,51 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--setups", default=",".join(SETUPS))
+    p.add_argument("--malloc", default="default,tuned", help="allocator settings to run: default, tuned or both")
     args = p.parse_args()
     C.setup(args, "memory")
     if args.quick:
         args.precisions = "bf16"
     info = C.machine()
     C.log(f"machine: {info}")
-    env = dict(os.environ)
-    if args.threads:
-        env["DCDIT_BENCH_THREADS"] = str(args.threads)
     rows = []
-    for precision in args.precisions.split(","):
-        for setup in args.setups.split(","):
-            C.log(f"{precision} {setup}: batch {args.batch}, {args.steps} DDIM step(s) in a fresh process")
-            out = subprocess.run([sys.executable, __file__, "--child", setup, precision, str(args.batch),
-                                  str(args.steps)], capture_output=True, text=True, env=env)
-            if out.returncode:
-                raise RuntimeError(f"{setup} {precision} failed:\n{out.stderr[-3000:]}")
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            C.log(f"  peak RSS {row['peak_rss_mb']:.0f} MiB (+{row['peak_above_start_mb']:.0f} over start; "
-                  f"weights {row['params_mb']:.0f} MiB)")
+    for malloc in args.malloc.split(","):
+        env = dict(os.environ)
+        if args.threads:
+            env["DCDIT_BENCH_THREADS"] = str(args.threads)
+        if malloc == "default":
+            for k in C.TUNED_ENV:
+                if k.startswith("MALLOC_"):
+                    env.pop(k, None)
+        for precision in args.precisions.split(","):
+            for setup in args.setups.split(","):
+                C.log(f"{malloc} malloc, {precision} {setup}: batch {args.batch}, {args.steps} DDIM step(s), "
+                      f"fresh process")
+                out = subprocess.run([sys.executable, __file__, "--child", setup, precision, str(args.batch),
+                                      str(args.steps)], capture_output=True, text=True, env=env)
+                if out.returncode:
+                    raise RuntimeError(f"{setup} {precision} failed:\n{out.stderr[-3000:]}")
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                row["malloc"] = malloc
+                rows.append(row)
+                C.log(f"  peak RSS {row['peak_rss_mb']:.0f} MiB (+{row['peak_above_start_mb']:.0f} over start; "
+                      f"weights {row['params_mb']:.0f} MiB)")
     print(report(rows))
     C.save(args, {"benchmark": "memory", "machine": info, "args": vars(args), "rows": rows})
 
 
 def report(rows: list[dict]) -> str:
-    head = ["precision", "setup (batch %d)" % rows[0]["batch"], "weights MiB", "peak RSS MiB", "peak above start MiB",
-            "peak / DiT-S/2", "peak / DiT-S/1"]
-    by = {(r["precision"], r["setup"]): r for r in rows}
+    head = ["malloc", "precision", "setup (batch %d)" % rows[0]["batch"], "weights MiB", "peak RSS MiB",
+            "peak above start MiB", "peak / DiT-S/2", "peak / DiT-S/1"]
+    by = {(r.get("malloc", "tuned"), r["precision"], r["setup"]): r for r in rows}
     body = []
     for r in rows:
+        m = r.get("malloc", "tuned")
         rel = []
         for base in ("DiT-S/2", "DiT-S/1"):
-            b = by.get((r["precision"], base))
+            b = by.get((m, r["precision"], base))
             rel.append("-" if b is None else f"{r['peak_rss_mb'] / b['peak_rss_mb']:.2f}")
-        body.append([r["precision"], r["setup"], f"{r['params_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
+        body.append([m, r["precision"], r["setup"], f"{r['params_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
                      f"{r['peak_above_start_mb']:.0f}", *rel])
     return C.md_table(head, body)
 

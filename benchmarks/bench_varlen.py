@@ -25,7 +25,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--backends", default="sdpa_loop,padded")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()
     torch = C.setup(args, "varlen")
     if args.quick:

@@ -29,6 +29,7 @@ BENCHES = {
     "train": ("bench_train.py", []),
     "memory": ("bench_memory.py", []),
     "sampling_bf16": ("bench_sampling.py", ["--precision", "bf16"]),
+    "compile": ("bench_compile.py", []),
 }
 
 
@@ -101,14 +102,14 @@ def summary(folder: Path) -> str:
             f"|bf16 - fp32| {lo['bf16_minus_fp32_max']:.4f} vs noise {lo['noise_tolerance']:.4f}", lo["within_noise"])
     mem = _load("memory")
     if mem:
-        by = {(r["precision"], r["setup"]): r for r in mem["rows"]}
-        for (prec, setup), r in by.items():
+        by = {(r.get("malloc", "tuned"), r["precision"], r["setup"]): r for r in mem["rows"]}
+        for (malloc, prec, setup), r in by.items():
             if setup.startswith("DC-DiT"):
                 for base in ("DiT-S/2", "DiT-S/1"):
-                    b = by.get((prec, base))
+                    b = by.get((malloc, prec, base))
                     if b:
                         ratio = r["peak_rss_mb"] / b["peak_rss_mb"]
-                        add(f"peak memory <= {base} ({prec}, {setup}, batch {r['batch']})",
+                        add(f"peak memory <= {base} ({malloc} malloc, {prec}, {setup}, batch {r['batch']})",
                             f"{r['peak_rss_mb']:.0f} / {b['peak_rss_mb']:.0f} MiB = {ratio:.2f}", ratio <= 1.0)
     return "\n".join(out)
 

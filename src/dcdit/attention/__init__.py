@@ -35,3 +35,31 @@ def packed_attn_fn(
         return out.transpose(0, 1).unsqueeze(0)  # (1, H, T, d)
 
     return attn_fn
+
+
+# --------------------------------------------------------------------------- #
+#          An opaque op for torch.compile (inference): the graph stays         #
+#          independent of the per-sequence lengths                            #
+# --------------------------------------------------------------------------- #
+
+@torch.library.custom_op("dcdit::varlen_attention", mutates_args=())
+def varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                        backend: str) -> torch.Tensor:
+    """:func:`varlen_attention` as a custom op: (T, H, d) x3 + cu_seqlens -> (T, H, d).
+
+    torch.compile treats it as one opaque call, so a compiled graph depends on
+    the packed total T only, never on the individual sequence lengths (read
+    from ``cu_seqlens`` inside; on CPU that costs nothing, on CUDA a sync).
+    Forward only (no autograd formula): the compiled path is for inference.
+    """
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    out = varlen_attention(q, k, v, cu_seqlens, max(lengths, default=0), lengths, backend)
+    return out.clone() if out.data_ptr() in (q.data_ptr(), k.data_ptr(), v.data_ptr()) else out.contiguous()
+
+
+@varlen_attention_op.register_fake
+def _varlen_attention_fake(q, k, v, cu_seqlens, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+__all__.append("varlen_attention_op")

@@ -54,7 +54,7 @@ from dcdit.chunking.packing import PackedSeqs
 
 P_CLAMP = 1e-4
 NORM_EPS = 1e-8
-TILE = 32  # axes longer than this are filtered tile by tile (see gaussian_filter_axis)
+TILE = 64  # axes longer than this are filtered tile by tile (see gaussian_filter_axis)
 FP32_EPS = 2.0**-24
 
 
@@ -271,18 +271,24 @@ def _smooth_on_grid(
     """Smoothing via scatter -> separable filter -> gather. flat: (T',) index into batch x prod(shape) cells."""
     D = h.shape[1]
     cells = math.prod(shape)
-    src = torch.cat([p[:, None] * h, p[:, None]], dim=1)  # (T', D + 1): [p h, p]
-    grid = h.new_zeros(batch * cells, D + 1).index_copy(0, flat, src)
     C = D + 1
+    ph = p[:, None] * h  # (T', D)
+    grid = h.new_zeros(batch * cells, C)  # [p h, p] at the kept cells, zeros elsewhere
+    if ph.requires_grad:  # autograd: one out-of-place scatter
+        grid = grid.index_copy(0, flat, torch.cat([ph, p[:, None]], dim=1))
+    else:  # no copy of [p h, p]: scatter both parts in place
+        grid[:, :D].index_copy_(0, flat, ph)
+        grid[:, D].index_copy_(0, flat, p)
     if len(shape) == 2:
         gh, gw = shape
         y = gaussian_filter_axis(grid.view(batch * gh, gw, C), sigma)  # along columns
+        del grid
         y = gaussian_filter_axis(y.reshape(batch, gh, gw * C), sigma)  # along rows
     else:
         y = gaussian_filter_axis(grid.view(batch, shape[0], C), sigma)
     y = y.reshape(batch * cells, C).index_select(0, flat)  # (T', D + 1) at the kept tokens
     smoothed = y[:, :D] / (y[:, D:] + NORM_EPS)
-    return torch.addcmul(p[:, None] * h, (1 - p)[:, None], smoothed)
+    return torch.addcmul(ph, (1 - p)[:, None], smoothed)
 
 
 def smooth_kept(

@@ -44,10 +44,13 @@ def check_tail_drop(tail_drop: TailDrop, batch: int, device: torch.device) -> Ta
             tail_drop = tail_drop.expand(batch)
         if tail_drop.shape != (batch,):
             raise ValueError(f"tail_drop must be a float or a ({batch},) tensor, got shape {tuple(tail_drop.shape)}")
-        tail_drop = tail_drop.to(device=device, dtype=torch.float32)
-        if tail_drop.numel() and (bool((tail_drop < 0).any()) or bool((tail_drop >= 1).any())):
+        tail_drop = tail_drop.to(dtype=torch.float32)
+        # range check on host tensors only: on an accelerator it would cost a host sync every call
+        if tail_drop.device.type == "cpu" and tail_drop.numel() and (
+            bool((tail_drop < 0).any()) or bool((tail_drop >= 1).any())
+        ):
             raise ValueError(f"tail_drop fractions must lie in [0, 1), got {tail_drop.tolist()}")
-        return tail_drop
+        return tail_drop.to(device=device)
     if isinstance(tail_drop, bool) or not isinstance(tail_drop, (int, float)):
         raise ValueError(f"tail_drop must be a float or a ({batch},) tensor, got {type(tail_drop).__name__}")
     if not 0.0 <= float(tail_drop) < 1.0:

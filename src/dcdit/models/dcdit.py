@@ -69,6 +69,7 @@ class TokenLayout:
     seqs: PackedSeqs
     grid: Optional[tuple[int, int]]
     attn_backend: str = "auto"
+    bucket: int = 0  # pad the innermost block stack's packed tokens to a multiple of this (0: no padding)
 
 
 # --------------------------------------------------------------------------- #
@@ -176,6 +177,7 @@ class BlockStack(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.rmsnorm = RMSNorm(out_dim, eps=1e-5)
         self.attn_qkv_bf16 = cfg.attn_qkv_bf16
+        self._compiled_block = None  # see DCDiT.compile_main_network
 
     def forward(
         self,
@@ -192,6 +194,15 @@ class BlockStack(nn.Module):
             if isinstance(layer, ConvResBlock):
                 x = layer(x, c, layout)
                 continue
+            if self._compiled_block is not None and not torch.is_grad_enabled() and not self.attn_qkv_bf16:
+                a, mlp = layer.attn, layer.mlp
+                x = self._compiled_block(
+                    x, seqs.seg_ids, layer.adaLN_modulation(c), seqs.cu_seqlens, a.qkv.weight, a.qkv.bias,
+                    a.proj.weight, a.proj.bias, *((mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+                                                  if mlp is not None else (None,) * 4),
+                    a.num_heads, layout.attn_backend,
+                )
+                continue
             if attn_fn is None:
                 attn_fn = packed_attn_fn(
                     seqs.cu_seqlens, seqs.max_seqlen, seqs.lengths, layout.attn_backend,
@@ -199,6 +210,32 @@ class BlockStack(nn.Module):
                 )
             x = packed_dit_block(layer, x, layer.modulation(c), seqs, attn_fn)
         return self.rmsnorm(x)
+
+
+def functional_dit_block(
+    x: torch.Tensor, seg: torch.Tensor, ada: torch.Tensor, cu_seqlens: torch.Tensor,
+    qkv_w: torch.Tensor, qkv_b: torch.Tensor, proj_w: torch.Tensor, proj_b: torch.Tensor,
+    fc1_w: Optional[torch.Tensor], fc1_b: Optional[torch.Tensor], fc2_w: Optional[torch.Tensor],
+    fc2_b: Optional[torch.Tensor], num_heads: int, backend: str,
+) -> torch.Tensor:
+    """A DiT block (adaLN-Zero) on packed tokens as a pure function of its weights: what
+    :meth:`DCDiT.compile_main_network` compiles, one graph for every block.
+
+    x (T, D); seg (T,) sample of each token; ada (B, 6D) the block's adaLN output;
+    attention runs per sequence through the opaque ``dcdit::varlen_attention`` op.
+    """
+    import torch.nn.functional as F
+
+    T, D = x.shape
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada.index_select(0, seg).chunk(6, dim=-1)
+    h = F.layer_norm(x, (D,), eps=1e-6) * (1 + scale_msa) + shift_msa
+    q, k, v = F.linear(h, qkv_w, qkv_b).view(T, 3, num_heads, D // num_heads).unbind(1)  # (T, H, d)
+    o = torch.ops.dcdit.varlen_attention(q, k, v, cu_seqlens, backend)
+    x = x + gate_msa * F.linear(o.reshape(T, D), proj_w, proj_b)
+    if fc1_w is None:
+        return x
+    h = F.layer_norm(x, (D,), eps=1e-6) * (1 + scale_mlp) + shift_mlp
+    return x + gate_mlp * F.linear(F.gelu(F.linear(h, fc1_w, fc1_b), approximate="tanh"), fc2_w, fc2_b)
 
 
 def packed_dit_block(layer: DiTBlock, x: torch.Tensor, mod: tuple, seqs: PackedSeqs, attn_fn) -> torch.Tensor:
@@ -290,13 +327,21 @@ def _run_stage(
     del x
     sel = owner.routing_module(h, seqs, layout.grid, tail_drop)  # padded (B, M) decisions
     hk, kept_idx, seqs_k = owner.chunk(h, sel.keep, seqs)  # (T', D_r)
-    inner_layout = TokenLayout(seqs_k, None, layout.attn_backend)
+    inner_layout = TokenLayout(seqs_k, None, layout.attn_backend, layout.bucket)
     gpos_k = gpos.index_select(0, kept_idx)
     if isinstance(owner.main_network, BlockStack):
         # positions added in place (the chunk output is not used again), and the block stack gets
         # the only reference to its input, so it is freed after the first block
         hk = [hk.add_(pos_table.index_select(0, gpos_k).to(hk.dtype))]
-        hk = owner.main_network(hk.pop(), c, inner_layout)
+        pad = (-seqs_k.total) % layout.bucket if layout.bucket else 0
+        if pad:  # bounded shapes: a padding sequence of zeros, attended only by itself, dropped after
+            x0 = hk.pop()
+            hk = [torch.cat([x0, x0.new_zeros(pad, x0.shape[1])])]
+            del x0
+            padded = TokenLayout(PackedSeqs([*seqs_k.lengths, pad], c.device), None, layout.attn_backend)
+            hk = owner.main_network(hk.pop(), torch.cat([c, c.new_zeros(1, c.shape[1])]), padded)[: seqs_k.total]
+        else:
+            hk = owner.main_network(hk.pop(), c, inner_layout)
         inner_routing = []
     else:
         hk, inner_routing = owner.main_network(hk, c, inner_layout, gpos_k, pos_table, tail_drop)
@@ -309,7 +354,10 @@ def _run_stage(
     del h
     out = owner.dechunk(hk, p_k, local_k, seqs_k, seqs, layout.grid)  # (T, D_r)
     del hk
-    out = out.float() * ste(seqs.unpad(sel.selected))[:, None] + residual
+    if torch.is_grad_enabled():
+        out = out.float() * ste(seqs.unpad(sel.selected))[:, None] + residual
+    else:  # the STE is exactly 1 in the forward pass: the same sum without the multiply
+        out = residual.add_(out) if residual.dtype == torch.float32 else out.float() + residual
     del residual
     out = owner.decoder(out, c, layout)  # (T, E)
     return out, [_pad_routing(sel, seqs, layout.grid), *inner_routing]
@@ -361,6 +409,9 @@ class DCDiT(nn.Module):
         # activation memory of large batches (every sample is computed independently, so results
         # are the same). 0 disables. See :meth:`forward`.
         self.inference_group_tokens = 16384
+        # Pad the main network's packed tokens to a multiple of this many (0: none), so compiled
+        # graphs see a bounded set of shapes; the padding is its own attention sequence.
+        self.kept_bucket = 0
 
         self.x_embedder = ConvStem(config.input_hw, config.patch_size, config.in_channels, E)
         self.t_embedder = TimestepEmbedder(D)
@@ -410,6 +461,28 @@ class DCDiT(nn.Module):
         if name not in BACKENDS:
             raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
         self.attn_backend = name
+        return self
+
+    def compile_main_network(self, bucket: int = 0, **compile_kwargs) -> "DCDiT":
+        """Inference speed-up: run the main network's DiT blocks through ``torch.compile``.
+
+        Compiles :func:`functional_dit_block` once (one graph serves every block,
+        weights are inputs); attention stays an opaque per-sequence op, so the
+        graph depends only on the packed token count and batch size. ``bucket``
+        pads that count to a multiple of ``bucket`` (e.g. 64 or 256) so that
+        static compilation (``dynamic=False``) sees a bounded set of shapes; with
+        the default ``dynamic=None`` torch compiles dynamic shapes after the
+        first recompile and bucketing is optional. Only used when no gradient is
+        recorded (training runs the eager path). ``compile_kwargs`` go to
+        ``torch.compile``. Returns self.
+        """
+        if bucket < 0:
+            raise ValueError(f"bucket must be >= 0, got {bucket}")
+        self.kept_bucket = int(bucket)
+        fn = torch.compile(functional_dit_block, **compile_kwargs)
+        for m in self.modules():
+            if isinstance(m, BlockStack) and any(isinstance(layer, DiTBlock) for layer in m.layers):
+                m._compiled_block = fn
         return self
 
     # ------------------------------------------------------------------ #
@@ -501,7 +574,7 @@ class DCDiT(nn.Module):
         tokens = [h.permute(0, 2, 3, 1).reshape(B * gh * gw, h.shape[1])]  # (B*L, E) packed
         del h  # the stage holds the only reference to its input (freed once encoded)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (B, D)
-        layout = TokenLayout(PackedSeqs.uniform(B, gh * gw, x.device), (gh, gw), self.attn_backend)
+        layout = TokenLayout(PackedSeqs.uniform(B, gh * gw, x.device), (gh, gw), self.attn_backend, self.kept_bucket)
         h, routing = _run_stage(self, tokens.pop(), c, layout, layout.seqs.local, self.pos_embed[0], tail_drop)
         out = self.final_layer(h.reshape(B, gh * gw, -1), c)  # (B, L, p*p*C_out)
         return self.unpatchify(out), routing
