@@ -59,7 +59,7 @@ class Settings:
     multibudget_start: float = 0.5    # share of the run after which DC-DiT N=4 trains multi-budget
     fractions: list = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     ddim_steps: int = 10
-    n_fid: int = 2000                 # samples per model for the main FID
+    n_fid: int = 1000                 # samples per model for the main FID (2000 did not fit the session)
     n_ref: int = 2000                 # held-out real MNIST test images
     n_small: int = 250                # samples per elastic / upcycling point
     sample_batch: int = 250
@@ -71,6 +71,7 @@ class Settings:
     shapes_train_images: int = 10000
     shapes_timesteps: list = field(default_factory=lambda: [25, 50, 100, 150, 250, 500, 750, 950])
     extractor: str = "inception"
+    point_extractor: str = "inception"  # features for the elastic / upcycling points ("classifier": in-domain)
 
 
 def smoke_settings() -> Settings:
@@ -214,8 +215,8 @@ def train_run(d: dict, run_dir: Path, steps: int) -> dict:
 class Ctx:
     def __init__(self, out: Path, s: Settings, smoke: bool):
         self.out, self.s, self.smoke = out, s, smoke
-        self._extractor = None
-        self._ref = None
+        self._extractors: dict = {}
+        self._refs: dict = {}
         self._clf = None
 
     # ---- shared evaluation pieces
@@ -230,32 +231,35 @@ class Ctx:
             self._clf = load_classifier(self.clf_dir)
         return self._clf
 
-    def extractor(self):
+    def extractor(self, kind: str | None = None):
         from dcdit.evaluation import build_extractor
 
-        if self._extractor is None:
-            spec = "inception" if self.s.extractor == "inception" else f"classifier:{self.clf_dir}"
-            self._extractor = build_extractor(spec, batch_size=50 if spec == "inception" else 256)
+        kind = kind or self.s.extractor
+        if kind not in self._extractors:
+            spec = "inception" if kind == "inception" else f"classifier:{self.clf_dir}"
+            ex = build_extractor(spec, batch_size=50 if spec == "inception" else 256)
             if spec == "inception":
-                channels_last(self._extractor)
-        return self._extractor
+                channels_last(ex)
+            self._extractors[kind] = ex
+        return self._extractors[kind]
 
-    def features(self, images: np.ndarray, labels, name: str):
+    def features(self, images: np.ndarray, labels, name: str, kind: str | None = None):
         from dcdit.evaluation import ArrayImages, compute_feature_set
 
         cache = self.out / "stats_cache" if self.smoke else None
-        return compute_feature_set(ArrayImages(images, labels, name=name), self.extractor(), cache_dir=cache)
+        return compute_feature_set(ArrayImages(images, labels, name=name), self.extractor(kind), cache_dir=cache)
 
-    def reference(self):
-        if self._ref is None:
+    def reference(self, kind: str | None = None):
+        kind = kind or self.s.extractor
+        if kind not in self._refs:
             imgs, labels = dataset_uint8(mnist("test"), self.s.n_ref)
-            self._ref = self.features(imgs, labels, "mnist-test")
-        return self._ref
+            self._refs[kind] = self.features(imgs, labels, "mnist-test", kind)
+        return self._refs[kind]
 
-    def fid(self, feats: np.ndarray) -> float:
+    def fid(self, feats: np.ndarray, kind: str | None = None) -> float:
         from dcdit.evaluation import feature_statistics, frechet_distance
 
-        ref = self.reference()
+        ref = self.reference(kind)
         mu, sigma = feature_statistics(feats)
         return float(frechet_distance(mu, sigma, ref.mu, ref.sigma))
 
@@ -301,18 +305,20 @@ def kept_summary(st) -> dict:
             "natural_share_by_t": [float(v) for v in st.natural_share[:, 0, :].mean(1)]}
 
 
-def score(ctx: Ctx, model, n: int, seed: int, tail_drop: float, tag: str, grid: bool = False) -> dict:
+def score(ctx: Ctx, model, n: int, seed: int, tail_drop: float, tag: str, grid: bool = False,
+          kind: str | None = None) -> dict:
     from dcdit.evaluation import classifier_accuracy
 
+    kind = kind or ctx.s.extractor
     imgs, labels, st, secs = generate(model, n, ctx.s, seed, tail_drop)
-    fs = ctx.features(imgs, labels, tag)
-    res = {"n": int(n), "tail_drop": tail_drop, "fid": ctx.fid(fs.features),
+    fs = ctx.features(imgs, labels, tag, kind)
+    res = {"n": int(n), "tail_drop": tail_drop, "features": kind, "fid": ctx.fid(fs.features, kind),
            "class_acc": classifier_accuracy(ctx.classifier(), imgs, labels),
            "gflops_per_image": st.gflops_per_image, "ddim_steps": ctx.s.ddim_steps,
            "gflops_by_component": {k: v / 1e9 for k, v in st.flops_by_component.items()},
            "sampling_seconds": round(secs, 1), **kept_summary(st)}
     # FID of the first k samples too, so points scored with fewer samples can be compared at equal n
-    res["fid_at"] = {str(k): ctx.fid(fs.features[:k]) for k in sorted({250, 500, 1000, ctx.s.n_small}) if k < n}
+    res["fid_at"] = {str(k): ctx.fid(fs.features[:k], kind) for k in sorted({250, 500, 1000, ctx.s.n_small}) if k < n}
     if n > ctx.s.n_small:
         res["fid_small"] = res["fid_at"][str(ctx.s.n_small)]
     if grid:
@@ -417,13 +423,15 @@ def stage_speed(ctx: Ctx, seed: int) -> dict:
 def stage_elastic(ctx: Ctx, seed: int) -> dict:
     out = {}
     model = None
-    for f in ctx.s.elastic:
+    kind = ctx.s.point_extractor
+    tag = "" if kind == ctx.s.extractor else f"_{kind}"
+    for f in ([0.0] if tag else []) + list(ctx.s.elastic):
         def run(f=f):
             nonlocal model
             model = model or load(ctx.out / "runs" / f"dcdit_n4_s{seed}")
-            return score(ctx, model, ctx.s.n_small, seed, f, f"dcdit_n4_s{seed}_f{f:g}")
+            return score(ctx, model, ctx.s.n_small, seed, f, f"dcdit_n4_s{seed}_f{f:g}{tag}", kind=kind)
 
-        out[f"{f:g}"] = cached(ctx.out / f"elastic_f{f:g}_s{seed}.json", run)
+        out[f"{f:g}"] = cached(ctx.out / f"elastic{tag}_f{f:g}_s{seed}.json", run)
     return out
 
 
@@ -507,7 +515,9 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
     R["train"] = {n: [read_json(out / f"train_{n}_s{sd}.json") for sd in seeds] for n in MODELS}
     R["eval"] = {n: [read_json(out / f"eval_{n}_s{sd}.json") for sd in seeds] for n in MODELS}
     R["speed"] = [read_json(out / f"speed_s{sd}.json") for sd in seeds]
-    R["elastic"] = {f"{f:g}": [read_json(out / f"elastic_f{f:g}_s{sd}.json") for sd in seeds] for f in s.elastic}
+    ptag = "" if s.point_extractor == s.extractor else f"_{s.point_extractor}"
+    R["elastic"] = {f"{f:g}": [read_json(out / f"elastic{ptag}_f{f:g}_s{sd}.json") for sd in seeds]
+                    for f in ([0.0] if ptag else []) + list(s.elastic)}
     R["shapes"] = [read_json(out / f"shapes_s{sd}.json") for sd in seeds]
     R["upcycle"] = [read_json(out / f"upcycle_result_s{sd}.json") for sd in seeds]
     secs = 0.0
@@ -523,7 +533,7 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
              f"{s.n_ref} MNIST test images (FID@{s.n_small}: first {s.n_small} of the same samples); "
              f"GFLOPs = 2 x MACs per image over the whole sampling run.\n")
     L.append(f"| model | main-net tokens | params (M) | FID@{s.n_fid} | FID@{s.n_small} | class acc | "
-             f"GFLOPs/img | img/s | kept share t={'{noisy}'}→t={'{clean}'} | final train loss |")
+             f"GFLOPs/img | img/s | kept share t={'{noisy}'}→t={'{clean}'} | train MSE (last 20 steps) |")
     L.append("|---|---|---|---|---|---|---|---|---|---|")
     for n in MODELS:
         ev = [e for e in R["eval"][n] if e]
@@ -533,7 +543,7 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
         ips = [sp["images_per_sec"][n] for sp in R["speed"] if sp]
         kept = (f"{ms([e.get('kept_share_noisiest') for e in ev])} → {ms([e.get('kept_share_cleanest') for e in ev])}"
                 if ev[0].get("kept_share_noisiest") is not None else "1 → 1 (fixed)")
-        tl = [t.get("final_loss") for t in R["train"][n] if t]
+        tl = [t.get("final_mse") for t in R["train"][n] if t]
         L.append(f"| {LABEL[n]} | {tokens[n]} | {ev[0]['params_m']:.2f} | {ms([e['fid'] for e in ev], 1)} | "
                  f"{ms([small(e, s.n_small) for e in ev], 1)} | {ms([e['class_acc'] for e in ev], 3)} | "
                  f"{ms([e['gflops_per_image'] for e in ev], 2)} | {ms(ips, 1) if ips else '-'} | {kept} | "
@@ -547,17 +557,19 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
                  f"test accuracy {R['classifier']['test_accuracy']:.4f}.\n")
     # elastic
     L.append(f"Elastic inference, DC-DiT N=4 (multi-budget from step {int(s.steps * s.multibudget_start)}), "
-             f"{s.n_small} samples per point:\n")
+             f"{s.n_small} samples per point, FID with {s.point_extractor} features"
+             + (" (the in-domain MNIST classifier's 256-d features, not Inception: comparable between rows only)"
+                if ptag else "") + ":\n")
     L.append(f"| tail-drop f | FID@{s.n_small} | class acc | GFLOPs/img | kept share (mean over steps) |")
     L.append("|---|---|---|---|---|")
     records = []
     ev4 = [e for e in R["eval"]["dcdit_n4"] if e]
-    if ev4:
+    if ev4 and not ptag:
         L.append(f"| 0 | {ms([small(e, s.n_small) for e in ev4], 1)} | {ms([e['class_acc'] for e in ev4], 3)} | "
                  f"{ms([e['gflops_per_image'] for e in ev4])} | {ms([e.get('kept_share_mean') for e in ev4], 3)} |")
         records.append({"model": "DC-DiT N=4 elastic", "gflops": np.mean([e["gflops_per_image"] for e in ev4]),
                         "fid": np.mean([small(e, s.n_small) for e in ev4]), "tail_drop": 0.0})
-    for f in s.elastic:
+    for f in ([0.0] if ptag else []) + list(s.elastic):
         el = [e for e in R["elastic"][f"{f:g}"] if e]
         if not el:
             L.append(f"| {f:g} | not run | | | |")
@@ -604,6 +616,20 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
     R["table_md"] = table
 
     plots = {}
+    if ptag:  # elastic points are on another FID scale: their own plot; main models on the Inception one
+        el_recs = [r for r in records if r["model"] == "DC-DiT N=4 elastic"]
+        records = [{"model": LABEL[n], "gflops": np.mean([e["gflops_per_image"] for e in R["eval"][n] if e]),
+                    "fid": np.mean([e["fid"] for e in R["eval"][n] if e]), "tail_drop": None}
+                   for n in MODELS if any(R["eval"][n])]
+        if el_recs:
+            plots["elastic"] = str(plot_quality_vs_compute(
+                el_recs, out / "elastic.png", ylabel=f"FID@{s.n_small} ({s.point_extractor} features)",
+                title=f"DC-DiT N=4 on MNIST, one checkpoint: FID vs GFLOPs (DDIM {s.ddim_steps})").path)
+        if records:
+            plots["fid_vs_gflops"] = str(plot_quality_vs_compute(
+                records, out / "fid_vs_gflops.png", ylabel=f"FID@{s.n_fid} (Inception)", annotate=None,
+                title=f"MNIST: FID@{s.n_fid} vs GFLOPs/image (DDIM {s.ddim_steps})").path)
+        records = []
     if records:
         plots["fid_vs_gflops"] = str(plot_quality_vs_compute(
             records, out / "fid_vs_gflops.png", ylabel=f"FID@{s.n_small} (Inception)" if s.extractor == "inception"
@@ -639,6 +665,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--n-small", type=int, default=None,
                     help="samples per elastic / upcycling point (default 250; --smoke 12)")
+    ap.add_argument("--point-extractor", default=None, choices=["inception", "classifier"],
+                    help="features for the elastic / upcycling points (default: the main FID's)")
+    ap.add_argument("--speed-batch", type=int, default=None, help="batch of the images/s measurement (default 100)")
     ap.add_argument("--models", default=",".join(MODELS),
                     help="train/eval only these MNIST models (e.g. to run stages in parallel processes)")
     args = ap.parse_args(argv)
@@ -650,10 +679,14 @@ def main(argv=None) -> int:
     s = smoke_settings() if args.smoke else Settings()
     if args.n_small:
         s.n_small = args.n_small
+    if args.point_extractor:
+        s.point_extractor = args.point_extractor
+    if args.speed_batch:
+        s.speed_batch = args.speed_batch
     saved = out / "settings.json"
     # n_small and ddim_steps (evaluation sizes) may change between invocations: each evaluation's JSON
     # records its own n and step count. Everything else must match what the cached stages were produced with.
-    free = ("n_small", "ddim_steps")
+    free = ("n_small", "ddim_steps", "n_fid", "point_extractor", "speed_batch")
     if saved.is_file():
         old = {k: v for k, v in read_json(saved).items() if k not in free}
         if old != {k: v for k, v in json.loads(json.dumps(asdict(s))).items() if k not in free}:
