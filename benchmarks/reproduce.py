@@ -77,7 +77,7 @@ class Settings:
 def smoke_settings() -> Settings:
     return Settings(depth=2, steps=4, batch=8, warmup=1, ddim_steps=2, n_fid=24, n_ref=24, n_small=12,
                     sample_batch=12, speed_batch=4, classifier_steps=10, shapes_steps=4, shapes_images=8, shapes_train_images=256,
-                    shapes_timesteps=[50, 500], extractor="classifier")
+                    shapes_timesteps=[50, 500], extractor="classifier", point_extractor="classifier")
 
 
 # --------------------------------------------------------------------------- helpers
