@@ -26,8 +26,10 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--backends", default="sdpa_loop,padded")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--compile", action="store_true",
+                   help="also time DC-DiT with compile_main_network(bucket=256, dynamic=False) ('compiled' backend)")
     args = p.parse_args()
-    torch = C.setup(args, "varlen")
+    torch = C.setup(args, "varlen_compiled" if args.compile else "varlen")
     if args.quick:
         args.repeats = 2
     info = C.machine()
@@ -56,19 +58,27 @@ def main() -> None:
     C.log(f"kept counts varied: {counts.tolist()} (sum {counts.sum()}, max/min {counts.max() / counts.min():.2f})")
 
     timer = C.ComponentTimer(dc)
+    if args.compile:
+        _, dcc = C.build_pair("S")
+        dcc.compile_main_network(bucket=256, dynamic=False)
+        ctimer = C.ComponentTimer(dcc)
     rows = []
     for precision in args.precisions.split(","):
         fns, main_s = {}, {}
-        for backend in args.backends.split(","):
+        backends = args.backends.split(",") + (["compiled"] if args.compile else [])
+        for backend in backends:
             for name, ks in setups.items():
                 key = f"{backend}/{name}"
                 f = frac(ks)
-                fns[key] = lambda f=f, b=backend: dc.set_attn_backend(b)(x, t, y, tail_drop=f)
+                if backend == "compiled":
+                    fns[key] = lambda f=f: dcc(x, t, y, tail_drop=f)
+                else:
+                    fns[key] = lambda f=f, b=backend: dc.set_attn_backend(b)(x, t, y, tail_drop=f)
                 main_s[key] = []
         state = {}
 
         def before(k):
-            state["cm"] = timer.record()
+            state["cm"] = (ctimer if k.startswith("compiled/") else timer).record()
             state["acc"] = state["cm"].__enter__()
 
         def after(k):
@@ -79,7 +89,7 @@ def main() -> None:
         with torch.inference_mode(), C.autocast(precision):
             times = C.interleaved(fns, args.repeats, 1, before, after)
         dc.set_attn_backend("auto")
-        for backend in args.backends.split(","):
+        for backend in backends:
             ev, va = f"{backend}/even", f"{backend}/varied"
             row = {"precision": precision, "backend": backend,
                    "even_s": C.median(times[ev]), "varied_s": C.median(times[va]),

@@ -70,8 +70,9 @@ def setup(args, name: str):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.json is None:  # --quick runs never overwrite the full results
-        args.json = str((RESULTS / "quick" if getattr(args, "quick", False) else RESULTS) / f"{name}.json")
+    if args.json is None:  # --quick runs never overwrite the full results; DCDIT_BENCH_TAG picks a subfolder
+        folder = RESULTS / os.environ["DCDIT_BENCH_TAG"] if os.environ.get("DCDIT_BENCH_TAG") else RESULTS
+        args.json = str((folder / "quick" if getattr(args, "quick", False) else folder) / f"{name}.json")
     return torch
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -40,7 +41,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--raw-env", action="store_true")
     p.add_argument("--summary-only", action="store_true", help="do not run; summarise existing results")
+    p.add_argument("--tag", default=None, help="results go to benchmarks/results/<tag>/ (e.g. threads1)")
+    p.add_argument("--forward-args", default="", help="extra arguments for bench_forward, e.g. '--batch-sizes 16,64'")
     args = p.parse_args()
+    if args.tag:
+        os.environ["DCDIT_BENCH_TAG"] = args.tag
     names = args.only.split(",") if args.only else list(BENCHES)
     if not args.summary_only:
         for name in names:
@@ -49,15 +54,33 @@ def main() -> None:
             cmd += ["--quick"] if args.quick else []
             cmd += ["--threads", str(args.threads)] if args.threads else []
             cmd += ["--raw-env"] if args.raw_env else []
+            cmd = _dedupe(cmd + (args.forward_args.split() if name == "forward" else []))
             print(f"\n## {name}: {' '.join(cmd[1:])}", flush=True)
             t0 = time.time()
             subprocess.run(cmd, check=True)
             print(f"({name}: {time.time() - t0:.0f} s)", flush=True)
-    folder = C.RESULTS / "quick" if args.quick else C.RESULTS
+    folder = C.RESULTS / args.tag if args.tag else C.RESULTS
+    folder = folder / "quick" if args.quick else folder
     text = summary(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "summary.md").write_text(text + "\n")
     print("\n" + text)
+
+
+def _dedupe(cmd: list[str]) -> list[str]:
+    """Drop a value-taking option given twice (the later one wins)."""
+    out, seen = [], {}
+    i = 0
+    while i < len(cmd):
+        if cmd[i].startswith("--") and i + 1 < len(cmd) and not cmd[i + 1].startswith("--"):
+            seen[cmd[i]] = cmd[i + 1]
+            i += 2
+            continue
+        out.append(cmd[i])
+        i += 1
+    for k, v in seen.items():
+        out += [k, v]
+    return out
 
 
 def summary(folder: Path) -> str:
