@@ -48,6 +48,7 @@ from dcdit.chunking import (
 )
 from dcdit.models.config import DCDiTConfig, StagePlan
 from dcdit.models.layers import (
+    xavier_linear_init,
     DiTBlock,
     FinalLayer,
     LabelEmbedder,
@@ -432,13 +433,7 @@ class DCDiT(nn.Module):
     def initialize_weights(self) -> None:
         """The reference's init: xavier linears, N(0, .02) embeddings, adaLN-Zero, zero output layer."""
 
-        def _basic_init(m: nn.Module) -> None:
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-        self.apply(_basic_init)  # also overrides the residual projection (as in the reference)
+        self.apply(xavier_linear_init)  # also overrides the residual projection (as in the reference)
         gh, gw = self.grid
         self.pos_embed.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], gh, gw)).float()[None])
         w = self.x_embedder.proj.weight.data

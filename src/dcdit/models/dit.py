@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from dcdit.models.layers import (
+    xavier_linear_init,
     DiTBlock,
     FinalLayer,
     LabelEmbedder,
@@ -64,13 +65,7 @@ class DiT(nn.Module):
     def initialize_weights(self) -> None:
         """Xavier linears, sin-cos positions, N(0, 0.02) embeddings, zeroed adaLN and output."""
 
-        def _basic_init(m: nn.Module) -> None:
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-        self.apply(_basic_init)
+        self.apply(xavier_linear_init)
         grid = self.x_embedder.grid_size
         self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid)).float()[None])
         w = self.x_embedder.proj.weight.data

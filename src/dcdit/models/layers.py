@@ -277,3 +277,11 @@ def guided_combine(out: torch.Tensor, cfg_scale: float, guidance_channels: Optio
     cond, uncond = eps.chunk(2, dim=0)
     half = uncond + cfg_scale * (cond - uncond)
     return torch.cat([torch.cat([half, half], dim=0), rest], dim=1)
+
+
+def xavier_linear_init(m: nn.Module) -> None:
+    """DiT's base init, applied with ``module.apply``: xavier-uniform Linear weights, zero biases."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
