@@ -51,22 +51,22 @@ class Settings:
     hidden: int = 128
     depth: int = 4
     heads: int = 4
-    steps: int = 200                  # training steps, identical for every MNIST model
+    steps: int = 1600                 # training steps, identical for every MNIST model (~1 MNIST epoch)
     batch: int = 32                   # global batch, identical for every MNIST model
     lr: float = 5e-4
-    warmup: int = 50
-    ema_decay: float = 0.99
+    warmup: int = 100
+    ema_decay: float = 0.995
     multibudget_start: float = 0.5    # share of the run after which DC-DiT N=4 trains multi-budget
     fractions: list = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
-    ddim_steps: int = 10
-    n_fid: int = 1000                 # samples per model for the main FID (2000 did not fit the session)
+    ddim_steps: int = 25
+    n_fid: int = 2000                 # samples per model for the main FID
     n_ref: int = 2000                 # held-out real MNIST test images
-    n_small: int = 250                # samples per elastic / upcycling point
+    n_small: int = 500                # samples per elastic / upcycling point
     sample_batch: int = 250
     speed_batch: int = 100
     elastic: list = field(default_factory=lambda: [0.2, 0.4, 0.6])
     classifier_steps: int = 600
-    shapes_steps: int = 300
+    shapes_steps: int = 600
     shapes_images: int = 128          # held-out images for the routing analysis
     shapes_train_images: int = 10000
     shapes_timesteps: list = field(default_factory=lambda: [25, 50, 100, 150, 250, 500, 750, 950])
