@@ -86,7 +86,7 @@ def run(args) -> int:
         supports_tail_drop,
     )
     from dcdit.sampling.seeds import labels_for_indices
-    from dcdit.training.distributed import setup, teardown
+    from dcdit.training.distributed import barrier, setup, teardown
 
     if args.grid is None and args.npz is None:
         raise ValueError("nothing to write: give --grid PNG and/or --npz NPZ")
@@ -169,6 +169,7 @@ def run(args) -> int:
         parts_dir = first_out.parent / f".{first_out.stem}.parts"
         merged = merge_ranks(part, args.num_samples, parts_dir, rank, world)
         if merged is None:
+            barrier(dist_info)  # stay up until rank 0 has written: gloo can abort a rank torn down while a peer works
             return 0
         written = save_outputs(merged, args.npz, None if keep_latents else args.grid, args.grid_count)
         st = merged.stats
@@ -191,6 +192,7 @@ def run(args) -> int:
             written.append(Path(args.stats_json))
         for w in written:
             print(f"wrote {w}")
+        barrier(dist_info)
         return 0
     finally:
         teardown(dist_info)
