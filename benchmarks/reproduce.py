@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reproduce the DC-DiT paper's claims at CPU scale (MNIST 32x32 and the built-in shapes data).
 
-    python benchmarks/reproduce.py --out runs/reproduce            # the full run
+    python benchmarks/reproduce.py --out runs/repro                # the full run (~2 h on 2 CPU cores)
     python benchmarks/reproduce.py --out /tmp/repro --smoke         # tiny everything (the test)
     python benchmarks/reproduce.py --only report                    # rebuild table/plots from cached stages
 
@@ -658,7 +658,7 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/reproduce", help="output directory (stage JSONs, runs, table, plots)")
+    ap.add_argument("--out", default="runs/repro", help="output directory (stage JSONs, runs, table, plots)")
     ap.add_argument("--smoke", action="store_true", help="tiny everything: checks the plumbing in well under a minute")
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds (e.g. 0,1)")
     ap.add_argument("--only", default=None, choices=STAGES, help="run one stage (its prerequisites must be cached)")
