@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reproduce the DC-DiT paper's claims at CPU scale (MNIST 32x32 and the built-in shapes data).
 
-    python benchmarks/reproduce.py --out runs/repro                # the full run (~2 h on 2 CPU cores)
+    python benchmarks/reproduce.py --out runs/repro                # the full run (< 90 min on 2 CPU cores)
     python benchmarks/reproduce.py --out /tmp/repro --smoke         # tiny everything (the test)
     python benchmarks/reproduce.py --only report                    # rebuild table/plots from cached stages
 
@@ -16,7 +16,8 @@ Stages (each caches its result as JSON in --out; re-running skips what is done):
               kept-token share per sampling step
   speed       sampling images/s, every model in one process, same batch, back to back (2 rounds)
   elastic     DC-DiT N=4 at tail-drop fractions 0.2, 0.4, 0.6
-  upcycle     DC-DiT N=4 started from the trained DiT/2 vs from scratch, FID against steps
+  upcycle     DC-DiT N=16 started from the trained DiT/2 vs from scratch (the N=16 run's own
+              checkpoints), FID against steps
   report      results.json, table.md, PNGs
 
 All numbers come from this process's own measurements; nothing is tuned per model.
@@ -38,7 +39,7 @@ import torch
 STAGES = ("classifier", "reference", "shapes", "train", "eval", "speed", "elastic", "upcycle", "report")
 MODELS = ("dit2", "dit4", "dcdit_n4", "dcdit_n16")
 LABEL = {"dit2": "DiT/2", "dit4": "DiT/4", "dcdit_n4": "DC-DiT N=4", "dcdit_n16": "DC-DiT N=16",
-         "dcdit_n4_upcycled": "DC-DiT N=4 (upcycled)"}
+         "dcdit_n4_upcycled": "DC-DiT N=4 (upcycled)", "dcdit_n16_upcycled": "DC-DiT N=16 (upcycled)"}
 
 
 # --------------------------------------------------------------------------- settings
@@ -62,6 +63,7 @@ class Settings:
     n_fid: int = 2000                 # samples per model for the main FID
     n_ref: int = 2000                 # held-out real MNIST test images
     n_small: int = 500                # samples per elastic / upcycling point
+    flop_images: int = 50             # images whose FLOPs are counted per evaluation (the counter slows sampling)
     sample_batch: int = 250
     speed_batch: int = 100
     elastic: list = field(default_factory=lambda: [0.2, 0.4, 0.6])
@@ -72,12 +74,13 @@ class Settings:
     shapes_timesteps: list = field(default_factory=lambda: [25, 50, 100, 150, 250, 500, 750, 950])
     extractor: str = "inception"
     point_extractor: str = "inception"  # features for the elastic / upcycling points ("classifier": in-domain)
+    upcycle_target: str = "dcdit_n16"  # DC-DiT upcycled from DiT/2 (N=16 trains ~2x faster than N=4)
 
 
 def smoke_settings() -> Settings:
     return Settings(depth=2, steps=4, batch=8, warmup=1, ddim_steps=2, n_fid=24, n_ref=24, n_small=12,
                     sample_batch=12, speed_batch=4, classifier_steps=10, shapes_steps=4, shapes_images=8, shapes_train_images=256,
-                    shapes_timesteps=[50, 500], extractor="classifier", point_extractor="classifier")
+                    shapes_timesteps=[50, 500], extractor="classifier", point_extractor="classifier", flop_images=6)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -145,10 +148,10 @@ def dcdit_overrides(s: Settings) -> dict:
 def train_dict(s: Settings, name: str, seed: int, steps: int | None = None) -> dict:
     steps = steps or s.steps
     dc = name.startswith("dcdit")
-    n_target = 16.0 if name == "dcdit_n16" else 4.0
+    n_target = 16.0 if name.startswith("dcdit_n16") else 4.0
     d = {
         "name": name,
-        "model": model_section(s, "dcdit_n4" if name == "dcdit_n4_upcycled" else name),
+        "model": model_section(s, name.removesuffix("_upcycled")),
         "data": {"source": "mnist", "split": "train", "image_size": 32},
         "optim": {"lr": s.lr, "warmup_steps": s.warmup},
         "train": {"steps": steps, "global_batch_size": s.batch, "seed": seed, "ema_decay": s.ema_decay,
@@ -277,7 +280,7 @@ def channels_last(extractor) -> None:
 
 
 def generate(model, n: int, s: Settings, seed: int, tail_drop: float = 0.0):
-    """n class-balanced DDIM samples (bf16 autocast), FLOPs counted on the first batch."""
+    """n class-balanced DDIM samples (bf16 autocast), FLOPs counted on the first ``s.flop_images``."""
     from dcdit.data.transforms import to_uint8_images
     from dcdit.sampling import SampleStats, create_sampling_diffusion, sample
 
@@ -285,8 +288,9 @@ def generate(model, n: int, s: Settings, seed: int, tail_drop: float = 0.0):
     labels = np.arange(n) % 10
     outs, stats = [], []
     t0 = time.time()
-    for a in range(0, n, s.sample_batch):
-        b = min(n, a + s.sample_batch)
+    # per-sample noise comes from the sample's index, so the split into batches does not change the images
+    first = min(n, s.flop_images or s.sample_batch)
+    for a, b in [(0, first)] + [(c, min(n, c + s.sample_batch)) for c in range(first, n, s.sample_batch)]:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             x, st = sample(model, diffusion, labels[a:b], seed=seed, indices=range(a, b), tail_drop=tail_drop,
                            measure_flops=a == 0, clip_denoised=True)
@@ -436,29 +440,32 @@ def stage_elastic(ctx: Ctx, seed: int) -> dict:
 
 
 def stage_upcycle(ctx: Ctx, seed: int) -> dict:
+    """``s.upcycle_target`` started from the trained DiT/2 vs the same model from scratch (its main run)."""
     s = ctx.s
+    tgt = s.upcycle_target
     half, quarter = max(1, s.steps // 2), max(1, s.steps // 4)
-    init_dir = ctx.out / "runs" / f"dcdit_n4_upcycled_init_s{seed}"
-    run_dir = ctx.out / "runs" / f"dcdit_n4_upcycled_s{seed}"
+    init_dir = ctx.out / "runs" / f"{tgt}_upcycled_init_s{seed}"
+    run_dir = ctx.out / "runs" / f"{tgt}_upcycled_s{seed}"
 
     def make_init():
         from dcdit.checkpoint import save_model_dir
         from dcdit.training.upcycle import upcycle
 
-        model, summary = upcycle(ctx.out / "runs" / f"dit2_s{seed}", "DC-DiT-S-N4", dcdit_overrides(s))
+        model, summary = upcycle(ctx.out / "runs" / f"dit2_s{seed}", model_section(s, tgt)["preset"],
+                                 dcdit_overrides(s))
         save_model_dir(init_dir, model, model)
         return {k: v for k, v in summary.items() if k != "dit"}
 
-    info = cached(ctx.out / f"upcycle_init_s{seed}.json", make_init)
+    info = cached(ctx.out / f"upcycle_{tgt}_init_s{seed}.json", make_init)
 
     def train_up():
-        d = train_dict(s, "dcdit_n4_upcycled", seed, steps=half)
+        d = train_dict(s, f"{tgt}_upcycled", seed, steps=half)
         d["model"] = {"arch": "dcdit", "init_from": str(init_dir), "init_which": "ema"}
         return train_run(d, run_dir, half)
 
-    tr = cached(ctx.out / f"train_dcdit_n4_upcycled_s{seed}.json", train_up)
+    tr = cached(ctx.out / f"train_{tgt}_upcycled_s{seed}.json", train_up)
     points = []
-    for init, rdir in (("scratch", ctx.out / "runs" / f"dcdit_n4_s{seed}"), ("upcycled", run_dir)):
+    for init, rdir in (("scratch", ctx.out / "runs" / f"{tgt}_s{seed}"), ("upcycled", run_dir)):
         for step in sorted({quarter, half}):
             if not (rdir / f"ckpt-{step:07d}").is_dir():
                 log(f"upcycle: no {init} checkpoint at step {step}: point skipped")
@@ -466,15 +473,15 @@ def stage_upcycle(ctx: Ctx, seed: int) -> dict:
 
             def run(rdir=rdir, step=step, init=init):
                 model = load(rdir, f"ckpt-{step:07d}")
-                return score(ctx, model, s.n_small, seed, 0.0, f"dcdit_n4_{init}_step{step}_s{seed}")
+                return score(ctx, model, s.n_small, seed, 0.0, f"{tgt}_{init}_step{step}_s{seed}")
 
-            r = cached(ctx.out / f"upcycle_{init}_step{step}_s{seed}.json", run)
+            r = cached(ctx.out / f"upcycle_{tgt}_{init}_step{step}_s{seed}.json", run)
             points.append({"init": init, "steps": step, **{k: r[k] for k in ("fid", "class_acc", "n")}})
-    final = read_json(ctx.out / f"eval_dcdit_n4_s{seed}.json")
+    final = read_json(ctx.out / f"eval_{tgt}_s{seed}.json")
     if final is not None and small(final, s.n_small) is not None:
         points.append({"init": "scratch", "steps": s.steps, "fid": small(final, s.n_small),
                        "class_acc": final["class_acc"], "n": s.n_small})
-    return {"init": info, "train": tr, "points": points}
+    return {"target": tgt, "init": info, "train": tr, "points": points}
 
 
 # --------------------------------------------------------------------------- report
@@ -602,8 +609,8 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
     # upcycling
     up = [x for x in R["upcycle"] if x]
     if up:
-        L.append(f"Upcycling: DC-DiT N=4 from the trained DiT/2 (blocks + t/y embedders copied) vs from scratch, "
-                 f"same config and data order; FID@{s.n_small} against training steps:\n")
+        L.append(f"Upcycling: {LABEL[s.upcycle_target]} from the trained DiT/2 (blocks + t/y embedders copied) vs "
+                 f"from scratch, same config and data order; FID@{s.n_small} against training steps:\n")
         L.append(f"| init | steps | FID@{s.n_small} | class acc |")
         L.append("|---|---|---|---|")
         for p in sorted(up[0]["points"], key=lambda p: (p["init"], p["steps"])):
@@ -639,7 +646,7 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
         recs = [{"init": p["init"], "steps": p["steps"], "fid": p["fid"]} for p in up[0]["points"]]
         plots["upcycling"] = str(plot_quality_vs_compute(
             recs, out / "upcycling.png", x="steps", group="init", annotate=None, xlabel="training steps",
-            ylabel=f"FID@{s.n_small}", title="DC-DiT N=4 on MNIST: upcycled from DiT/2 vs from scratch").path)
+            ylabel=f"FID@{s.n_small}", title=f"{LABEL[s.upcycle_target]} on MNIST: upcycled from DiT/2 vs from scratch").path)
     for n in ("dcdit_n4", "dcdit_n16"):
         p = out / f"cost_{n}_s{seeds[0]}.npz"
         if p.is_file():
@@ -686,7 +693,7 @@ def main(argv=None) -> int:
     saved = out / "settings.json"
     # n_small and ddim_steps (evaluation sizes) may change between invocations: each evaluation's JSON
     # records its own n and step count. Everything else must match what the cached stages were produced with.
-    free = ("n_small", "ddim_steps", "n_fid", "point_extractor", "speed_batch")
+    free = ("n_small", "ddim_steps", "n_fid", "point_extractor", "speed_batch", "flop_images", "upcycle_target")
     if saved.is_file():
         old = {k: v for k, v in read_json(saved).items() if k not in free}
         if old != {k: v for k, v in json.loads(json.dumps(asdict(s))).items() if k not in free}:

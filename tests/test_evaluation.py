@@ -141,6 +141,19 @@ def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
     assert frechet_distance(mu1, cov, mu2, cov) == pytest.approx(np.sum((mu1 - mu2) ** 2), abs=1e-6)
 
 
+@pytest.mark.parametrize("n", [40, 400])  # fewer samples than dims (singular covariance), and more
+def test_frechet_distance_matches_scipy_sqrtm(n):
+    import scipy.linalg
+
+    r = np.random.RandomState(n)
+    a, b = r.randn(n, 64) @ r.randn(64, 64), r.randn(300, 64) * 2 + 0.3
+    mu1, s1 = a.mean(0), np.cov(a, rowvar=False)
+    mu2, s2 = b.mean(0), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    want = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-7)
+
+
 def test_frechet_distance_singular_covariance_and_shape_errors():
     # rank-deficient covariances (fewer samples than dims) still give a finite, ~0 self-distance
     feats = np.random.default_rng(2).normal(size=(5, 20))

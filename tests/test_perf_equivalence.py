@@ -117,7 +117,12 @@ def test_gaussian_filter_axis_matches_truncated_convolution(n, sigma):
     a = torch.arange(n, dtype=torch.float64)
     d = a[:, None] - a[None, :]
     G = torch.exp(-d.square() / (2 * sigma**2)) * (d.abs() <= r)
-    torch.testing.assert_close(gaussian_filter_axis(x.float(), sigma).double(), G @ x, atol=1e-5, rtol=1e-5)
+    xf = x.float().requires_grad_()
+    y = gaussian_filter_axis(xf, sigma)
+    torch.testing.assert_close(y.double(), G @ x, atol=1e-5, rtol=1e-5)
+    gy = torch.randn(y.shape, dtype=torch.float64)
+    y.backward(gy.float())  # the hand-written backward (K^T = K) against the transposed operator
+    torch.testing.assert_close(xf.grad.double(), G.T @ gy, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("grid", GRIDS)

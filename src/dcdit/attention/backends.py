@@ -80,23 +80,29 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype) -
 # --------------------------------------------------------------------------- #
 
 def _sdpa_loop(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
-    """One SDPA call per run of equal-length sequences; q/k/v (T, H, d)."""
-    outs = []
-    start, i, n = 0, 0, len(lengths)
-    while i < n:
-        j = i
-        while j + 1 < n and lengths[j + 1] == lengths[i]:  # batch a run of equal lengths
-            j += 1
-        L, m = lengths[i], j - i + 1
-        end = start + L * m
-        if L > 0:
-            # (m*L, H, d) -> (m, H, L, d)
-            qs, ks, vs = (t[start:end].unflatten(0, (m, L)).transpose(1, 2) for t in (q, k, v))
-            o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)  # (m, H, L, d)
-            outs.append(o.transpose(1, 2).flatten(0, 1))  # (m*L, H, d)
-        start, i = end, j + 1
-    if not outs:
+    """One SDPA call per run of equal-length sequences; q/k/v (T, H, d).
+
+    The runs are cut with one ``split`` per tensor: its backward is a single
+    concatenation, where per-run slicing would zero-fill a full (T, H, d)
+    gradient for every run.
+    """
+    runs = []  # (L, m): m consecutive sequences of length L
+    for L in lengths:
+        if runs and runs[-1][0] == L:
+            runs[-1][1] += 1
+        else:
+            runs.append([int(L), 1])
+    if not runs or all(L == 0 for L, _ in runs):
         return q.new_empty(q.shape)
+    sizes = [L * m for L, m in runs]
+    outs = []
+    for (L, m), qs, ks, vs in zip(runs, *(t.split(sizes) for t in (q, k, v))):
+        if L == 0:
+            continue
+        # (m*L, H, d) -> (m, H, L, d)
+        qs, ks, vs = (t.unflatten(0, (m, L)).transpose(1, 2) for t in (qs, ks, vs))
+        o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)  # (m, H, L, d)
+        outs.append(o.transpose(1, 2).flatten(0, 1))  # (m*L, H, d)
     return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0].contiguous()
 
 

@@ -16,7 +16,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from dcdit.chunking.packing import PackedSeqs, packed_conv1d, packed_group_norm
+from dcdit.chunking.packing import GroupNorm, PackedSeqs, packed_conv1d, packed_group_norm
 
 TailDrop = Union[float, torch.Tensor]
 
@@ -119,7 +119,7 @@ class SpatialPredictabilityRouter(nn.Module):
         self.context_predictor = Conv(bottleneck, bottleneck, kernel_size=3, padding=1)
         self.residual_scorer = nn.Sequential(
             Conv(bottleneck, bottleneck, kernel_size=3, padding=1),
-            nn.GroupNorm(norm_groups, bottleneck),
+            GroupNorm(norm_groups, bottleneck),
             nn.SiLU(),
             Conv(bottleneck, 1, kernel_size=1),
         )

@@ -39,6 +39,7 @@ from dcdit.attention import BACKENDS, packed_attn_fn
 from dcdit.chunking import (
     ChunkLayer,
     DeChunkLayer,
+    GroupNorm,
     PackedSeqs,
     SpatialPredictabilityRouter,
     check_tail_drop,
@@ -112,8 +113,8 @@ class ConvResBlock(nn.Module):
                 raise ValueError(f"conv ResBlock width {width} is not divisible by norm_groups {norm_groups}")
         Conv = nn.Conv2d if spatial_dims == 2 else nn.Conv1d
         self.spatial_dims, self.in_dim, self.out_dim = spatial_dims, in_dim, out_dim
-        self.norm1 = nn.GroupNorm(norm_groups, in_dim)
-        self.norm2 = nn.GroupNorm(norm_groups, inner)
+        self.norm1 = GroupNorm(norm_groups, in_dim)
+        self.norm2 = GroupNorm(norm_groups, inner)
         self.act = nn.SiLU()
         self.conv1 = Conv(in_dim, inner, kernel_size=3, padding=1)
         self.conv2 = Conv(inner, out_dim, kernel_size=3, padding=1)
