@@ -28,6 +28,7 @@ BENCHES = {
     "dechunk": ("bench_dechunk.py", []),
     "varlen": ("bench_varlen.py", []),
     "train": ("bench_train.py", []),
+    "backward": ("bench_backward.py", []),
     "memory": ("bench_memory.py", []),
     "sampling_bf16": ("bench_sampling.py", ["--precision", "bf16"]),
     "compile": ("bench_compile.py", []),
