@@ -120,8 +120,8 @@ def packed_group_norm(x: torch.Tensor, norm: nn.GroupNorm, seqs: PackedSeqs) -> 
 class _GroupNormFn(torch.autograd.Function):
     """GroupNorm whose backward runs on contiguous (NCHW) tensors.
 
-    The forward is ``F.group_norm`` itself (same kernel, same output bits, in
-    whatever layout arrives). On CPU the backward kernel for channels-last
+    The forward calls the kernel ``F.group_norm`` dispatches to (same output
+    bits, in whatever layout arrives). On CPU the backward kernel for channels-last
     input is ~10x slower than for NCHW; the grid stages of DC-DiT hand their
     GroupNorms channels-last views, so the backward copies to NCHW first.
     """
@@ -129,18 +129,16 @@ class _GroupNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, groups: int, eps: float):
         N, C = x.shape[:2]
-        y, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, N, C, x.numel() // max(N * C, 1), groups, eps)
+        ctx.sizes = (N, C, x.numel() // (N * C), groups)
+        y, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, *ctx.sizes, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.groups = groups
         return y
 
     @staticmethod
     def backward(ctx, gy):
         x, weight, mean, rstd = ctx.saved_tensors
-        N, C = x.shape[:2]
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.native_group_norm_backward(
-            gy.contiguous(), x.contiguous(), mean, rstd, weight, N, C, x.numel() // max(N * C, 1), ctx.groups, mask)
+            gy.contiguous(), x.contiguous(), mean, rstd, weight, *ctx.sizes, list(ctx.needs_input_grad[:3]))
         return gx, gw, gb, None, None
 
 
