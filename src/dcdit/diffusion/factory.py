@@ -20,6 +20,7 @@ def create_diffusion(
     learn_sigma: bool = True,
     rescale_learned_sigmas: bool = False,
     diffusion_steps: int = 1000,
+    min_snr_gamma: Optional[float] = None,
 ) -> SpacedDiffusion:
     """Build the Gaussian diffusion with DiT's defaults.
 
@@ -33,6 +34,7 @@ def create_diffusion(
         learn_sigma: the model outputs 2C channels, the extra C interpolating the log-variance.
         rescale_learned_sigmas: scale the VB term by ``diffusion_steps / 1000`` (RESCALED_MSE).
         diffusion_steps: T of the training process.
+        min_snr_gamma: weight the MSE term by Min-SNR-gamma (e.g. 5.0); ``None`` (DiT) leaves it unweighted.
     """
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
     if use_kl:
@@ -53,4 +55,5 @@ def create_diffusion(
         model_mean_type=ModelMeanType.START_X if predict_xstart else ModelMeanType.EPSILON,
         model_var_type=var_type,
         loss_type=loss_type,
+        min_snr_gamma=min_snr_gamma,
     )

@@ -102,7 +102,12 @@ class GaussianDiffusion:
         model_mean_type: ModelMeanType | str = ModelMeanType.EPSILON,
         model_var_type: ModelVarType | str = ModelVarType.LEARNED_RANGE,
         loss_type: LossType | str = LossType.MSE,
+        min_snr_gamma: Optional[float] = None,
     ) -> None:
+        if min_snr_gamma is not None and not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be positive or None, got {min_snr_gamma}")
+        # Min-SNR-gamma loss weighting (Hang et al. 2023); None: DiT's unweighted MSE.
+        self.min_snr_gamma = min_snr_gamma
         self.model_mean_type = _coerce_enum(ModelMeanType, model_mean_type, "model_mean_type")
         self.model_var_type = _coerce_enum(ModelVarType, model_var_type, "model_var_type")
         self.loss_type = _coerce_enum(LossType, loss_type, "loss_type")
@@ -552,6 +557,21 @@ class GaussianDiffusion:
         decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
         return torch.where(t == 0, decoder_nll, kl)
 
+    def mse_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) Min-SNR-gamma weights of the MSE term at timesteps ``t``.
+
+        With SNR(t) = abar / (1 - abar): ``min(SNR, gamma) / SNR`` for an
+        epsilon target (the x0 loss ``min(SNR, gamma) * |x0 - x0_hat|^2``
+        rewritten in epsilon), ``min(SNR, gamma)`` for an x0 target. Noisy
+        steps keep weight 1 under epsilon prediction; the nearly clean steps,
+        whose epsilon is hard to predict and worth little, are turned down.
+        """
+        snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)  # (T,)
+        w = np.minimum(snr, self.min_snr_gamma)
+        if self.model_mean_type == ModelMeanType.EPSILON:
+            w = w / snr
+        return torch.as_tensor(w, dtype=torch.float32, device=t.device)[t]  # indexed on t's device: no host sync
+
     def training_losses(
         self,
         model: ModelFn,
@@ -607,7 +627,8 @@ class GaussianDiffusion:
             if model_output.shape != target.shape:
                 raise ValueError(f"model output shape {tuple(model_output.shape)} != target {tuple(target.shape)}")
             terms["mse"] = mean_flat((target - model_output) ** 2)
-            terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+            mse_term = terms["mse"] * self.mse_weight(t) if self.min_snr_gamma is not None else terms["mse"]
+            terms["loss"] = mse_term + terms["vb"] if "vb" in terms else mse_term
 
         terms["extras"] = extras
         return terms

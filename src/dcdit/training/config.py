@@ -46,6 +46,10 @@ class ModelSection:
     init_from: Optional[str] = None
     # Which weights of init_from to start from: "ema" (falls back to "model") or "model".
     init_which: str = "ema"
+    # Std of the class-label embedding table at init (null: the preset's 0.02, as DiT).
+    # 1.0 makes the label as loud as the timestep embedding from step 0, so small
+    # models learn class conditioning within a CPU budget (BENCHMARKS.md "Learning speed").
+    label_init_std: Optional[float] = None
 
 
 @dataclass
@@ -54,11 +58,14 @@ class DiffusionSection:
     noise_schedule: str = "linear"
     # Training diffusion length T.
     diffusion_steps: int = 1000
+    # Weight the MSE term by min(SNR, gamma) / SNR (Min-SNR-gamma, Hang et al. 2023);
+    # null: DiT's unweighted MSE. 5.0 is the paper's value.
+    min_snr_gamma: Optional[float] = None
 
 
 @dataclass
 class OptimConfig:
-    # AdamW learning rate (constant after warm-up).
+    # AdamW peak learning rate (reached after warm-up).
     lr: float = 1e-4
     # AdamW decoupled weight decay.
     weight_decay: float = 0.0
@@ -70,6 +77,10 @@ class OptimConfig:
     grad_clip: Optional[float] = 1.0
     # Linear learning-rate warm-up from 0 over this many steps (0: none, as DiT).
     warmup_steps: int = 0
+    # After warm-up: "constant" (DiT) or "cosine" (decays to lr * min_lr_ratio at train.steps).
+    schedule: str = "constant"
+    # Final learning rate of the cosine schedule as a fraction of lr.
+    min_lr_ratio: float = 0.1
 
 
 @dataclass
@@ -84,6 +95,9 @@ class TrainLoopConfig:
     seed: int = 0
     # EMA decay per step (EMA is kept in fp32).
     ema_decay: float = 0.9999
+    # Warm the EMA decay up as min(ema_decay, (1 + step) / (10 + step)), so a short
+    # run's EMA does not still hold the (zero-initialised) start. false: DiT's constant decay.
+    ema_warmup: bool = False
     # Steps between log lines / metrics.jsonl records.
     log_interval: int = 100
     # Steps between checkpoints (a final one is always written).
@@ -207,6 +221,15 @@ def validate(cfg: TrainConfig) -> None:
         raise _err("optim.betas", f"expected two numbers in [0, 1), got {o.betas}")
     if o.warmup_steps < 0:
         raise _err("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    if o.schedule not in ("constant", "cosine"):
+        raise _err("optim.schedule", f"expected 'constant' or 'cosine', got {o.schedule!r}")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise _err("optim.min_lr_ratio", f"must lie in [0, 1], got {o.min_lr_ratio}")
+    if m.label_init_std is not None and not m.label_init_std > 0:
+        raise _err("model.label_init_std", f"must be positive or null, got {m.label_init_std}")
+    g = cfg.diffusion.min_snr_gamma
+    if g is not None and not g > 0:
+        raise _err("diffusion.min_snr_gamma", f"must be positive or null, got {g}")
     if cfg.diffusion.noise_schedule not in ("linear", "cosine"):
         raise _err("diffusion.noise_schedule", f"expected 'linear' or 'cosine', got {cfg.diffusion.noise_schedule!r}")
     if cfg.diffusion.diffusion_steps <= 0:

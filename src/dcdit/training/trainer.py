@@ -152,9 +152,29 @@ def budget_fraction(cfg: TrainConfig, seed: int, step: int) -> float:
     return float(mb.fractions[np.random.default_rng(mix_seed(seed, step, _BUDGET)).integers(len(mb.fractions))])
 
 
-def lr_at(o, step: int) -> float:
-    """Constant learning rate after an optional linear warm-up."""
-    return o.lr * min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else o.lr
+def lr_at(o, step: int, total_steps: int) -> float:
+    """Learning rate of a step: linear warm-up, then constant or cosine decay to lr * min_lr_ratio."""
+    if o.warmup_steps > 0 and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    span = max(total_steps - o.warmup_steps, 1)
+    progress = min(max(step - o.warmup_steps, 0) / span, 1.0)
+    return o.lr * (o.min_lr_ratio + (1.0 - o.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def ema_decay_at(tc, step: int) -> float:
+    """EMA decay of a step: constant, or warmed up as min(decay, (1 + step) / (10 + step))."""
+    return min(tc.ema_decay, (1.0 + step) / (10.0 + step)) if tc.ema_warmup else tc.ema_decay
+
+
+def init_label_table(model: nn.Module, std: Optional[float]) -> None:
+    """Re-draw the class-label embedding table(s) from N(0, std^2) (None: keep the model's own init)."""
+    if std is None:
+        return
+    for m in unwrap(model).modules():
+        if hasattr(m, "embedding_table") and hasattr(m, "token_drop"):
+            nn.init.normal_(m.embedding_table.weight, std=std)
 
 
 # --------------------------------------------------------------------------- model
@@ -281,6 +301,8 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
             check_model_fits_data(model, dataset)
         else:
             model = build_train_model(cfg, dataset)
+            if not cfg.model.init_from:
+                init_label_table(model, cfg.model.label_init_std)
         model.to(device).train()
         ema = copy.deepcopy(model).float().eval().requires_grad_(False)
         if ckpt is not None and ckpt["ema"] is not None:
@@ -298,7 +320,8 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
             del ckpt
         diffusion = create_diffusion("", noise_schedule=cfg.diffusion.noise_schedule,
                                      learn_sigma=bool(unwrap(model).config.get("learn_sigma", True)),
-                                     diffusion_steps=cfg.diffusion.diffusion_steps)
+                                     diffusion_steps=cfg.diffusion.diffusion_steps,
+                                     min_snr_gamma=cfg.diffusion.min_snr_gamma)
 
         train_model = ddp_model = model
         if info.distributed:
@@ -377,7 +400,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                 t_all, noise_all, drop_all = draw_global_batch(tc.seed, step, tc.global_batch_size, sample_shape,
                                                                diffusion.num_timesteps, drop_prob, device)
                 tail_drop = budget_fraction(cfg, tc.seed, step) if dcdit else 0.0
-                lr = lr_at(o, step)
+                lr = lr_at(o, step, tc.steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
@@ -412,7 +435,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip or float("inf"))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                update_ema(ema, model, tc.ema_decay)
+                update_ema(ema, model, ema_decay_at(tc, step))
                 step += 1
                 running["grad_norm"] = running.get("grad_norm", 0.0) + grad_norm.detach().float() * accum
                 if tail_drop or cfg.multibudget.enabled:
