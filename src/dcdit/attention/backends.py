@@ -28,6 +28,25 @@ import torch.nn.functional as F
 
 BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa_loop", "padded")
 
+# PyTorch's CPU attention kernels are several times slower in bf16/fp16 than in
+# fp32, the backward most of all (benchmarks/bench_attention.py: ~6-8x at 64-256
+# tokens), so on CPU half-precision q, k, v are attended in fp32. Switch off to
+# measure the difference.
+CPU_HALF_IN_FP32 = True
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+         scale: Optional[float] = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` on (..., T, d); fp32 math for half-precision CPU tensors.
+
+    The output has q's dtype either way, so callers (and autocast regions) see no difference.
+    """
+    if CPU_HALF_IN_FP32 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", enabled=False):  # autocast would cast the fp32 inputs back down
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask, scale=scale)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,7 +120,7 @@ def _sdpa_loop(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
             continue
         # (m*L, H, d) -> (m, H, L, d)
         qs, ks, vs = (t.unflatten(0, (m, L)).transpose(1, 2) for t in (qs, ks, vs))
-        o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)  # (m, H, L, d)
+        o = sdpa(qs, ks, vs, scale=scale)  # (m, H, L, d)
         outs.append(o.transpose(1, 2).flatten(0, 1))  # (m*L, H, d)
     return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0].contiguous()
 
@@ -121,7 +140,7 @@ def _padded(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
 
     key_ok = torch.zeros(B, M, dtype=torch.bool, device=q.device)
     key_ok[seg, local] = True
-    o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=key_ok[:, None, None, :], scale=scale)
+    o = sdpa(pad(q), pad(k), pad(v), attn_mask=key_ok[:, None, None, :], scale=scale)
     return o.transpose(1, 2)[seg, local]  # (T, H, d)
 
 

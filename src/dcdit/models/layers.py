@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dcdit.attention import backends as attention_backends
+
 # attn_fn(q, k, v) -> out, all (B, H, T, head_dim); lets DC-DiT swap in
 # variable-length backends without touching the block's parameters.
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -150,7 +152,7 @@ class LabelEmbedder(nn.Module):
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Exact attention softmax(QK^T / sqrt(d)) V on (B, H, T, d) tensors."""
-    return F.scaled_dot_product_attention(q, k, v)
+    return attention_backends.sdpa(q, k, v)
 
 
 class Attention(nn.Module):
