@@ -21,8 +21,11 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-            except Exception:  # tensorboard not installed: jsonl only
+            except Exception as e:  # tensorboard not installed: jsonl only, and say so
                 self.tb = None
+                self.info(f"train.tensorboard is set but TensorBoard is unavailable ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); pip install tensorboard, or set "
+                          "train.tensorboard=false; logging to metrics.jsonl only")
         if wandb:
             try:
                 import wandb as _wandb
@@ -42,6 +45,20 @@ class MetricsLogger:
                 self.tb.add_scalar(f"train/{k}", v, step)
         if self.wandb is not None:
             self.wandb.log({f"train/{k}": v for k, v in numeric.items()}, step=step)
+
+    def image(self, step: int, tag: str, png_path) -> None:
+        """A PNG written elsewhere (e.g. a sample grid) into TensorBoard / wandb as an image."""
+        if not self.enabled or (self.tb is None and self.wandb is None):
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(png_path) as im:
+            arr = np.asarray(im.convert("RGB"))
+        if self.tb is not None:
+            self.tb.add_image(tag, arr, step, dataformats="HWC")
+        if self.wandb is not None:
+            self.wandb.log({tag: self.wandb.Image(arr)}, step=step)
 
     def info(self, msg: str) -> None:
         """A human-readable line on stderr (rank 0), kept clear of the progress bar."""
