@@ -163,6 +163,8 @@ def test_missing_tensorboard_is_said_not_silent(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
     log = MetricsLogger(tmp_path, True, tensorboard=True)
+    assert capsys.readouterr().err == ""  # held back until the run has started (errors before stay one line)
+    log.info("run started")
     log.close()
     err = capsys.readouterr().err
     assert "TensorBoard is unavailable" in err and "pip install tensorboard" in err

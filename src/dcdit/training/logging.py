@@ -13,6 +13,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.tb = self.wandb = None
         self._file = None
+        self._pending: list[str] = []  # notes shown with the first info line (after the run has started)
         if not enabled:
             return
         self._file = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
@@ -23,7 +24,7 @@ class MetricsLogger:
                 self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             except Exception as e:  # tensorboard not installed: jsonl only, and say so
                 self.tb = None
-                self.info(f"train.tensorboard is set but TensorBoard is unavailable ({type(e).__name__}: "
+                self._pending.append(f"train.tensorboard is set but TensorBoard is unavailable ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}); pip install tensorboard, or set "
                           "train.tensorboard=false; logging to metrics.jsonl only")
         if wandb:
@@ -64,6 +65,9 @@ class MetricsLogger:
         """A human-readable line on stderr (rank 0), kept clear of the progress bar."""
         if not self.enabled:
             return
+        if self._pending:
+            msg = "\n".join(self._pending + [msg])
+            self._pending = []
         try:
             from tqdm import tqdm
 
