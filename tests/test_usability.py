@@ -168,3 +168,29 @@ def test_missing_tensorboard_is_said_not_silent(tmp_path, monkeypatch, capsys):
     log.close()
     err = capsys.readouterr().err
     assert "TensorBoard is unavailable" in err and "pip install tensorboard" in err
+
+
+# ----------------------------------------------------------------- README and configs agree
+
+
+def _readme_option(command: str, option: str) -> str:
+    import re
+    import shlex
+
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.strip().startswith(f"dcdit {command} "):
+            argv = shlex.split(line.split("#")[0])
+            return argv[argv.index(option) + 1]
+    raise AssertionError(f"no `dcdit {command}` example in README.md")
+
+
+def test_readme_paths_are_the_ones_the_configs_read():
+    import yaml
+
+    from dcdit.training import load_train_config
+
+    upcycled = load_train_config(ROOT / "configs/imagenet256/dcdit_xl_n4_upcycled.yaml")
+    assert _readme_option("upcycle", "--out") == upcycled.model.init_from
+    base = yaml.safe_load((ROOT / "configs/imagenet256/base.yaml").read_text())
+    assert _readme_option("extract-features", "--out") == base["data"]["path"]
+    assert "latest ->" not in (ROOT / "configs/README.md").read_text()  # `latest` is a file, not a symlink
