@@ -93,3 +93,41 @@ def test_reference_stats_and_sfid_round_trip(tmp_path, capsys):
     r = json.loads(out.read_text())
     assert r["reference_stats"] == "stored"
     assert abs(r["fid"]) < 1e-3 and abs(r["sfid"]) < 1e-3, r
+
+
+def test_evaluate_logs_to_a_run(tmp_path, monkeypatch, capsys):
+    """--run: the scores land in RUN/eval.jsonl and TensorBoard (eval/...) at the run's latest step."""
+    import sys
+    import types
+
+    from dcdit.evaluation import features
+
+    written = []
+
+    class Writer:
+        def __init__(self, logdir):
+            pass
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step))
+
+        def close(self):
+            pass
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    monkeypatch.setattr(features, "build_extractor", lambda *a, **k: MeanColour())
+    monkeypatch.setattr("dcdit.evaluation.build_extractor", lambda *a, **k: MeanColour())
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "latest").write_text("ckpt-0001200\n")
+    rng = np.random.default_rng(0)
+    for name in ("s", "r"):
+        np.savez(tmp_path / f"{name}.npz", arr_0=rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8))
+    assert main(["evaluate", str(tmp_path / "s.npz"), str(tmp_path / "r.npz"), "--run", str(run), "--no-cache"]) == 0
+    rec = json.loads((run / "eval.jsonl").read_text())
+    assert rec["step"] == 1200 and rec["feature"] == "mean-colour"
+    assert ("eval/fid", rec["fid"], 1200) in written
+    assert main(["evaluate", str(tmp_path / "s.npz"), str(tmp_path / "r.npz"), "--step", "5"]) == 2
+    assert "--step applies only with --run" in capsys.readouterr().err

@@ -39,6 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torchscript only: value range the network expects, LOW,HIGH (default: 0,255)")
     p.add_argument("--input-size", type=int, default=None,
                    help="torchscript only: resize images to this size first (default: native size)")
+    p.add_argument("--run", default=None, metavar="RUN_DIR",
+                   help="also log the scores to this training run: RUN_DIR/eval.jsonl and its TensorBoard "
+                        "(eval/fid, ...) at --step")
+    p.add_argument("--step", type=int, default=None,
+                   help="--run: training step the samples belong to (default: the run's latest checkpoint)")
     p.add_argument("--quiet", action="store_true", help="print only the table (no progress, notes or warnings)")
 
 
@@ -52,6 +57,9 @@ def run(args) -> int:
     from dcdit.evaluation import build_extractor, evaluate, format_table, parse_metrics
 
     metrics = parse_metrics(args.metrics)
+    if args.step is not None and args.run is None:
+        raise ValueError("--step applies only with --run RUN_DIR")
+    step = None if args.run is None else run_step(args.run, args.step)
     if not args.feature.startswith("torchscript") and (args.input_range or args.input_size):
         raise ValueError("--input-range/--input-size apply only to --feature torchscript:PATH")
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -74,9 +82,36 @@ def run(args) -> int:
         result["reference"] = str(args.reference)
     result["seconds"] = round(time.time() - t0, 2)
     print(format_table(result))
+    if args.run is not None:
+        from dcdit.training.logging import MetricsLogger
+
+        sink = MetricsLogger(Path(args.run), True, tensorboard=True, jsonl="eval.jsonl", prefix="eval",
+                             note_missing_tensorboard=False)
+        sink.log(step, {k: v for k, v in result.items() if k not in ("samples", "reference")})
+        sink.close()
+        log(f"logged to {args.run} (eval.jsonl{', TensorBoard' if sink.tb is not None else ''}) at step {step}")
     if args.json:
         from dcdit.checkpoint import save_json
 
         save_json(args.json, result)
         log(f"wrote {args.json}")
     return 0
+
+
+def run_step(run_dir, step=None) -> int:
+    """``step``, else the step of the run's latest checkpoint (``latest`` names ``ckpt-0001200``)."""
+    from pathlib import Path
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"--run {run}: no such run directory")
+    if step is not None:
+        return int(step)
+    latest = run / "latest"
+    if not latest.is_file():
+        raise ValueError(f"--run {run} has no 'latest' checkpoint: give --step")
+    name = latest.read_text().strip()
+    try:
+        return int(name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        raise ValueError(f"--run {run}: cannot read a step from latest = {name!r}; give --step") from None

@@ -9,14 +9,16 @@ from typing import Optional
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, wandb: bool = False,
-                 wandb_project: str = "dcdit", run_name: Optional[str] = None, config: Optional[dict] = None):
+                 wandb_project: str = "dcdit", run_name: Optional[str] = None, config: Optional[dict] = None,
+                 jsonl: str = "metrics.jsonl", prefix: str = "train", note_missing_tensorboard: bool = True):
         self.enabled = enabled
         self.tb = self.wandb = None
         self._file = None
         self._pending: list[str] = []  # notes shown with the first info line (after the run has started)
         if not enabled:
             return
-        self._file = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+        self.prefix = prefix
+        self._file = open(Path(run_dir) / jsonl, "a", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -24,9 +26,10 @@ class MetricsLogger:
                 self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             except Exception as e:  # tensorboard not installed: jsonl only, and say so
                 self.tb = None
-                self._pending.append(f"train.tensorboard is set but TensorBoard is unavailable ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); pip install tensorboard, or set "
-                          "train.tensorboard=false; logging to metrics.jsonl only")
+                if note_missing_tensorboard:
+                    self._pending.append(f"train.tensorboard is set but TensorBoard is unavailable ({type(e).__name__}: "
+                                         f"{str(e).splitlines()[0] if str(e) else ''}); pip install tensorboard, or "
+                                         "set train.tensorboard=false; logging to metrics.jsonl only")
         if wandb:
             try:
                 import wandb as _wandb
@@ -43,9 +46,9 @@ class MetricsLogger:
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
             for k, v in numeric.items():
-                self.tb.add_scalar(f"train/{k}", v, step)
+                self.tb.add_scalar(f"{self.prefix}/{k}", v, step)
         if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in numeric.items()}, step=step)
+            self.wandb.log({f"{self.prefix}/{k}": v for k, v in numeric.items()}, step=step)
 
     def image(self, step: int, tag: str, png_path) -> None:
         """A PNG written elsewhere (e.g. a sample grid) into TensorBoard / wandb as an image."""
