@@ -98,6 +98,41 @@ def load_pickle_state_dict(path: str | os.PathLike, trust_pickle: bool = False, 
     raise ValueError(f"{path} holds no recognisable state dict (expected tensors, or an 'ema'/'model' entry)")
 
 
+def infer_config(state: dict, path: str | os.PathLike = "weights") -> dict:
+    """A model config read off a DiT state dict in the original (facebookresearch/DiT) format.
+
+    Widths, depth, patch size, channels, input size (from ``pos_embed``),
+    ``learn_sigma`` and ``mlp_ratio`` come from the tensor shapes; the class
+    count is the label table's rows minus the null-class row; the head count,
+    which no shape carries, is the DiT registry's for that width (S/B/L/XL).
+    Raises ValueError saying what is missing for anything else.
+    """
+    from dcdit.training.upcycle import _expected_heads, describe_dit
+
+    try:
+        info = describe_dit(state)
+    except ValueError as e:
+        raise ValueError(f"no model config for {path} and its weights are {str(e)[0].lower() + str(e)[1:]}: "
+                         f"put a {CONFIG_NAME} beside it (dcdit model directories carry one)") from None
+    hidden = info["hidden_size"]
+    heads = _expected_heads(hidden)
+    if heads is None:
+        raise ValueError(f"no model config for {path}: a DiT of width {hidden} is no registry size "
+                         f"(S/B/L/XL), so its head count is unknown; put a {CONFIG_NAME} beside it")
+    if "input_size" not in info:
+        raise ValueError(f"no model config for {path}: the DiT state dict has no pos_embed to read the "
+                         f"input size from; put a {CONFIG_NAME} beside it")
+    final = state.get("final_layer.linear.weight")
+    out_channels = 2 * info["in_channels"] if final is None else final.shape[0] // info["patch_size"] ** 2
+    fc1 = state.get("blocks.0.mlp.fc1.weight")
+    return {
+        "arch": "dit", "input_size": info["input_size"], "patch_size": info["patch_size"],
+        "in_channels": info["in_channels"], "hidden_size": hidden, "depth": info["depth"], "num_heads": heads,
+        "mlp_ratio": 4.0 if fc1 is None else fc1.shape[0] / hidden, "class_dropout_prob": 0.1,
+        "num_classes": info["table_rows"] - 1, "learn_sigma": out_channels == 2 * info["in_channels"],
+    }
+
+
 def load_model(
     path: str | os.PathLike,
     which: str = "ema",
@@ -108,7 +143,9 @@ def load_model(
     """Load a model from a model directory, a run directory, or a weights file.
 
     ``which`` = "ema" (falls back to "model" when no EMA was saved) or "model".
-    A lone weights file needs ``config`` unless a config.json sits beside it.
+    A lone weights file takes ``config``, else a config.json beside it, else
+    a config inferred from the weights (:func:`infer_config`: original-format
+    DiT state dicts such as the released ``DiT-XL-2-256x256.pt``).
     """
     path = Path(path)
     if not path.exists():
@@ -128,13 +165,13 @@ def load_model(
     else:
         cfg_path = path.parent / CONFIG_NAME
         state = load_safetensors(path) if path.suffix == ".safetensors" else load_pickle_state_dict(path, trust_pickle, which)
-    if config is None:
-        if not cfg_path.exists():
-            raise FileNotFoundError(f"no model config for {path}: pass config= or put a {CONFIG_NAME} beside it")
+    if config is None and cfg_path.exists():
         try:
             config = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"corrupt config file {cfg_path}: {e}") from None
+    elif config is None:  # a bare weights file, e.g. the released DiT-XL-2-256x256.pt
+        config = infer_config(state, path)
     model = build_model(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "pos_embed"]  # fixed table, regenerated

@@ -9,24 +9,38 @@ sum_i L_i^2, not B * max(L)^2 (except for the ``padded`` reference backend).
 Backends (``resolve_backend("auto", ...)`` picks the first that applies):
 
 - ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` (CUDA, fp16/bf16, when
-  the flash-attn package is installed).
+  the flash-attn package is installed; compute capability >= 8.0).
 - ``torch_varlen``: PyTorch's own ``torch.nn.attention.varlen.varlen_attn``
-  (CUDA, fp16/bf16; PyTorch >= 2.9).
+  (CUDA, fp16/bf16; PyTorch >= 2.9; compute capability >= 8.0).
 - ``sdpa_loop``: one ``F.scaled_dot_product_attention`` call per sequence (runs
   of equal lengths are batched into one call). The fastest exact path on CPU
   and the fallback for fp32 on CUDA.
 - ``padded``: pad to (B, H, max L, d) and mask the keys. Costs B * max(L)^2;
   kept as an independent reference for equivalence tests.
+
+Every CUDA path checks what it needs and falls back with a warning (once per
+cause) instead of failing: an older GPU generation skips the varlen kernels;
+fp32 on CUDA (no varlen kernel takes fp32) uses ``sdpa_loop``; a ``varlen_attn``
+without the ``scale`` keyword (its signature changed across releases) gets q
+pre-scaled instead; a kernel that raises at run time (a flash-attn build for
+another GPU or torch) is dropped for the rest of the process and the call is
+redone with ``sdpa_loop``. None of these paths has run on a GPU in this
+project's CI (no GPU there); the selection logic is tested on CPU with fakes.
 """
 from __future__ import annotations
 
 import functools
+import inspect
+import warnings
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa_loop", "padded")
+MIN_CAPABILITY = (8, 0)  # flash-attn 2 and PyTorch's varlen kernel: Ampere or newer
+_BROKEN: set[str] = set()  # backends that raised at run time in this process
+_WARNED: set[str] = set()
 
 # PyTorch's CPU attention kernels are several times slower in bf16/fp16 than in
 # fp32, the backward most of all (benchmarks/bench_attention.py: ~6-8x at 64-256
@@ -48,6 +62,16 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """CUDA compute capability of ``device`` (a function of its own so tests can fake a GPU)."""
+    return tuple(torch.cuda.get_device_capability(device))
+
 
 @functools.lru_cache(maxsize=None)
 def _flash_attn_varlen():
@@ -68,14 +92,26 @@ def _torch_varlen():
 
 
 def available_backends(device: torch.device | str, dtype: torch.dtype) -> list[str]:
-    """Backends usable for tensors of this device and dtype, in ``auto`` preference order."""
+    """Backends usable for tensors of this device and dtype, in ``auto`` preference order.
+
+    On CUDA this checks the dtype (fp16/bf16), the GPU generation and whether
+    the kernel is installed, and warns once about each reason a varlen kernel
+    is skipped.
+    """
     device = torch.device(device)
-    half = dtype in (torch.float16, torch.bfloat16)
     out = []
-    if device.type == "cuda" and half and _flash_attn_varlen() is not None:
-        out.append("flash_attn")
-    if device.type == "cuda" and half and _torch_varlen() is not None:
-        out.append("torch_varlen")
+    if device.type == "cuda":
+        have = {"flash_attn": _flash_attn_varlen() is not None, "torch_varlen": _torch_varlen() is not None}
+        if any(have.values()) and dtype not in (torch.float16, torch.bfloat16):
+            _warn_once(f"dtype-{dtype}", f"attention: no variable-length CUDA kernel takes {dtype}; using one SDPA "
+                       "call per sequence length (sdpa_loop). Run in bf16 (train.precision=bf16) for the varlen kernels")
+        elif any(have.values()):
+            cap = _capability(device)
+            if cap < MIN_CAPABILITY:
+                _warn_once(f"cap-{cap}", f"attention: the varlen kernels need compute capability >= "
+                           f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, this GPU has {cap[0]}.{cap[1]}; using sdpa_loop")
+            else:
+                out += [name for name in ("flash_attn", "torch_varlen") if have[name] and name not in _BROKEN]
     return out + ["sdpa_loop", "padded"]
 
 
@@ -150,10 +186,25 @@ def _flash(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
     return _flash_attn_varlen()(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen), softmax_scale=scale)
 
 
+@functools.lru_cache(maxsize=None)
+def _accepts_scale(fn) -> bool:
+    try:
+        return "scale" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature: assume the current API
+        return True
+
+
 def _torch_varlen_call(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
     cu = cu_seqlens.to(torch.int32)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _torch_varlen()(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen), scale=scale)
+    fn = _torch_varlen()
+    if scale is None:
+        return fn(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen))
+    if _accepts_scale(fn):
+        return fn(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen), scale=scale)
+    # Older varlen_attn without `scale`: it uses 1/sqrt(d); scaling q gives the same scores.
+    q = q * (scale * q.shape[-1] ** 0.5)
+    return fn(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen))
 
 
 _IMPLS = {"flash_attn": _flash, "torch_varlen": _torch_varlen_call, "sdpa_loop": _sdpa_loop, "padded": _padded}
@@ -178,6 +229,14 @@ def varlen_attention(
     if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must all be (T, H, d), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     name = resolve_backend(backend, q.device, q.dtype)
+    if name in ("flash_attn", "torch_varlen"):
+        try:
+            return _IMPLS[name](q, k, v, cu_seqlens, max_seqlen, lengths, scale)
+        except (RuntimeError, TypeError) as e:  # kernel built for another GPU / torch, API drift
+            _BROKEN.add(name)
+            _warn_once(f"broken-{name}", f"attention: the {name} kernel failed ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}); falling back to sdpa_loop from now on")
+            name = "sdpa_loop"
     if lengths is None and name in ("sdpa_loop",):
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     return _IMPLS[name](q, k, v, cu_seqlens, max_seqlen, lengths, scale)

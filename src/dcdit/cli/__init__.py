@@ -19,6 +19,7 @@ COMMANDS = [
     "train",
     "sample",
     "evaluate",
+    "reference",
     "flops",
     "bench",
     "visualize",

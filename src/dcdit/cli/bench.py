@@ -14,6 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, choices=(4, 16), default=4, help="DC-DiT compression preset N (default: 4)")
     p.add_argument("--dit-ckpt", default=None, help="use this DiT checkpoint instead of random weights")
     p.add_argument("--dcdit-ckpt", default=None, help="use this DC-DiT checkpoint instead of random weights")
+    p.add_argument("--which", choices=("ema", "model"), default="ema",
+                   help="checkpoints: weights to load (default: ema, else model)")
     p.add_argument("--image-size", type=int, default=256, help="random models: image size (default: 256)")
     p.add_argument("--in-channels", type=int, default=4, help="random models: 4 = latents (size/8), else pixels")
     p.add_argument("--tail-drop", type=fraction_list, default=[0.0, 0.3, 0.5],
@@ -39,7 +41,7 @@ def run(args) -> int:
     import torch
 
     from dcdit.checkpoint import load_model, save_json
-    from dcdit.sampling import create_sampling_diffusion, model_info
+    from dcdit.sampling import create_sampling_diffusion, model_info, sample
     from dcdit.sampling.cost import build_named_model, calibrate_router_bias, measure_run_cost, time_interleaved
     from dcdit.sampling.seeds import labels_for_indices
 
@@ -53,17 +55,15 @@ def run(args) -> int:
 
     dit_name, dc_name = f"DiT-{args.size}/{args.patch}", f"DC-DiT-{args.size}-N{args.n}"
     if args.dit_ckpt:
-        dit, dit_label = load_model(args.dit_ckpt, map_location=device), Path(args.dit_ckpt).name
+        dit = load_model(args.dit_ckpt, which=args.which, map_location=device)
+        dit_label = f"{Path(args.dit_ckpt).name} ({args.which})"
     else:
         dit, dit_label = build_named_model(dit_name, args.image_size, args.in_channels).to(device), dit_name
     if args.dcdit_ckpt:
-        dc, dc_label = load_model(args.dcdit_ckpt, map_location=device), Path(args.dcdit_ckpt).name
+        dc = load_model(args.dcdit_ckpt, which=args.which, map_location=device)
+        dc_label = f"{Path(args.dcdit_ckpt).name} ({args.which})"
     else:
         dc, dc_label = build_named_model(dc_name, args.image_size, args.in_channels).to(device), dc_name
-        if not args.no_calibrate:
-            target = args.keep_share if args.keep_share is not None else 1.0 / args.n
-            reached = calibrate_router_bias(dc, target)
-            dc_label += f" (router set to keep {reached:.2f})"
     di, ci = model_info(dit), model_info(dc)
     if (di["in_channels"], di["input_hw"]) != (ci["in_channels"], ci["input_hw"]):
         raise ValueError(f"the two models see different inputs: {dit_label} {di['in_channels']}x{di['input_hw']}, "
@@ -71,6 +71,13 @@ def run(args) -> int:
     num_classes = min(di["num_classes"], ci["num_classes"])
     labels = labels_for_indices(range(args.batch_size), num_classes)
     common = dict(seed=0, sampler="ddim", cfg_scale=args.cfg_scale, clip_denoised=False, device=device)
+    if not args.dcdit_ckpt and not args.no_calibrate:
+        # Calibrate on the timed run itself, so the share in the label is the f = 0 row's kept share.
+        target = args.keep_share if args.keep_share is not None else 1.0 / args.n
+        d0 = create_sampling_diffusion("ddim", args.steps, ci["learn_sigma"])
+        reached = calibrate_router_bias(dc, target, share_fn=lambda: sample(
+            dc, d0, labels, tail_drop=0.0, measure_flops=False, **common)[1].mean_kept_share[0])
+        dc_label += f" (router calibrated: keeps {reached:.3f} at f=0)"
 
     setups = []  # (label, arch, fraction, model, diffusion)
     for model, label, fractions in ((dit, dit_label, [0.0]), (dc, dc_label, args.tail_drop)):

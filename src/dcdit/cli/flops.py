@@ -22,6 +22,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="model directory, run directory or weights file")
     src.add_argument("--model", help="registry name with random weights, e.g. DiT-S/2 or DC-DiT-S-N4")
+    p.add_argument("--which", choices=("ema", "model"), default="ema",
+                   help="--ckpt: weights to load (default: ema, else model)")
     p.add_argument("--image-size", type=int, default=256, help="--model: image size in pixels (default: 256)")
     p.add_argument("--in-channels", type=int, default=4, help="--model: 4 = SD-VAE latents (size/8), else pixels")
     p.add_argument("--num-classes", type=int, default=1000, help="--model: classes (default: 1000)")
@@ -29,8 +31,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="--model DC-DiT: set the untrained router's bias to keep about SHARE of the tokens")
 
 
-def load_for_cost(args):
-    """The model named by --ckpt or --model (with optional router calibration) and a label for tables."""
+def load_for_cost(args, share_fn_for=None):
+    """The model named by --ckpt or --model (with optional router calibration) and a label for tables.
+
+    ``share_fn_for(model)`` gives the kept-share measurement the calibration
+    aims at (the run that is then counted); default: noise inputs.
+    """
     from pathlib import Path
 
     from dcdit.checkpoint import load_model
@@ -39,12 +45,13 @@ def load_for_cost(args):
     if args.ckpt:
         if args.calibrate_router is not None:
             raise ValueError("--calibrate-router is for untrained --model networks, not checkpoints")
-        return load_model(args.ckpt), Path(args.ckpt).name
+        return load_model(args.ckpt, which=args.which), f"{Path(args.ckpt).name} ({args.which})"
     model = build_named_model(args.model, args.image_size, args.in_channels, args.num_classes)
     label = f"{args.model} (random init)"
     if args.calibrate_router is not None:
-        share = calibrate_router_bias(model, args.calibrate_router)
-        label = f"{args.model} (random init, router set to keep {share:.2f})"
+        share_fn = share_fn_for(model) if share_fn_for is not None else None
+        share = calibrate_router_bias(model, args.calibrate_router, share_fn=share_fn)
+        label = f"{args.model} (random init, router calibrated: keeps {share:.3f} at tail drop 0)"
     return model, label
 
 
@@ -63,21 +70,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from dcdit.checkpoint import save_json
-    from dcdit.sampling import create_sampling_diffusion, model_info, supports_tail_drop
+    from dcdit.sampling import create_sampling_diffusion, model_info, sample, supports_tail_drop
     from dcdit.sampling.cost import measure_run_cost
     from dcdit.sampling.seeds import labels_for_indices
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-    model, label = load_for_cost(args)
-    info = model_info(model)
+    def run_kwargs(model):
+        info = model_info(model)
+        diffusion = create_sampling_diffusion(args.sampler, args.steps, info["learn_sigma"])
+        labels = labels_for_indices(range(args.batch_size), info["num_classes"])
+        return diffusion, labels, dict(seed=args.seed, sampler=args.sampler, cfg_scale=args.cfg_scale,
+                                       clip_denoised=False)
+
+    def share_fn_for(model):  # calibrate on the counted run itself (tail drop 0)
+        diffusion, labels, kw = run_kwargs(model)
+        return lambda: sample(model, diffusion, labels, measure_flops=False, **kw)[1].mean_kept_share[0]
+
+    model, label = load_for_cost(args, share_fn_for)
     if not supports_tail_drop(model) and (any(args.tail_drop) or args.uncond_drop is not None):
         raise ValueError(f"tail dropping needs a DC-DiT; {label} is a {type(model).__name__}")
-    diffusion = create_sampling_diffusion(args.sampler, args.steps, info["learn_sigma"])
-    labels = labels_for_indices(range(args.batch_size), info["num_classes"])
-    costs = [measure_run_cost(model, diffusion, labels, seed=args.seed, sampler=args.sampler,
-                              cfg_scale=args.cfg_scale, tail_drop=f, uncond_drop=args.uncond_drop,
-                              clip_denoised=False) for f in args.tail_drop]
+    diffusion, labels, kw = run_kwargs(model)
+    costs = [measure_run_cost(model, diffusion, labels, tail_drop=f, uncond_drop=args.uncond_drop, **kw)
+             for f in args.tail_drop]
     print(f"{label} | {args.sampler.upper()} {args.steps} steps | batch {args.batch_size} | cfg {args.cfg_scale:g}"
           + (f" | uncond drop {args.uncond_drop:g}" if args.uncond_drop is not None else ""))
     print("GFLOPs = 2 x GMACs, attention included; per image (with guidance both halves count).")

@@ -16,14 +16,22 @@ def run(args) -> int:
     from dcdit.flops import dit_macs
     from dcdit.models import DIT_CONFIGS, build_dit
 
+    if args.image_size < 8 or args.image_size % 8:
+        raise ValueError(f"--image-size must be a positive multiple of 8 (the SD-VAE downsamples by 8), "
+                         f"got {args.image_size}")
     latent = args.image_size // 8
     meta = torch.device("meta")  # parameter counts without allocating weights
     print(f"dcdit {__version__} | torch {torch.__version__} | input {args.image_size}px = {latent}x{latent}x4 latent")
     print("GMACs per forward of one image (FLOPs = 2 x MACs). 'GMACs' counts linear layers, convolutions and")
     print("attention (the DiT paper's convention); 'no-attn' leaves attention out (PyTorch's FlopCounterMode on CPU).")
     print(f"{'model':<16} {'params (M)':>11} {'tokens':>8} {'GMACs':>9} {'no-attn':>9}")
+    skipped = []
     for name in DIT_CONFIGS:
         if args.filter not in name:
+            continue
+        patch = DIT_CONFIGS[name]["patch_size"]
+        if latent % patch:
+            skipped.append(name)
             continue
         with meta:
             model = build_dit(name, input_size=latent).eval()
@@ -31,6 +39,8 @@ def run(args) -> int:
         # Analytic count, equal to FlopCounterMode on a real forward (tests/test_flops.py).
         gmacs, no_attn = dit_macs(**model.config) / 1e9, dit_macs(**model.config, attention=False) / 1e9
         print(f"{name:<16} {n_params / 1e6:>11.1f} {model.x_embedder.num_patches:>8d} {gmacs:>9.2f} {no_attn:>9.2f}")
+    if skipped:
+        print(f"(not shown: {', '.join(skipped)}: the patch size does not divide the {latent}x{latent} latent)")
     from dcdit.flops import nominal_dcdit_report
     from dcdit.models import DCDIT_PRESETS
 

@@ -42,8 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Lite-CFG: tail-drop fraction of the conditional half (same as --tail-drop)")
     b.add_argument("--uncond-drop", type=_fraction, default=None,
                    help="Lite-CFG: tail-drop fraction of the unconditional half (needs --cfg-scale != 1)")
-    b.add_argument("--probe-size", type=int, default=4, help="samples in the budget probe (default: 4)")
-    b.add_argument("--probe-steps", type=int, default=10, help="DDIM steps of the budget probe (default: 10)")
+    b.add_argument("--probe-size", type=int, default=32,
+                   help="budget probe: the run's first N samples, sampled exactly as the real run "
+                        "(default: 32; a probe covering the whole run is exact, a smaller one misses by "
+                        "about the per-image spread / sqrt(N))")
+    b.add_argument("--probe-steps", type=int, default=None,
+                   help="budget probe: fewer sampling steps, evenly spread (cheaper, less accurate; "
+                        "default: all --steps)")
     o = p.add_argument_group("samples and output")
     o.add_argument("--num-samples", type=int, default=16, help="total samples (default: 16)")
     o.add_argument("--batch-size", type=int, default=16, help="samples per batch per process (default: 16)")
@@ -98,6 +103,8 @@ def run(args) -> int:
     budget = Budget.from_options(tail, args.keep_share, args.gflops)
     if args.uncond_drop is not None and args.cfg_scale == 1.0:
         raise ValueError("--uncond-drop (Lite-CFG) needs guidance: set --cfg-scale != 1")
+    if args.probe_size < 1 or (args.probe_steps is not None and args.probe_steps < 1):
+        raise ValueError("--probe-size and --probe-steps must be positive")
 
     dist_info = setup(args.device)
     rank, world = dist_info.rank, dist_info.world_size
@@ -141,12 +148,14 @@ def run(args) -> int:
                     sol = solve_budget(model, budget, probe_labels, diffusion=diffusion, seed=args.seed,
                                        cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels,
                                        uncond_drop=args.uncond_drop, probe_size=n_probe,
-                                       probe_steps=min(args.probe_steps, args.steps))
+                                       probe_steps=args.probe_steps, sampler=args.sampler, eta=args.eta,
+                                       clip_denoised=clip)
                 except ValueError as e:
                     error = str(e)
                 else:
                     log(f"budget: {budget.kind} {budget.value:g} -> tail-drop fraction {sol.fraction:.4f} "
-                        f"(probe measured {sol.measured:.4g}, {len(sol.evaluations)} probe runs)")
+                        f"(probe of {n_probe} of {args.num_samples} samples measured {sol.measured:.4g}, "
+                        f"{len(sol.evaluations)} probe runs)")
             if world > 1:  # share the fraction (or the error, so no rank waits forever)
                 import torch.distributed as dist
 
@@ -187,6 +196,12 @@ def run(args) -> int:
         if st is not None and st.mean_kept_share is not None:
             msg += f"; kept share {st.mean_kept_share[0]:.3f}"
         print(msg)
+        if budget is not None and budget.kind != "tail_drop" and st is not None:
+            check = budget_check(budget, st, min(args.probe_size, args.num_samples), args.num_samples,
+                                 args.probe_steps is not None and args.probe_steps < args.steps)
+            if check is not None:
+                summary["budget"].update(check)
+                log(check["message"])
         if args.stats_json:
             save_json(args.stats_json, json.loads(json.dumps(summary, default=float)))
             written.append(Path(args.stats_json))
@@ -196,3 +211,34 @@ def run(args) -> int:
         return 0
     finally:
         teardown(dist_info)
+
+
+def budget_check(budget, stats, n_probe: int, n_run: int, short_probe: bool) -> dict | None:
+    """What the real run achieved against a kept-share / GFLOPs target, and why it missed if it did.
+
+    Returns ``{"achieved", "relative_error", "message"}``, or None when the run
+    measured nothing to compare (GFLOPs with ``--flops none``).
+    """
+    if budget.kind == "gflops":
+        achieved = stats.gflops_per_step
+        unit, measured = "GFLOPs/image/step", stats.flops_per_step
+        n_measured = None if measured is None else measured.shape[1]
+    else:
+        achieved = None if stats.mean_kept_share is None else stats.mean_kept_share[0]
+        unit, n_measured = "kept share", stats.num_images
+    if achieved is None:
+        return None
+    err = (achieved - budget.value) / budget.value
+    msg = (f"budget: target {budget.kind} {budget.value:g}, achieved {achieved:.4g} {unit} over "
+           f"{n_measured} samples ({err:+.1%})")
+    if abs(err) > budget.tolerance:
+        why = []
+        if short_probe:
+            why.append("the probe ran fewer steps than the run (--probe-steps): its trajectories differ")
+        if n_probe < n_run:
+            why.append(f"the probe saw {n_probe} of the {n_run} samples and the router keeps more tokens on some "
+                       f"images than others: raise --probe-size (a probe of every sample is exact)")
+        if not why:
+            why.append("the cost moves in whole tokens")
+        msg = f"warning: {msg} misses the target by more than {budget.tolerance:.0%}: " + "; ".join(why)
+    return {"achieved": float(achieved), "relative_error": float(err), "message": msg}

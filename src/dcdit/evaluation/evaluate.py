@@ -4,10 +4,15 @@ Samples and reference may each be an ADM ``.npz`` (``arr_0`` images), an image
 folder, a statistics ``.npz`` (``mu``/``sigma``, see :mod:`.stats`), a uint8
 NHWC array or an :class:`~dcdit.evaluation.io.ImageSource`.
 
-Metrics: ``fid``; ``is`` (samples only, needs an extractor with class
-probabilities); ``pr`` (precision and recall, k = 3); ``kid``; ``acc``
-(share of conditional samples the classifier assigns to their own label;
-needs labels in the samples file).
+Metrics: ``fid``; ``sfid`` (FID on Inception's spatial mixed_6/conv
+features, as ADM's evaluator; Inception only); ``is`` (samples only, needs an
+extractor with class probabilities); ``pr`` (precision and recall, k = 3);
+``kid``; ``acc`` (share of conditional samples the classifier assigns to
+their own label; needs labels in the samples file).
+
+Warnings (``warnings.warn``) flag sets smaller than the feature dimension
+(rank-deficient covariance: FID biased upward) and sample / reference images
+of different size or channel count.
 
 As ADM's evaluator does, a reference ``.npz`` that holds both images and
 ``mu``/``sigma`` uses the stored statistics for FID (when they belong to the
@@ -17,11 +22,13 @@ standard Inception) and its images for the other metrics.
 """
 from __future__ import annotations
 
+import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
 from dcdit.evaluation import inception
-from dcdit.evaluation.features import FeatureExtractor, build_extractor
+from dcdit.evaluation.features import FeatureExtractor, InceptionSpatial, InceptionV3, build_extractor
 from dcdit.evaluation.io import ArrayImages, ImageSource, npz_keys, open_images
 from dcdit.evaluation.metrics import (
     class_accuracy,
@@ -32,7 +39,7 @@ from dcdit.evaluation.metrics import (
 )
 from dcdit.evaluation.stats import FeatureSet, compute_feature_set, load_stats
 
-METRICS = ("fid", "is", "pr", "kid", "acc")
+METRICS = ("fid", "sfid", "is", "pr", "kid", "acc")
 
 
 def parse_metrics(spec) -> list[str]:
@@ -49,6 +56,7 @@ class _Side:
 
     def __init__(self, obj, role: str, limit: int | None):
         self.role = role
+        self.has_spatial = False
         self.images: ImageSource | None = None
         self.stored: FeatureSet | None = None
         if isinstance(obj, ImageSource):
@@ -58,6 +66,7 @@ class _Side:
             if not p.exists():
                 raise FileNotFoundError(f"{p}: {role} not found")
             keys = npz_keys(p) if p.is_file() else []
+            self.has_spatial = "mu_s" in keys and "sigma_s" in keys
             if "mu" in keys and "sigma" in keys:
                 self.stored = load_stats(p)
             if p.is_dir() or "arr_0" in keys or not self.stored:
@@ -97,10 +106,13 @@ def evaluate(
     kid_subset_size: int = 1000,
     use_reference_stats: bool = True,
     log: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> dict:
     """Compute ``metrics`` for ``samples`` against ``reference``; returns a flat dict.
 
-    Keys: ``fid``, ``is``/``is_std``, ``precision``/``recall``, ``kid``/``kid_std``,
+    ``progress``: a tqdm bar (stderr) per feature extraction.
+
+    Keys: ``fid``, ``sfid``, ``is``/``is_std``, ``precision``/``recall``, ``kid``/``kid_std``,
     ``acc`` for the requested metrics, plus ``feature``, ``n_samples``,
     ``n_reference`` and ``reference_stats`` (``stored`` or ``computed``).
     """
@@ -111,7 +123,7 @@ def evaluate(
     smp = _Side(samples, "samples", limit)
     ref = _Side(reference, "reference", None) if reference is not None else None
 
-    need_ref = [m for m in metrics if m in ("fid", "pr", "kid")]
+    need_ref = [m for m in metrics if m in ("fid", "sfid", "pr", "kid")]
     need_probs = [m for m in metrics if m in ("is", "acc")]
     if need_ref and ref is None:
         raise ValueError(f"metric(s) {', '.join(need_ref)} need a reference")
@@ -121,6 +133,15 @@ def evaluate(
             "(the fid-helper InceptionV3 file has no classification head): use --feature classifier:PATH "
             "or a torchscript:PATH network with logits"
         )
+    spatial = None
+    if "sfid" in metrics:
+        if not isinstance(extractor, InceptionV3):
+            raise ValueError(f"metric sfid needs the Inception network (--feature inception), not {extractor.name}")
+        spatial = InceptionSpatial(extractor)
+        for side in (smp, ref):
+            if side.images is None and not side.has_spatial:
+                raise ValueError(f"metric sfid: the {side.role} statistics file has no spatial statistics "
+                                 "(mu_s, sigma_s): give images, or write the file with `dcdit reference --stats`")
     if "acc" in metrics and smp.labels is None:
         raise ValueError("metric acc needs class labels in the samples file (arr_1 or labels)")
     for side in (smp, ref):
@@ -139,12 +160,19 @@ def evaluate(
             if side is smp and need_probs and side.stored.probs is None:
                 raise ValueError(f"samples statistics file has no probabilities for {', '.join(need_probs)}")
 
-    def features_of(side: _Side, want_probs: bool) -> FeatureSet:
+    _warn_about_sets(smp, ref, metrics, extractor)
+
+    def features_of(side: _Side, want_probs: bool, ex: FeatureExtractor = extractor) -> FeatureSet:
         if side.images is None:
-            return side.stored
+            return load_stats(side.stored.path, spatial=True) if ex is spatial else side.stored
         n = len(side.images)
-        log(f"{side.role}: extracting {extractor.name} features of {n} images from {side.images.name}")
-        return compute_feature_set(side.images, extractor, want_probs=want_probs, cache_dir=cache_dir, use_cache=use_cache)
+        log(f"{side.role}: extracting {ex.name} features of {n} images from {side.images.name}")
+        from tqdm.auto import tqdm
+
+        with tqdm(total=n, desc=f"{side.role} {ex.name}", unit="img", disable=not progress, file=sys.stderr,
+                  leave=False) as bar:
+            return compute_feature_set(side.images, ex, want_probs=want_probs, cache_dir=cache_dir,
+                                       use_cache=use_cache, progress=lambda done: bar.update(done - bar.n))
 
     result: dict = {"feature": extractor.name}
     s_fs = features_of(smp, bool(need_probs))
@@ -163,6 +191,11 @@ def evaluate(
             if r_stats.mu.shape != s_fs.mu.shape:
                 raise ValueError(f"feature sizes differ: samples {s_fs.mu.shape[0]}, reference {r_stats.mu.shape[0]}")
             result["fid"] = frechet_distance(s_fs.mu, s_fs.sigma, r_stats.mu, r_stats.sigma)
+        elif m == "sfid":
+            s_sp = features_of(smp, False, spatial)
+            use_stored_s = ref.images is None or (use_reference_stats and ref.has_spatial and ref.stored_matches(extractor))
+            r_sp = load_stats(ref.stored.path, spatial=True) if use_stored_s else features_of(ref, False, spatial)
+            result["sfid"] = frechet_distance(s_sp.mu, s_sp.sigma, r_sp.mu, r_sp.sigma)
         elif m == "is":
             result["is"], result["is_std"] = inception_score(s_fs.probs, splits=is_splits)
         elif m == "pr":
@@ -177,16 +210,39 @@ def evaluate(
     return result
 
 
+def _warn_about_sets(smp: _Side, ref: "_Side | None", metrics: list[str], extractor: FeatureExtractor) -> None:
+    """Warn about sets too small for their feature covariance, and samples unlike their reference."""
+    dims = {"fid": extractor.dim, "sfid": InceptionSpatial.dim_of() if "sfid" in metrics else None}
+    for side in (smp, ref):
+        if side is None or side.images is None:
+            continue
+        n = len(side.images)
+        for m in ("fid", "sfid"):
+            d = dims[m]
+            if m in metrics and d and n < d:
+                warnings.warn(f"{side.role}: {n} images for {d}-d {m} features: the covariance has rank < {d}, "
+                              f"so {m.upper()} is biased upward and only comparable at equal set sizes "
+                              f"(use at least {d} images; the standard is 50000)", stacklevel=3)
+                break
+    if ref is not None and smp.images is not None and ref.images is not None:
+        a, b = smp.images, ref.images
+        if tuple(a.image_size) != tuple(b.image_size) or a.channels != b.channels:
+            warnings.warn(f"samples are {a.image_size[0]}x{a.image_size[1]}x{a.channels}, the reference "
+                          f"{b.image_size[0]}x{b.image_size[1]}x{b.channels}: both are resized and made RGB for the "
+                          "feature network, but the difference alone moves the scores; compare like with like",
+                          stacklevel=3)
+
+
 def format_table(result: dict) -> str:
     """A small two-column text table of an :func:`evaluate` result."""
     rows = []
-    for key in ("fid", "is", "precision", "recall", "kid", "acc"):
+    for key in ("fid", "sfid", "is", "precision", "recall", "kid", "acc"):
         if key in result:
             val = result[key]
             text = f"{val:.6f}" if key == "kid" else f"{val:.4f}"
             if key + "_std" in result:
                 text += f" ± {result[key + '_std']:.{6 if key == 'kid' else 4}f}"
-            rows.append((key.upper() if key in ("fid", "is", "kid") else key, text))
+            rows.append(({"sfid": "sFID"}.get(key, key.upper() if key in ("fid", "is", "kid") else key), text))
     for key in ("feature", "n_samples", "n_reference", "reference_stats"):
         if key in result:
             rows.append((key, str(result[key])))

@@ -51,7 +51,7 @@ class FeatureExtractor:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.batch_size = int(batch_size)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
 
     def _forward(self, images: np.ndarray, want_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(features (n, D), probabilities (n, K) or None) for one uint8 NHWC batch."""
@@ -131,6 +131,61 @@ class InceptionV3(FeatureExtractor):
 
         x = inception.preprocess(to_rgb(images), self.device)
         return self.net(x), None
+
+
+# Stages of the fid-helper TorchScript (``net.net.layers``) before mixed_6, in order.
+_STEM = ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed", "mixed_1", "mixed_2",
+         "mixed_3", "mixed_4", "mixed_5")
+SPATIAL_CHANNELS = 7  # ADM's sFID: mixed_6/conv[..., :7] of the 17x17 map = 2023 features
+
+
+class InceptionSpatial(FeatureExtractor):
+    """sFID's features: the first 7 channels of InceptionV3's ``mixed_6/conv`` 17x17 map, flattened (2023-d).
+
+    As ADM's evaluator (guided-diffusion ``evaluations/evaluator.py``) takes
+    ``mixed_6/conv:0[..., :7]``: the output of mixed_6's 1x1 conv branch after
+    its batch norm and ReLU, flattened in (H, W, C) order. The fid-helper
+    TorchScript exposes its stages (``net.net.layers.mixed_6.conv`` is that
+    conv + batch norm + ReLU), so the network runs only up to there.
+    """
+
+    has_probs = False
+
+    def __init__(self, inception: "InceptionV3 | None" = None, path=None, batch_size: int = 50, device="cpu"):
+        if inception is None:
+            inception = InceptionV3(path, batch_size=batch_size, device=device)
+        super().__init__(inception.batch_size, inception.device)
+        layers = getattr(getattr(inception.net, "net", None), "layers", None)
+        missing = [n for n in _STEM + ("mixed_6",) if layers is None or not hasattr(layers, n)]
+        if missing or not hasattr(getattr(layers, "mixed_6", None), "conv"):
+            raise ValueError(f"sFID needs the spatial mixed_6/conv features, which {inception.name} does not "
+                             "expose (expected the fid-helper TorchScript layout net.net.layers.mixed_6.conv)")
+        self.layers = layers
+        self.name = f"{inception.name}-mixed6conv{SPATIAL_CHANNELS}"
+        self.dim = SPATIAL_CHANNELS * 17 * 17
+
+    @staticmethod
+    def dim_of() -> int:
+        return SPATIAL_CHANNELS * 17 * 17
+
+    def _forward(self, images, want_probs):
+        return self.pool_and_spatial(images, pool=False)[1], None
+
+    @torch.no_grad()
+    def pool_and_spatial(self, images, pool: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(pool_3 features (n, 2048) or None, spatial features (n, 2023)) of uint8 NHWC images in one pass."""
+        from dcdit.evaluation import inception
+
+        h = inception.preprocess(to_rgb(check_images(images)), self.device)
+        for name in _STEM:
+            h = getattr(self.layers, name)(h)
+        sp = self.layers.mixed_6.conv(h)[:, :SPATIAL_CHANNELS]  # (n, 7, 17, 17)
+        sp = sp.permute(0, 2, 3, 1).flatten(1)  # TF's NHWC order
+        if not pool:
+            return None, sp
+        for name in ("mixed_6", "mixed_7", "mixed_8", "mixed_9", "mixed_10", "pool2"):
+            h = getattr(self.layers, name)(h)
+        return h.reshape(-1, 2048), sp
 
 
 # --------------------------------------------------------------------------- TorchScript
@@ -238,6 +293,7 @@ def build_extractor(spec: str = "inception", batch_size: int = 50, device="cpu",
     """
     kind, _, path = spec.partition(":")
     kind = kind.strip().lower()
+    device = resolve_device(device)
     if kind == "inception":
         return InceptionV3(path or None, batch_size=batch_size, device=device)
     if kind in ("classifier", "torchscript") and not path:
@@ -250,3 +306,10 @@ def build_extractor(spec: str = "inception", batch_size: int = 50, device="cpu",
             kw["input_range"] = input_range
         return TorchScriptExtractor(path, input_size=input_size, batch_size=batch_size, device=device, **kw)
     raise ValueError(f"unknown feature extractor {spec!r}: use inception, inception:PATH, classifier:PATH or torchscript:PATH")
+
+
+def resolve_device(device) -> torch.device:
+    """``"auto"`` (or None): CUDA when available, else CPU; anything else as given."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

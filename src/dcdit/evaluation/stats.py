@@ -80,21 +80,30 @@ def is_stats_file(path) -> bool:
     return "mu" in keys and "sigma" in keys
 
 
-def load_stats(path) -> FeatureSet:
-    """Read a statistics ``.npz`` (ours, pytorch-fid's or an ADM reference batch's)."""
+def load_stats(path, spatial: bool = False) -> FeatureSet:
+    """Read a statistics ``.npz`` (ours, pytorch-fid's or an ADM reference batch's).
+
+    ``spatial``: the sFID statistics ``mu_s``/``sigma_s`` of the same file instead (ADM reference batches
+    and ``dcdit reference --stats`` files carry both).
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such statistics file")
+    mu_key, sigma_key = ("mu_s", "sigma_s") if spatial else ("mu", "sigma")
     with np.load(p) as f:
-        if "mu" not in f.files or "sigma" not in f.files:
-            raise ValueError(f"{p}: not a statistics file (needs 'mu' and 'sigma', has {', '.join(f.files)})")
-        mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
+        if mu_key not in f.files or sigma_key not in f.files:
+            raise ValueError(f"{p}: not a statistics file (needs '{mu_key}' and '{sigma_key}', has {', '.join(f.files)})")
+        mu, sigma = np.asarray(f[mu_key], np.float64), np.asarray(f[sigma_key], np.float64)
         if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
             raise ValueError(f"{p}: mu {mu.shape} and sigma {sigma.shape} do not match (D,) and (D, D)")
-        feats = np.asarray(f["features"], np.float64) if "features" in f.files else None
-        probs = np.asarray(f["probs"], np.float64) if "probs" in f.files else None
+        feats = np.asarray(f["features"], np.float64) if "features" in f.files and not spatial else None
+        probs = np.asarray(f["probs"], np.float64) if "probs" in f.files and not spatial else None
         n = int(f["n"]) if "n" in f.files else (feats.shape[0] if feats is not None else 0)
         extractor = str(f["extractor"]) if "extractor" in f.files else None
+        if spatial and extractor is not None:
+            from dcdit.evaluation.features import SPATIAL_CHANNELS
+
+            extractor = f"{extractor}-mixed6conv{SPATIAL_CHANNELS}"
         source = str(f["source"]) if "source" in f.files else None
     return FeatureSet(mu, sigma, n, extractor, source, feats, probs, p)
 

@@ -1,10 +1,15 @@
 """Compute budgets for elastic inference: a tail-drop fraction solved from a kept-share or GFLOPs target.
 
 DC-DiT's cost falls monotonically (in steps) as the tail-drop fraction ``f``
-grows. A target is met by bisection on ``f`` against a *measurement*: a short
-deterministic probe run (a few DDIM steps spread over the sampling schedule,
-on the first few samples of the batch) whose FLOPs are counted per step or
-whose kept-token share is averaged.
+grows. A target is met by bisection on ``f`` against a *measurement*: a probe
+run of the first few samples of the real run -- the same seeds, sampler
+(DDPM/DDIM, eta), clipping, guidance and, by default, every step of the real
+schedule, so the probe's samples follow exactly the trajectories the real run
+gives them -- whose FLOPs are counted per step or whose kept-token share is
+averaged. What is left between probe and real run is sampling variation: the
+router keeps more tokens on some images than on others, so a probe of n of the
+run's N samples misses the run's mean by about (per-image spread) / sqrt(n).
+A probe that covers the whole run is exact (up to whole tokens).
 
 Units: ``gflops`` is GFLOPs (2 FLOPs per MAC) per image per sampling step,
 averaged over the steps; under guidance both halves of the batch count.
@@ -30,7 +35,7 @@ class Budget:
 
     kind: str
     value: float
-    tolerance: float = 0.05
+    tolerance: float = 0.03
 
     def __post_init__(self) -> None:
         if self.kind not in BUDGET_KINDS:
@@ -85,7 +90,8 @@ def bisect_fraction(measure: Callable[[float], float], target: float, kind: str 
     (a probe measurement is a short sampling run, so evaluations are dear).
 
     Stops once within ``tolerance / 4`` of the target (the real run may drift
-    a little from the probe). Raises ValueError with the reachable range when
+    a little from the probe), or once the bracket is narrower than 0.001 in
+    ``f`` (the cost is a step function: whole tokens). Raises ValueError with the reachable range when
     the target lies outside it, or when no fraction comes within ``tolerance``
     (the cost moves in steps of whole tokens).
     """
@@ -112,7 +118,7 @@ def bisect_fraction(measure: Callable[[float], float], target: float, kind: str 
     # the midpoint whenever an interpolation step failed to halve the bracket.
     (a, fa), (b, fb) = (lo, top), (hi, bottom)
     interpolate = True
-    while abs(best[1] - target) > tolerance / 4 * abs(target) and len(evals) < max_evals and b - a > 1e-4:
+    while abs(best[1] - target) > tolerance / 4 * abs(target) and len(evals) < max_evals and b - a > 1e-3:
         width = b - a
         if interpolate and fa > fb:
             mid = a + (fa - target) / (fa - fb) * width
@@ -165,14 +171,20 @@ def solve_budget(
     guidance_channels: Optional[int] = None,
     uncond_drop: Optional[float] = None,
     probe_size: int = 4,
-    probe_steps: int = 10,
+    probe_steps: Optional[int] = None,
     max_fraction: float = MAX_FRACTION,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    clip_denoised: bool = False,
 ) -> BudgetSolution:
     """The tail-drop fraction meeting ``budget`` for this model and sampling setup.
 
-    The probe samples the first ``probe_size`` labels (with their seeds) for
-    ``probe_steps`` DDIM steps drawn from ``diffusion``'s schedule. A
-    ``tail_drop`` budget is returned as is.
+    The probe samples the first ``probe_size`` labels (with their seeds and
+    ``indices``) exactly as the real run will: ``sampler``, ``eta``,
+    ``clip_denoised`` and guidance as given, over all of ``diffusion``'s steps.
+    ``probe_steps`` (fewer steps, evenly spread) makes the probe cheaper but
+    its trajectories differ from the real run's, so it can miss the target by
+    more. A ``tail_drop`` budget is returned as is.
     """
     from dcdit.sampling.guidance import supports_tail_drop, unwrap
     from dcdit.sampling.sampler import sample
@@ -184,11 +196,13 @@ def solve_budget(
                          f"{type(unwrap(model)).__name__} has a fixed cost")
     labels = list(np.asarray(labels).reshape(-1)[:probe_size])
     indices = list(range(len(labels))) if indices is None else list(indices)[: len(labels)]
-    probe = probe_diffusion(diffusion, probe_steps)
+    full = probe_steps is None or probe_steps >= diffusion.num_timesteps
+    probe = diffusion if full else probe_diffusion(diffusion, probe_steps)
 
     def measure(f: float) -> float:
-        _, stats = sample(model, probe, labels, seed=seed, indices=indices, sampler="ddim", cfg_scale=cfg_scale,
-                          guidance_channels=guidance_channels, tail_drop=f, uncond_drop=uncond_drop,
+        _, stats = sample(model, probe, labels, seed=seed, indices=indices, sampler=sampler, eta=eta,
+                          cfg_scale=cfg_scale, guidance_channels=guidance_channels, tail_drop=f,
+                          uncond_drop=uncond_drop, clip_denoised=clip_denoised,
                           measure_flops=budget.kind == "gflops")
         if budget.kind == "gflops":
             return stats.gflops_per_step

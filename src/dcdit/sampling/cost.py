@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -125,13 +125,16 @@ def time_interleaved(runs: Sequence[tuple], repeats: int = 3, warmup: int = 1) -
 
 @torch.no_grad()
 def calibrate_router_bias(model: nn.Module, target_share: float, batch: int = 4, seed: int = 0,
-                          timesteps: Sequence[int] = (999, 750, 500, 250, 0), tol: float = 0.01) -> float:
+                          timesteps: Sequence[int] = (999, 750, 500, 250, 0), tol: float = 0.01,
+                          share_fn: Optional[Callable[[], float]] = None) -> float:
     """Set the first router's output bias so an *untrained* DC-DiT keeps about ``target_share`` of its tokens.
 
     For benchmarking random-init models only (a trained router's behaviour
     is what it is): bisects the bias of the router's last conv so the mean
-    natural kept share over noise inputs at ``timesteps`` hits the target.
-    Returns the kept share reached.
+    natural kept share hits the target. The share is ``share_fn()`` when given
+    (e.g. the kept share of the very sampling run that is then measured, so
+    the reported share is the one the run shows), else the share over noise
+    inputs at ``timesteps``. Returns the kept share reached.
     """
     from dcdit.sampling.guidance import model_info, unwrap
 
@@ -151,6 +154,8 @@ def calibrate_router_bias(model: nn.Module, target_share: float, batch: int = 4,
 
     def share(b: float) -> float:
         bias.fill_(b)
+        if share_fn is not None:
+            return float(share_fn())
         vals = []
         for t in timesteps:
             _, routing = m(x, torch.full((batch,), int(t), device=device), y)

@@ -206,7 +206,8 @@ def sample(
         tail_drop: DC-DiT tail-drop fraction (conditional half under guidance).
         uncond_drop: Lite-CFG fraction for the unconditional half.
         budget: instead of ``tail_drop``: a :class:`~dcdit.sampling.budget.Budget`
-            (kept share or GFLOPs target), solved on this batch with a short probe run.
+            (kept share or GFLOPs target), solved by probe runs of this whole batch
+            with this sampler and clipping (exact, at several runs' cost).
         clip_denoised: clamp predicted x_0 to [-1, 1] (pixel models; latents: False).
         measure_flops: count each step's FLOPs (slows CPU runs a little).
         callback: called after every step with a dict: "i" (step index, counting
@@ -241,7 +242,8 @@ def sample(
             raise ValueError(f"budget must be a dcdit.sampling.Budget, got {type(budget).__name__}")
         tail_drop = solve_budget(model, budget, labels, seed=seed, indices=indices, cfg_scale=cfg_scale,
                                  guidance_channels=guidance_channels, uncond_drop=uncond_drop,
-                                 diffusion=diffusion).fraction
+                                 diffusion=diffusion, probe_size=n, sampler=sampler, eta=eta,
+                                 clip_denoised=clip_denoised).fraction
 
     fn = make_model_fn(model, cfg_scale, guidance_channels, tail_drop, uncond_drop)
     guided = cfg_scale != 1.0

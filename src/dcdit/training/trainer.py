@@ -303,6 +303,9 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
             model = build_train_model(cfg, dataset)
             if not cfg.model.init_from:
                 init_label_table(model, cfg.model.label_init_std)
+            else:
+                log.info(f"model initialised from {cfg.model.init_from} ({cfg.model.init_which} weights"
+                         + (f", overrides {cfg.model.overrides}" if cfg.model.overrides else "") + ")")
         model.to(device).train()
         ema = copy.deepcopy(model).float().eval().requires_grad_(False)
         if ckpt is not None and ckpt["ema"] is not None:
@@ -336,6 +339,9 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
         log.info(f"run {run_dir} | {type(model).__name__} {n_params / 1e6:.2f}M params | {dataset.describe()} | "
                  f"{world} process(es) on {device}, batch {tc.global_batch_size} = {world} x {accum} x {micro}"
                  + (f" | resumed at step {step}" if step else ""))
+        if dcdit:
+            log.info("comp = compression L / kept tokens (product over stages): the router's own choice / "
+                     "after tail dropping; N = 4 aims at ~4x")
 
         # ---- data loader from the current step on
         stream = StepStream(len(dataset), tc.global_batch_size, tc.seed)
@@ -382,6 +388,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                                      cfg.diffusion.diffusion_steps, cfg.diffusion.noise_schedule, device, vae)
             if path is not None:
                 log.info(f"sample grid {path}")
+                log.image(step, "samples", path)
 
         # ---- the loop
         from tqdm import tqdm
@@ -462,6 +469,8 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                         if ratio_N:
                             metrics["ratio_N"] = ratio_N[0] if len(ratio_N) == 1 else ratio_N
                         log.log(step, metrics)
+                        if bar.disable:  # no progress bar: one line per log interval instead
+                            log.info(f"step {step}/{tc.steps} | " + " | ".join(f"{k} {v}" for k, v in post.items()))
                         running, n_running, t_log = {}, 0, time.time()
 
                 if cfg.samples.interval and step % cfg.samples.interval == 0:

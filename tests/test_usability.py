@@ -1,0 +1,196 @@
+"""What a new user runs into: bare DiT checkpoints everywhere, `info` at small sizes, `--which`,
+bench's calibrated share, and what training prints / logs (issue 16)."""
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dcdit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DIT = [
+    "model.arch=dit", "model.preset=DiT-S/2", "model.overrides={hidden_size: 32, depth: 1, num_heads: 2}",
+    "data.source=shapes", "data.num_samples=64", "data.image_size=8",
+    "train.global_batch_size=8", "train.log_interval=2", "train.ckpt_interval=1000", "train.progress=false",
+    "train.ema_decay=0.9", "train.device=cpu", "train.tensorboard=false", "optim.lr=1e-3", "samples.interval=0",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------- bare original-format DiT state dicts
+
+
+@pytest.fixture(scope="module")
+def bare_dit(tmp_path_factory):
+    """A tiny DiT saved as the released checkpoints are: a bare state dict in a .pt, no config.json."""
+    from dcdit.models import build_dit
+
+    torch.manual_seed(0)
+    m = build_dit("DiT-S/2", input_size=8, in_channels=4, depth=1, num_classes=10, learn_sigma=True)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    path = tmp_path_factory.mktemp("released") / "DiT-S-2-64x64.pt"
+    torch.save(m.state_dict(), path)
+    return path, m.eval()
+
+
+def test_bare_dit_state_dict_loads_with_inferred_config(bare_dit):
+    from dcdit.checkpoint import infer_config, load_model
+
+    path, ref = bare_dit
+    model = load_model(path)
+    assert model.config == ref.config  # every field read back off the weights
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 9])
+    torch.testing.assert_close(model(x, t, y), ref(x, t, y), rtol=0, atol=0)
+    state = ref.state_dict()
+    cfg = infer_config({k: v for k, v in state.items() if k != "final_layer.linear.weight"} |
+                       {"final_layer.linear.weight": torch.zeros(2 * 2 * 4, 384)})
+    assert cfg["learn_sigma"] is False
+    with pytest.raises(ValueError, match="no registry size"):
+        infer_config({**state, "t_embedder.mlp.0.weight": torch.zeros(100, 256)}, "odd.pt")
+    with pytest.raises(ValueError, match="not a DiT state dict.*config.json"):
+        infer_config({"w": torch.zeros(1)}, "dcdit.pt")
+
+
+def test_cli_commands_accept_a_bare_dit_checkpoint(bare_dit, tmp_path, capsys):
+    path, _ = bare_dit
+    npz = tmp_path / "lat.npz"
+    with pytest.warns(UserWarning, match="raw latents"):
+        assert main(["sample", "--ckpt", str(path), "--steps", "2", "--num-samples", "2", "--npz", str(npz),
+                     "--no-progress"]) == 0
+    with np.load(npz) as f:
+        assert f["latents"].shape == (2, 4, 8, 8)
+    assert main(["flops", "--ckpt", str(path), "--steps", "2", "--batch-size", "1", "--which", "model"]) == 0
+    out = capsys.readouterr().out
+    assert "DiT-S-2-64x64.pt (model)" in out and "total per image" in out
+    assert main(["bench", "--dit-ckpt", str(path), "--image-size", "64", "--steps", "1", "--repeats", "1",
+                 "--warmup", "0", "--batch-size", "1", "--tail-drop", "0", "--no-calibrate"]) == 0
+    assert "DiT-S-2-64x64.pt (ema)" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="latent"):
+        assert main(["visualize", "--ckpt", str(path), "--out", str(tmp_path / "viz"), "--steps", "2",
+                     "--per-class", "1", "--rows", "1", "--classes", "0,1"]) == 0
+    assert (tmp_path / "viz" / "class_grid.png").exists()
+
+
+# ----------------------------------------------------------------- info, flops/bench
+
+
+@pytest.mark.parametrize("size", [8, 32])
+def test_info_at_small_image_sizes(size, capsys):
+    assert main(["info", "--image-size", str(size), "--filter", "S"]) == 0
+    out = capsys.readouterr().out
+    (skipped,) = [l for l in out.splitlines() if l.startswith("(not shown:")]
+    assert "DiT-S/8" in skipped and ("DiT-S/2" in skipped) == (size == 8) and "DC-DiT-S-N4" in out
+    assert main(["info", "--image-size", "12"]) == 2
+    assert "multiple of 8" in capsys.readouterr().err
+
+
+def test_bench_label_shows_the_share_the_run_keeps(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--image-size", "32", "--steps", "2", "--repeats", "1", "--warmup", "0",
+                 "--batch-size", "2", "--tail-drop", "0", "--keep-share", "0.3", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    label = rows[1]["model"]
+    assert "router calibrated: keeps" in label
+    assert float(label.split("keeps ")[1].split(" ")[0]) == pytest.approx(rows[1]["kept_share"], abs=5e-4)
+    assert abs(rows[1]["kept_share"] - 0.3) <= 0.02
+
+
+# ----------------------------------------------------------------- training output
+
+
+def test_training_without_progress_bar_prints_loss_lines_and_init_from(tmp_path, capsys):
+    from dcdit.training import load_train_config, train
+
+    first = train(load_train_config(None, TINY_DIT + ["train.steps=2"]), out=tmp_path / "a")
+    capsys.readouterr()
+    train(load_train_config(None, TINY_DIT + ["train.steps=4", f"model.init_from={first}"]), out=tmp_path / "b")
+    err = capsys.readouterr().err
+    assert f"model initialised from {first} (ema weights" in err
+    lines = [l for l in err.splitlines() if l.startswith("step ")]
+    assert [l.split()[1] for l in lines] == ["2/4", "4/4"] and all("loss" in l and "img/s" in l for l in lines)
+
+
+class _FakeWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter (tensorboard itself is optional)."""
+
+    instances: list = []
+
+    def __init__(self, logdir):
+        self.logdir, self.scalars, self.images = logdir, [], []
+        _FakeWriter.instances.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def add_image(self, tag, img, step, dataformats="CHW"):
+        self.images.append((tag, np.asarray(img).shape, step, dataformats))
+
+    def close(self):
+        pass
+
+
+def test_tensorboard_gets_scalars_and_sample_grids(tmp_path, monkeypatch):
+    from dcdit.training import load_train_config, train
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = _FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    _FakeWriter.instances.clear()
+    sets = TINY_DIT + ["train.steps=2", "train.tensorboard=true", "samples.interval=2", "samples.num=4",
+                       "samples.steps=2"]
+    run = train(load_train_config(None, sets), out=tmp_path / "r")
+    (w,) = _FakeWriter.instances
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert ("train/loss", last["loss"], 2) in w.scalars
+    assert w.images and w.images[0][0] == "samples" and w.images[0][2] == 2 and w.images[0][1][-1] == 3
+
+
+def test_missing_tensorboard_is_said_not_silent(tmp_path, monkeypatch, capsys):
+    from dcdit.training.logging import MetricsLogger
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    log = MetricsLogger(tmp_path, True, tensorboard=True)
+    assert capsys.readouterr().err == ""  # held back until the run has started (errors before stay one line)
+    log.info("run started")
+    log.close()
+    err = capsys.readouterr().err
+    assert "TensorBoard is unavailable" in err and "pip install tensorboard" in err
+
+
+# ----------------------------------------------------------------- README and configs agree
+
+
+def _readme_option(command: str, option: str) -> str:
+    import re
+    import shlex
+
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.strip().startswith(f"dcdit {command} "):
+            argv = shlex.split(line.split("#")[0])
+            return argv[argv.index(option) + 1]
+    raise AssertionError(f"no `dcdit {command}` example in README.md")
+
+
+def test_readme_paths_are_the_ones_the_configs_read():
+    import yaml
+
+    from dcdit.training import load_train_config
+
+    upcycled = load_train_config(ROOT / "configs/imagenet256/dcdit_xl_n4_upcycled.yaml")
+    assert _readme_option("upcycle", "--out") == upcycled.model.init_from
+    base = yaml.safe_load((ROOT / "configs/imagenet256/base.yaml").read_text())
+    assert _readme_option("extract-features", "--out") == base["data"]["path"]
+    assert "latest ->" not in (ROOT / "configs/README.md").read_text()  # `latest` is a file, not a symlink
