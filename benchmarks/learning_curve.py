@@ -182,6 +182,12 @@ def train_gflops_per_image(model, image_size: int, channels: int, n: int = 16) -
 # --------------------------------------------------------------------------- one curve
 
 
+def save_curve(path: Path, curve: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(curve, indent=1))
+    os.replace(tmp, path)
+
+
 def run_curve(a) -> dict:
     from dcdit.checkpoint import load_model
     from dcdit.training import config_from_dict, train
@@ -216,6 +222,10 @@ def run_curve(a) -> dict:
             t0 = time.time()
             train(cfg, out=str(out / "run"), resume=True if at else None)
             curve["train_seconds"] += time.time() - t0
+            ck = find_checkpoint(out / "run")
+            if int(ck.name.split("-")[1]) < target:  # stopped by a signal: the checkpoint is saved, resume later
+                save_curve(curve_path, curve)
+                raise SystemExit(f"{out.name}: training stopped before step {target}; re-run to resume")
         model = load_model(out / "run", which="ema").eval()
         if gflops_img is None or a.model.startswith("dcdit"):
             gflops_img = train_gflops_per_image(copy.deepcopy(model).float(), 32, 1)
@@ -244,9 +254,7 @@ def run_curve(a) -> dict:
             point["images_per_sec"] = float(np.median([r["images_per_sec"] for r in rows[-20:]]))
         curve["points"].append(point)
         curve["points"].sort(key=lambda p: p["step"])
-        tmp = curve_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(curve, indent=1))
-        os.replace(tmp, curve_path)
+        save_curve(curve_path, curve)
         log(f"{out.name} step {target}: " + ", ".join(
             f"cfg {s:g} acc {point[f'cfg{s:g}']['class_acc']:.3f} FID {point[f'cfg{s:g}']['fid']:.1f}" for s in a.cfg)
             + f" | train {curve['train_seconds'] / 60:.1f} min")

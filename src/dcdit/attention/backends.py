@@ -49,13 +49,17 @@ _WARNED: set[str] = set()
 CPU_HALF_IN_FP32 = True
 
 
+def _cpu_half(q: torch.Tensor) -> bool:
+    return CPU_HALF_IN_FP32 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
          scale: Optional[float] = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` on (..., T, d); fp32 math for half-precision CPU tensors.
 
     The output has q's dtype either way, so callers (and autocast regions) see no difference.
     """
-    if CPU_HALF_IN_FP32 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+    if _cpu_half(q):
         with torch.autocast("cpu", enabled=False):  # autocast would cast the fp32 inputs back down
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask, scale=scale)
         return out.to(q.dtype)
@@ -239,4 +243,8 @@ def varlen_attention(
             name = "sdpa_loop"
     if lengths is None and name in ("sdpa_loop",):
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    if _cpu_half(q):  # upcast once for the whole packed batch, not per sequence (see sdpa)
+        with torch.autocast("cpu", enabled=False):
+            out = _IMPLS[name](q.float(), k.float(), v.float(), cu_seqlens, max_seqlen, lengths, scale)
+        return out.to(q.dtype)
     return _IMPLS[name](q, k, v, cu_seqlens, max_seqlen, lengths, scale)

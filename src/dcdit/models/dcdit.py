@@ -126,7 +126,8 @@ class ConvResBlock(nn.Module):
         seqs = layout.seqs
         if self.spatial_dims == 2:
             B, (gh, gw) = seqs.batch, layout.grid
-            h = x.reshape(B, gh, gw, self.in_dim).permute(0, 3, 1, 2)  # (B, C, gh, gw)
+            # One NCHW copy up front: CPU GroupNorm and mixed-layout adds are slow on channels-last views.
+            h = x.reshape(B, gh, gw, self.in_dim).permute(0, 3, 1, 2).contiguous()  # (B, C, gh, gw)
             skip = h if self.skip_proj is None else self.skip_proj(h)
             h = self.conv1(self.act(self.norm1(h)))
             h = h + self.cond_proj(c)[:, :, None, None]
