@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from dcdit.checkpoint import save_json
+    from dcdit.utils import save_json
     from dcdit.sampling import create_sampling_diffusion, model_info, supports_tail_drop
     from dcdit.sampling.cost import measure_run_cost
     from dcdit.sampling.seeds import labels_for_indices

@@ -70,7 +70,8 @@ def run(args) -> int:
 
     import torch
 
-    from dcdit.checkpoint import load_model, save_json
+    from dcdit.checkpoint import load_model
+    from dcdit.utils import save_json
     from dcdit.sampling import (
         Budget,
         create_sampling_diffusion,

@@ -31,9 +31,10 @@ def build_model(cfg: dict) -> nn.Module:
 
 def model_config(model: nn.Module) -> dict:
     """The JSON-serialisable config that rebuilds ``model`` with :func:`build_model`."""
-    model = getattr(model, "module", model)  # unwrap DDP
-    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     from dcdit.models.dit import DiT
+    from dcdit.utils import unwrap
+
+    model = unwrap(model)
 
     arch = "dit" if isinstance(model, DiT) else "dcdit"
     return {"arch": arch, **dict(model.config)}

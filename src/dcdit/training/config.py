@@ -395,7 +395,7 @@ def load_train_config(path: Optional[str | Path] = None, overrides: Optional[lis
 
 def save_train_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from dcdit.checkpoint import atomic_write
+    from dcdit.utils import atomic_write
 
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))

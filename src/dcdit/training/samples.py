@@ -28,7 +28,7 @@ def image_grid(images_u8: np.ndarray, ncols: Optional[int] = None, pad: int = 2)
 def save_png(path: Path, grid: np.ndarray) -> None:
     from PIL import Image
 
-    from dcdit.checkpoint import atomic_write
+    from dcdit.utils import atomic_write
 
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
