@@ -29,6 +29,14 @@ def build_model(cfg: dict) -> nn.Module:
     raise ValueError(f"unknown model arch {arch!r}: expected 'dit' or 'dcdit'")
 
 
+def is_dcdit(model: nn.Module) -> bool:
+    """True for a DC-DiT (forward takes ``tail_drop`` and returns ``(prediction, routing)``), also when wrapped."""
+    from dcdit.models.dcdit import DCDiT
+    from dcdit.utils import unwrap
+
+    return isinstance(unwrap(model), DCDiT)
+
+
 def model_config(model: nn.Module) -> dict:
     """The JSON-serialisable config that rebuilds ``model`` with :func:`build_model`."""
     from dcdit.models.dit import DiT
