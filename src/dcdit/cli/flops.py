@@ -63,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from dcdit.utils import save_json
-    from dcdit.sampling import create_sampling_diffusion, model_info, supports_tail_drop
+    from dcdit.models import is_dcdit
+    from dcdit.sampling import create_sampling_diffusion, model_info
     from dcdit.sampling.cost import measure_run_cost
     from dcdit.sampling.seeds import labels_for_indices
 
@@ -71,7 +72,7 @@ def run(args) -> int:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     model, label = load_for_cost(args)
     info = model_info(model)
-    if not supports_tail_drop(model) and (any(args.tail_drop) or args.uncond_drop is not None):
+    if not is_dcdit(model) and (any(args.tail_drop) or args.uncond_drop is not None):
         raise ValueError(f"tail dropping needs a DC-DiT; {label} is a {type(model).__name__}")
     diffusion = create_sampling_diffusion(args.sampler, args.steps, info["learn_sigma"])
     labels = labels_for_indices(range(args.batch_size), info["num_classes"])
