@@ -242,7 +242,7 @@ def test_grouped_inference_equals_one_batch(nested):
 
 
 @pytest.mark.parametrize("lengths", [[7, 7, 7], [3, 9, 1, 6]])
-def test_packed_dit_block_matches_dit_block(lengths):
+def test_dit_block_on_packed_tokens_matches_each_sequence_alone(lengths):
     from dcdit.attention import packed_attn_fn
     from dcdit.models.layers import DiTBlock
 

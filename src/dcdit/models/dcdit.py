@@ -1,7 +1,8 @@
 """DC-DiT: a Diffusion Transformer whose token sequence is chosen by dynamic chunking.
 
-Forward pass (stage 0, the reference's only working stage; inner stages repeat
-it on 1D sequences):
+Forward pass, numbered as MECHANISM.md (stage 0, the reference's only working stage; steps 3-12 are
+:class:`DCStage`, which inner stages repeat
+on 1D sequences):
 
     x (B, C, H, W) --stem conv--> tokens (B*L, E)         L = (H/p)(W/p), E = D / factor
     c = t_emb + y_emb (B, D)
