@@ -1,8 +1,7 @@
 """DC-DiT: a Diffusion Transformer whose token sequence is chosen by dynamic chunking.
 
-Forward pass, numbered as MECHANISM.md (stage 0, the reference's only working stage; steps 3-12 are
-:class:`DCStage`, which inner stages repeat
-on 1D sequences):
+Forward pass (stage 0, the reference's only working stage; the encoder-to-decoder
+part is :class:`DCStage`, which inner stages repeat on 1D sequences):
 
     x (B, C, H, W) --stem conv--> tokens (B*L, E)         L = (H/p)(W/p), E = D / factor
     c = t_emb + y_emb (B, D)
