@@ -28,23 +28,14 @@ import common as C  # noqa: E402
 
 
 def make_step(torch, model, diffusion, opt, x, y, tail_drop, bf16: bool, ratio_N=None):
-    from dcdit.losses import ratio_loss
-
-    dcdit = ratio_N is not None
-
-    def forward(xt, tt, **kw):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(xt, tt, **kw)
-        if isinstance(out, tuple):
-            return (out[0].float(), *out[1:])
-        return out.float()
+    """A full optimizer step: :func:`dcdit.training.train_step` (the trainer's objective, ratio loss at the
+    default weight of :class:`~dcdit.training.config.RatioConfig`), backward, clip 1.0, AdamW."""
+    from dcdit.training import train_step
+    from dcdit.training.config import RatioConfig
 
     def step(t, noise):
-        kwargs = {"y": y, **({"tail_drop": tail_drop} if dcdit else {})}
-        terms = diffusion.training_losses(forward, x, t, kwargs, noise=noise)
-        loss = terms["loss"].mean()
-        if dcdit:
-            loss = loss + 0.03 * ratio_loss(terms["extras"], ratio_N)
+        loss, _ = train_step(model, diffusion, x, y, t, noise, tail_drop=tail_drop, bf16=bf16,
+                             ratio_weight=RatioConfig.weight if ratio_N is not None else 0.0, ratio_N=ratio_N)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

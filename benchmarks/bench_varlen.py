@@ -53,7 +53,7 @@ def main() -> None:
     flops = {}
     for name, ks in setups.items():
         rep, (_, routing) = count_model_flops(dc, x, t, y, tail_drop=frac(ks))
-        assert routing[0]["num_kept"].tolist() == list(ks), (routing[0]["num_kept"].tolist(), ks)
+        assert routing[0].num_kept.tolist() == list(ks), (routing[0].num_kept.tolist(), ks)
         flops[name] = rep.total / 1e9 / B
     C.log(f"kept counts varied: {counts.tolist()} (sum {counts.sum()}, max/min {counts.max() / counts.min():.2f})")
 

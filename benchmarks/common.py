@@ -189,7 +189,7 @@ def drop_for_share(share: float, L: int) -> float:
 def check_shares(routing, share: float, L: int) -> None:
     r = routing[0]
     want = round(share * L)
-    if not bool(r["natural_mask"].all()) or not bool((r["num_kept"] == want).all()):
+    if not bool(r.natural_mask.all()) or not bool((r.num_kept == want).all()):
         raise RuntimeError(f"kept-share forcing failed: natural {r['natural_mask'].float().mean():.3f}, "
                            f"kept {r['num_kept'].tolist()[:4]} != {want}")
 

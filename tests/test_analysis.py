@@ -17,6 +17,7 @@ def test_roc_auc_known_values():
 
 def test_routing_vs_detail_scores_an_oracle_router():
     """A stand-in 'model' whose p is the true detail cell map must score AUC 1."""
+    from dcdit.chunking import select_boundaries
     from dcdit.data import DataConfig, build_dataset
     from dcdit.diffusion import create_diffusion
 
@@ -27,7 +28,7 @@ def test_routing_vs_detail_scores_an_oracle_router():
     class Oracle(torch.nn.Module):
         def forward(self, x, t, y):
             p = cells[: len(x)] * 0.5 + 0.25
-            return x, [dict(boundary_prob=p, keep_mask=p > 0.5, natural_mask=p > 0.5, grid=(8, 8))]
+            return x, [select_boundaries(p, torch.ones_like(p, dtype=torch.bool), grid=(8, 8))]
 
     rows = routing_vs_detail(Oracle(), create_diffusion(""), ds, timesteps=(10, 900), num_images=8, batch_size=8)
     assert [r["t"] for r in rows] == [10, 900]

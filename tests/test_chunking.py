@@ -95,8 +95,8 @@ def test_group_norm_channels_last_matches_nn_group_norm(dtype):
 def test_boundary_rule_is_strictly_above_half():
     prob = torch.tensor([[1.0, 0.5, 0.5000001, 0.2, 1.0]])
     sel = select_boundaries(prob, torch.ones_like(prob, dtype=torch.bool))
-    assert sel.natural.tolist() == [[True, False, True, False, True]]
-    torch.testing.assert_close(sel.selected, torch.tensor([[1.0, 0.5, 0.5000001, 0.8, 1.0]]))
+    assert sel.natural_mask.tolist() == [[True, False, True, False, True]]
+    torch.testing.assert_close(sel.selected_prob, torch.tensor([[1.0, 0.5, 0.5000001, 0.8, 1.0]]))
 
 
 def test_tail_drop_removes_floor_fraction_of_lowest_p():
@@ -107,17 +107,17 @@ def test_tail_drop_removes_floor_fraction_of_lowest_p():
     valid = torch.ones(B, L, dtype=torch.bool)
     frac = torch.tensor([0.0, 0.1, 0.3, 0.5, 0.99])
     sel = select_boundaries(prob, valid, frac)
-    n = sel.natural.sum(1)
+    n = sel.natural_mask.sum(1)
     n_drop = (n.float() * frac).long()  # float32 floor, as the reference
-    assert torch.equal(sel.keep.sum(1), n - n_drop)
-    assert not (sel.keep & ~sel.natural).any()
+    assert torch.equal(sel.keep_mask.sum(1), n - n_drop)
+    assert not (sel.keep_mask & ~sel.natural_mask).any()
     for b in range(B):  # every dropped boundary has p <= every kept one
-        dropped, kept = prob[b][sel.natural[b] & ~sel.keep[b]], prob[b][sel.keep[b]]
+        dropped, kept = prob[b][sel.natural_mask[b] & ~sel.keep_mask[b]], prob[b][sel.keep_mask[b]]
         if dropped.numel():
             assert dropped.max() <= kept.min()
     # one number for all samples is the same as that number per sample
     same = select_boundaries(prob, valid, 0.3)
-    assert torch.equal(same.keep, select_boundaries(prob, valid, torch.full((B,), 0.3)).keep)
+    assert torch.equal(same.keep_mask, select_boundaries(prob, valid, torch.full((B,), 0.3)).keep_mask)
 
 
 def test_tail_drop_count_uses_float32_arithmetic():
@@ -125,13 +125,13 @@ def test_tail_drop_count_uses_float32_arithmetic():
     prob = torch.full((1, 72), 0.9)
     prob[0, :2] = 0.1  # 70 boundaries
     sel = select_boundaries(prob, torch.ones_like(prob, dtype=torch.bool), 0.3)
-    assert sel.natural.sum().item() == 70 and sel.keep.sum().item() == 70 - 21
+    assert sel.natural_mask.sum().item() == 70 and sel.keep_mask.sum().item() == 70 - 21
 
 
 def test_tail_drop_ties_drop_lower_index_first():
     prob = torch.tensor([[1.0, 0.7, 0.7, 0.7, 1.0]])
     sel = select_boundaries(prob, torch.ones_like(prob, dtype=torch.bool), 0.4)  # floor(5 * .4) = 2
-    assert sel.keep.tolist() == [[True, False, False, True, True]]
+    assert sel.keep_mask.tolist() == [[True, False, False, True, True]]
 
 
 def test_check_tail_drop_validates():
@@ -155,10 +155,30 @@ def test_router_forces_first_and_last_token(spatial_dims):
     for b, n in enumerate(seqs.lengths):
         want = torch.zeros(seqs.max_seqlen, dtype=torch.bool)
         want[0] = want[n - 1] = True
-        assert torch.equal(sel.natural[b], want) and torch.equal(sel.keep[b], want)
-        assert sel.prob[b, 0] == 1 and sel.prob[b, n - 1] == 1
-    assert (sel.prob[~valid] == 0).all()
-    assert sel.prob.dtype == torch.float32
+        assert torch.equal(sel.natural_mask[b], want) and torch.equal(sel.keep_mask[b], want)
+        assert sel.boundary_prob[b, 0] == 1 and sel.boundary_prob[b, n - 1] == 1
+    assert (sel.boundary_prob[~valid] == 0).all()
+    assert sel.boundary_prob.dtype == torch.float32
+    # kept shares leave the padding out: first and last of each sequence kept
+    want = torch.tensor([min(2, n) / n for n in seqs.lengths])
+    torch.testing.assert_close(sel.kept_share(), want)
+    torch.testing.assert_close(sel.kept_share(natural=True, group_size=3), (want * torch.tensor(seqs.lengths)).sum()[None] / seqs.total)
+    assert sel.padded == (grid is None) and torch.equal(sel.num_kept, sel.keep_mask.sum(1))
+
+
+def test_stage_routing_cat_and_rows():
+    """Routing of sample groups concatenates (padding inner stages to one width) and slices back exactly."""
+    from dcdit.chunking import StageRouting
+
+    a = select_boundaries(torch.tensor([[1.0, 0.2, 0.9, 1.0]]), torch.ones(1, 4, dtype=torch.bool), padded=False)
+    valid = torch.tensor([[True, True, False, False, False, False], [True] * 6])
+    b = select_boundaries(torch.tensor([[1.0, 1.0, 0, 0, 0, 0], [1.0, 0.1, 0.7, 0.3, 0.2, 1.0]]), valid, padded=True)
+    ab = StageRouting.cat([a, b])
+    assert ab.keep_mask.shape == (3, 6) and ab.padded and not ab.valid_mask[0, 4:].any()
+    torch.testing.assert_close(ab.kept_share(), torch.cat([a.kept_share(), b.kept_share()]))
+    torch.testing.assert_close(ab.kept_share(), torch.tensor([0.75, 1.0, 0.5]))
+    torch.testing.assert_close(ab.mean_prob()[1:], b.mean_prob())
+    assert torch.equal(ab.rows(slice(1, 3)).keep_mask, b.keep_mask)
 
 
 def test_router_1d_is_per_sequence():
@@ -168,9 +188,9 @@ def test_router_1d_is_per_sequence():
     lengths = [6, 9, 3]
     seqs = PackedSeqs(lengths, "cpu")
     h = torch.randn(seqs.total, 64)
-    together = router(h, seqs).prob
+    together = router(h, seqs).boundary_prob
     for b, (a, n) in enumerate(zip(seqs.starts_host, lengths)):
-        alone = router(h[a : a + n], PackedSeqs([n], "cpu")).prob[0]
+        alone = router(h[a : a + n], PackedSeqs([n], "cpu")).boundary_prob[0]
         torch.testing.assert_close(together[b, :n], alone, atol=1e-6, rtol=0)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dcdit.compat import load_reference_dcdit
-from dcdit.losses import ratio_loss
+from dcdit.chunking import ratio_loss
 from dcdit.models import DCDIT_PRESETS, DCDiT, DCDiTConfig, build_dcdit, build_model, model_config
 
 ATOL = 1e-5
@@ -63,11 +63,11 @@ def test_fixture_forward(ref, drop):
     inp, want = d["inputs"], d["outputs"][f"forward_drop{drop}"]
     with torch.no_grad():
         out, routing = model(inp["x"], inp["t"], inp["y"], tail_drop=drop)
-    assert len(routing) == 1 and routing[0]["grid"] == (16, 16)
+    assert len(routing) == 1 and routing[0].grid == (16, 16)
     r = routing[0]
-    assert torch.equal(r["keep_mask"], want["boundary_mask"].bool())
-    assert torch.equal(r["natural_mask"], want["boundary_mask_natural"].bool())
-    torch.testing.assert_close(r["boundary_prob"], want["boundary_prob"], atol=ATOL, rtol=0)
+    assert torch.equal(r.keep_mask, want["boundary_mask"].bool())
+    assert torch.equal(r.natural_mask, want["boundary_mask_natural"].bool())
+    torch.testing.assert_close(r.boundary_prob, want["boundary_prob"], atol=ATOL, rtol=0)
     torch.testing.assert_close(out, want["out"], atol=ATOL, rtol=0)
     torch.testing.assert_close(ratio_loss(routing, 4.0), want["ratio_loss"], atol=ATOL, rtol=0)
     torch.testing.assert_close(ratio_loss(routing, 4.0, group_size=3), want["ratio_loss_rb3"], atol=ATOL, rtol=0)
@@ -78,7 +78,7 @@ def test_fixture_per_sample_drop(ref):
     inp, want = d["inputs"], d["outputs"]["forward_per_sample_drop"]
     with torch.no_grad():
         out, routing = model(inp["x"], inp["t"], inp["y"], tail_drop=inp["per_sample_drop"])
-    assert torch.equal(routing[0]["keep_mask"], want["boundary_mask"].bool())
+    assert torch.equal(routing[0].keep_mask, want["boundary_mask"].bool())
     torch.testing.assert_close(out, want["out"], atol=ATOL, rtol=0)
 
 
@@ -91,7 +91,7 @@ def test_fixture_guided(ref):
     # differences (~5e-6 here, from bf16 rounding of q/k/v) grow up to (2s + 1)x; we allow 2e-5 at s = 4.
     torch.testing.assert_close(out[:, 3:], want[:, 3:], atol=ATOL, rtol=0)
     torch.testing.assert_close(out[:, :3], want[:, :3], atol=2 * ATOL, rtol=0)
-    assert len(routing) == 1 and routing[0]["keep_mask"].shape == (6, 256)
+    assert len(routing) == 1 and routing[0].keep_mask.shape == (6, 256)
 
 
 def test_fixture_pos_embed_layout(ref):
@@ -113,10 +113,10 @@ def test_forward_contract_shapes_and_routing():
         out, routing = model(x, t, y)
     assert out.shape == (3, 8, 16, 16) and torch.isfinite(out).all()
     (r,) = routing
-    assert r["boundary_prob"].shape == (3, 256) and r["boundary_prob"].dtype == torch.float32
-    assert r["keep_mask"].dtype == torch.bool and r["natural_mask"].dtype == torch.bool
-    assert r["grid"] == (16, 16) and torch.equal(r["num_kept"], r["keep_mask"].sum(1))
-    assert (r["boundary_prob"][:, [0, -1]] == 1).all() and r["keep_mask"][:, [0, -1]].all()
+    assert r.boundary_prob.shape == (3, 256) and r.boundary_prob.dtype == torch.float32
+    assert r.keep_mask.dtype == torch.bool and r.natural_mask.dtype == torch.bool
+    assert r.grid == (16, 16) and torch.equal(r.num_kept, r.keep_mask.sum(1))
+    assert (r.boundary_prob[:, [0, -1]] == 1).all() and r.keep_mask[:, [0, -1]].all()
     assert not any(k.startswith("_last") for k in vars(model))  # nothing stashed on the module
 
 
@@ -219,9 +219,9 @@ def test_random_shapes(size, patch, B):
     h, w = cfg.input_hw
     L = (h // patch) * (w // patch)
     assert out.shape == (B, 8, h, w) and torch.isfinite(out).all()
-    assert r["keep_mask"].shape == (B, L) and r["grid"] == (h // patch, w // patch)
-    n = r["natural_mask"].sum(1)
-    assert torch.equal(r["num_kept"], n - (n.float() * 0.2).long())
+    assert r.keep_mask.shape == (B, L) and r.grid == (h // patch, w // patch)
+    n = r.natural_mask.sum(1)
+    assert torch.equal(r.num_kept, n - (n.float() * 0.2).long())
 
 
 @pytest.mark.parametrize("bias,expect", [(30.0, "all"), (-30.0, "forced")])
@@ -234,9 +234,9 @@ def test_all_or_only_forced_tokens_kept(bias, expect):
         out, (r,) = model(x, t, y)
     assert torch.isfinite(out).all()
     if expect == "all":
-        assert r["keep_mask"].all()
+        assert r.keep_mask.all()
     else:
-        assert r["keep_mask"].sum(1).tolist() == [2, 2] and r["keep_mask"][:, [0, -1]].all()
+        assert r.keep_mask.sum(1).tolist() == [2, 2] and r.keep_mask[:, [0, -1]].all()
 
 
 def test_drop_099_keeps_at_least_one_token():
@@ -246,8 +246,8 @@ def test_drop_099_keeps_at_least_one_token():
     x, t, y = inputs(cfg, 3)
     with torch.no_grad():
         out, (r,) = model(x, t, y, tail_drop=0.99)
-    n = r["natural_mask"].sum(1)
-    assert torch.equal(r["num_kept"], n - (n.float() * 0.99).long()) and (r["num_kept"] >= 1).all()
+    n = r.natural_mask.sum(1)
+    assert torch.equal(r.num_kept, n - (n.float() * 0.99).long()) and (r.num_kept >= 1).all()
     assert torch.isfinite(out).all()
 
 
@@ -255,7 +255,7 @@ def _padding_invariance(model, cfg, B=4, drop=0.0):
     x, t, y = inputs(cfg, B, seed=1)
     with torch.no_grad():
         batched, routing = model(x, t, y, tail_drop=drop)
-        assert len(set(routing[0]["num_kept"].tolist())) > 1  # genuinely different lengths
+        assert len(set(routing[0].num_kept.tolist())) > 1  # genuinely different lengths
         for b in range(B):
             alone, _ = model(x[b : b + 1], t[b : b + 1], y[b : b + 1], tail_drop=drop)
             torch.testing.assert_close(alone[0], batched[b], atol=1e-5, rtol=0)
@@ -281,7 +281,7 @@ def test_per_sample_drop_equals_separate_calls():
         out, (r,) = model(x, t, y, tail_drop=frac)
         for b in range(3):
             alone, (ra,) = model(x[b : b + 1], t[b : b + 1], y[b : b + 1], tail_drop=float(frac[b]))
-            assert torch.equal(ra["keep_mask"][0], r["keep_mask"][b])
+            assert torch.equal(ra.keep_mask[0], r.keep_mask[b])
             torch.testing.assert_close(alone[0], out[b], atol=1e-5, rtol=0)
 
 
@@ -298,8 +298,8 @@ def test_guided_forward_and_lite_cfg():
         torch.testing.assert_close(out[:2, :4], uncond + 3.0 * (cond - uncond), atol=1e-5, rtol=0)
         torch.testing.assert_close(out[:, 4:], raw[:, 4:])  # variances pass through
         lite, (rl,) = model.forward_with_cfg(x, t, y, 3.0, cond_tail_drop=0.0, uncond_tail_drop=0.9)
-    assert torch.equal(rl["keep_mask"][:2], r["keep_mask"][:2])
-    assert (rl["num_kept"][2:] < r["num_kept"][2:]).all() and torch.isfinite(lite).all()
+    assert torch.equal(rl.keep_mask[:2], r.keep_mask[:2])
+    assert (rl.num_kept[2:] < r.num_kept[2:]).all() and torch.isfinite(lite).all()
     with pytest.raises(ValueError):
         model.forward_with_cfg(x[:3], t[:3], y[:3], 3.0)
 
@@ -359,7 +359,7 @@ def test_bf16_autocast_keeps_router_and_dechunk_fp32():
     for h in hooks:
         h.remove()
     assert seen == {"router": torch.float32, "dechunk": torch.float32, "qkv": torch.bfloat16}
-    assert r["boundary_prob"].dtype == torch.float32 and torch.isfinite(out).all()
+    assert r.boundary_prob.dtype == torch.float32 and torch.isfinite(out).all()
     set_router_bias(model, 30.0)  # same kept set in both precisions (p near 0.5 may flip under bf16)
     with torch.no_grad():
         ref, _ = model(x, t, y)
@@ -380,7 +380,7 @@ def test_cuda_matches_cpu():
         gpu, (rg,) = model(x.cuda(), t.cuda(), y.cuda(), tail_drop=0.2)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             amp, _ = model(x.cuda(), t.cuda(), y.cuda(), tail_drop=torch.tensor([0.0, 0.3, 0.6]))
-    assert torch.equal(rc["keep_mask"], rg["keep_mask"].cpu())
+    assert torch.equal(rc.keep_mask, rg.keep_mask.cpu())
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
     assert torch.isfinite(amp).all()
 
@@ -404,12 +404,12 @@ def test_nested_stages_forward_and_padding_invariance():
     x, t, y = inputs(cfg, 3, seed=1)
     with torch.no_grad():
         out, routing = model(x, t, y, tail_drop=0.1)
-    assert len(routing) == 2 and routing[1]["grid"] is None
+    assert len(routing) == 2 and routing[1].grid is None
     outer, inner = routing
-    assert torch.equal(inner["valid_mask"].sum(1), outer["num_kept"])  # stage 2 sees stage 1's kept tokens
-    assert not (inner["keep_mask"] & ~inner["valid_mask"]).any()
-    for b, n in enumerate(outer["num_kept"].tolist()):  # forced first/last of each inner sequence
-        assert inner["natural_mask"][b, 0] and inner["natural_mask"][b, n - 1]
+    assert torch.equal(inner.valid_mask.sum(1), outer.num_kept)  # stage 2 sees stage 1's kept tokens
+    assert not (inner.keep_mask & ~inner.valid_mask).any()
+    for b, n in enumerate(outer.num_kept.tolist()):  # forced first/last of each inner sequence
+        assert inner.natural_mask[b, 0] and inner.natural_mask[b, n - 1]
     assert torch.isfinite(out).all()
     loss = ratio_loss(routing, [4.0, 2.0])
     assert torch.isfinite(loss)
@@ -446,7 +446,7 @@ def test_attention_flops_follow_kept_lengths():
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
         _, (r,) = model(x, t, y, tail_drop=0.1)
     attn = sum(v for op, v in counter.get_flop_counts()["Global"].items() if "attention" in str(op))
-    lengths = r["num_kept"].tolist()
+    lengths = r.num_kept.tolist()
     assert len(set(lengths)) > 1
     assert attn == 3 * 4 * 64 * sum(n * n for n in lengths)  # 3 blocks x (QK^T + AV) x 2 FLOPs x D x sum L_i^2
 

@@ -9,7 +9,8 @@ import torch
 
 from dcdit.cli import main
 from dcdit.training import load_train_config, train
-from dcdit.training.config import RatioConfig, ratio_targets
+from dcdit.chunking.ratio import ratio_targets
+from dcdit.training.config import RatioConfig
 from dcdit.training.data import RankBatchSampler, StepStream, local_slice
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +60,39 @@ def test_config_overrides_types_and_inheritance(tmp_path):
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")):
         load_train_config(None, [override])
+
+
+def test_train_step_is_diffusion_plus_weighted_ratio_loss():
+    """train_step = the diffusion's loss + weight x ratio loss on the routing; DiT gets the diffusion loss only."""
+    from dcdit.chunking import ratio_loss
+    from dcdit.diffusion import create_diffusion
+    from dcdit.models import build_dcdit, build_dit
+    from dcdit.training import train_step
+
+    torch.manual_seed(0)
+    dc = build_dcdit("DC-DiT-S-N4", input_size=8, num_classes=4, d_model=[128, 128], num_heads=[4, 4])
+    with torch.no_grad():
+        dc.routing_module.residual_scorer[-1].bias.fill_(1.0)  # keep most tokens, so tail dropping drops some
+    dit = build_dit("DiT-S/2", input_size=8, num_classes=4)
+    d = create_diffusion("")
+    g = torch.Generator().manual_seed(1)
+    x, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    y, t = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 200, 500, 999])
+    loss, stats = train_step(dc, d, x, y, t, noise, tail_drop=0.3, ratio_weight=0.5, ratio_N=4.0, ratio_group=2)
+    terms = d.training_losses(lambda xt, tt, y: dc(xt, tt, y, tail_drop=0.3), x, t, dict(y=y), noise=noise)
+    want_ratio = ratio_loss(terms["extras"], 4.0, group_size=2)
+    torch.testing.assert_close(stats["loss_ratio"], want_ratio.detach())
+    torch.testing.assert_close(loss, terms["loss"].mean() + 0.5 * want_ratio)
+    assert stats["keep_effective_0"] < stats["keep_natural_0"] and stats["vb"] > 0
+    loss.backward()
+    assert dc.routing_module.proj.weight.grad is not None  # the ratio loss reaches the router
+    loss_dit, stats_dit = train_step(dit, d, x, y, t, noise, ratio_weight=0.5, ratio_N=4.0)
+    assert "loss_ratio" not in stats_dit and "keep_natural_0" not in stats_dit
+    torch.testing.assert_close(loss_dit, stats_dit["loss_diffusion"])
+    bf16, _ = train_step(dc, d, x, y, t, noise, bf16=True)
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16)
+    with pytest.raises(ValueError, match="ratio_N"):
+        train_step(dc, d, x, y, t, noise, ratio_weight=0.03)
 
 
 def test_ratio_ramp():

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -24,29 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dcdit.models.factory import build_model, model_config
+from dcdit.utils import atomic_write, save_json, unwrap
 
 CONFIG_NAME = "config.json"
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_json(path: str | os.PathLike, obj) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
 def _contiguous(sd: dict) -> dict:
@@ -71,7 +50,6 @@ def save_model_dir(directory: str | os.PathLike, model: nn.Module, ema: Optional
     """Write config.json + model.safetensors (+ ema.safetensors) atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    unwrap = lambda m: getattr(getattr(m, "module", m), "_orig_mod", getattr(m, "module", m))
     save_safetensors(directory / "model.safetensors", unwrap(model).state_dict())
     if ema is not None:
         save_safetensors(directory / "ema.safetensors", unwrap(ema).state_dict())

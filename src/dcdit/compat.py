@@ -24,6 +24,7 @@ import torch
 
 from dcdit.models.config import DCDiTConfig
 from dcdit.models.dcdit import DCDiT
+from dcdit.utils import unwrap
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
 _INNER = ("layers.", "rmsnorm.")
@@ -179,8 +180,7 @@ def load_reference_dcdit(
 
 def export_reference_state_dict(model: DCDiT) -> dict:
     """The model's weights under the reference's key names (loadable by the reference with strict=True)."""
-    model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     n_chunk = model.cfg.num_chunk_stages
     return {_to_reference_key(k, n_chunk): v for k, v in model.state_dict().items()}
 

@@ -61,11 +61,11 @@ def routing_vs_detail(
             t = torch.full((len(xb),), int(t_val), dtype=torch.long)
             _, routing = model(diffusion.q_sample(xb, t, noise=nb), t, yb)
             stage = routing[0]
-            probs.append(stage["boundary_prob"].float())
-            keeps.append(stage["keep_mask"].float().mean(1))
-            naturals.append(stage["natural_mask"].float().mean(1))
+            probs.append(stage.boundary_prob.float())
+            keeps.append(stage.kept_share())
+            naturals.append(stage.kept_share(natural=True))
         p = torch.cat(probs)  # (n, L)
-        gh, gw = routing[0].get("grid") or (int(p.shape[1] ** 0.5),) * 2
+        gh, gw = routing[0].grid
         H, W = detail.shape[-2:]
         cell = torch.nn.functional.adaptive_max_pool2d(detail[:, None], (gh, gw))[:, 0].reshape(len(p), -1) > 0
         inner = torch.ones(p.shape[1], dtype=torch.bool)

@@ -1,10 +1,12 @@
 """Dynamic chunking: routing, chunk and dechunk on packed variable-length batches."""
-from dcdit.chunking.dechunk import ChunkLayer, DeChunkLayer, chunk, dechunk, nearest_kept_index, smooth_kept
+from dcdit.chunking.chunk import ChunkLayer, chunk
+from dcdit.chunking.dechunk import DeChunkLayer, dechunk, nearest_kept_index, smooth_kept
 from dcdit.chunking.packing import GroupNorm, PackedSeqs, packed_conv1d, packed_group_norm
+from dcdit.chunking.ratio import ratio_group_size, ratio_loss, ratio_targets, stage_ratio_loss
 from dcdit.chunking.routing import (
     STE,
-    BoundarySelection,
     SpatialPredictabilityRouter,
+    StageRouting,
     check_tail_drop,
     select_boundaries,
     ste,
@@ -12,6 +14,7 @@ from dcdit.chunking.routing import (
 
 __all__ = [
     "PackedSeqs", "packed_conv1d", "packed_group_norm", "GroupNorm",
-    "SpatialPredictabilityRouter", "BoundarySelection", "select_boundaries", "check_tail_drop", "STE", "ste",
+    "SpatialPredictabilityRouter", "StageRouting", "select_boundaries", "check_tail_drop", "STE", "ste",
+    "ratio_loss", "stage_ratio_loss", "ratio_targets", "ratio_group_size",
     "ChunkLayer", "DeChunkLayer", "chunk", "dechunk", "smooth_kept", "nearest_kept_index",
 ]

@@ -1,4 +1,4 @@
-"""Chunk (keep boundary tokens) and dechunk (smooth, then plug back), as pure functions.
+"""Dechunk (smooth over the kept tokens, then plug back onto every position), MECHANISM step 10.
 
 Dechunk has two steps, computed in fp32:
 
@@ -56,26 +56,6 @@ P_CLAMP = 1e-4
 NORM_EPS = 1e-8
 TILE = 64  # axes longer than this are filtered tile by tile (see gaussian_filter_axis)
 FP32_EPS = 2.0**-24
-
-
-def chunk(h: torch.Tensor, keep: torch.Tensor, seqs: PackedSeqs) -> tuple[torch.Tensor, torch.Tensor, PackedSeqs]:
-    """Keep the boundary tokens of every sequence in their original order.
-
-    h: (T, D) packed tokens; keep: (B, M) bool in padded layout (or (T,) packed).
-    Returns the kept tokens (T', D), their indices into h (T',) and the packing
-    of the kept sequences. Costs one host sync (the kept counts).
-    """
-    keep_packed = seqs.unpad(keep) if keep.dim() == 2 else keep
-    counts = keep.sum(dim=1) if keep.dim() == 2 else torch.zeros(
-        seqs.batch, dtype=torch.long, device=keep.device
-    ).index_add_(0, seqs.seg_ids, keep.long())
-    counts = counts.tolist()
-    total = sum(counts)
-    if hasattr(torch, "nonzero_static"):
-        idx = torch.nonzero_static(keep_packed, size=total)[:, 0]
-    else:  # pragma: no cover - older torch
-        idx = keep_packed.nonzero()[:, 0]
-    return h.index_select(0, idx), idx, PackedSeqs(counts, h.device)
 
 
 def _rows_cols(local: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -469,13 +449,6 @@ def dechunk(
     nearest = nearest_kept_index(local_kept, seqs_kept, seqs, grid)
     smoothed = smooth_kept(h_kept, p, local_kept, seqs_kept, grid, sigma, extent=seqs.max_seqlen)
     return smoothed.index_select(0, nearest)
-
-
-class ChunkLayer(nn.Module):
-    """Module wrapper of :func:`chunk` (its own name for per-component FLOP attribution)."""
-
-    def forward(self, h: torch.Tensor, keep: torch.Tensor, seqs: PackedSeqs):
-        return chunk(h, keep, seqs)
 
 
 class DeChunkLayer(nn.Module):

@@ -142,17 +142,10 @@ class _GroupNormFn(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
-NCHW_FORWARD = True
-
-
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters, same forward) with a fast CPU backward for channels-last input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if NCHW_FORWARD and x.device.type == "cpu" and x.dim() > 2 and not x.is_contiguous():
-            # The CPU forward kernel for channels-last input is 50-200x slower than for NCHW
-            # (benchmarks/bench_train.py); the copy costs far less.
-            x = x.contiguous()
         if (torch.is_grad_enabled() and self.affine and x.dim() > 2 and x.numel() > 0
                 and not x.is_contiguous() and (x.requires_grad or self.weight.requires_grad)):
             return _GroupNormFn.apply(x, self.weight, self.bias, self.num_groups, self.eps)

@@ -10,8 +10,8 @@ with the lowest p (elastic inference).
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Optional, Union
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -59,17 +59,79 @@ def check_tail_drop(tail_drop: TailDrop, batch: int, device: torch.device) -> Ta
 
 
 @dataclass
-class BoundarySelection:
-    """Boundary decisions in padded (B, M) layout (padding: prob 0, masks False)."""
+class StageRouting:
+    """What the router decided at one chunking stage: the model returns one per stage.
 
-    prob: torch.Tensor  # (B, M) float, p with the forced first/last tokens set to 1
-    natural: torch.Tensor  # (B, M) bool, p > 0.5 (before tail dropping)
-    keep: torch.Tensor  # (B, M) bool, after tail dropping
-    selected: torch.Tensor  # (B, M) float, max(p, 1 - p): the STE's input
+    Every tensor is in padded (B, M) layout: M = L on the 2D stage (every
+    sequence fills the grid), the longest sequence on inner 1D stages, whose
+    padding has prob 0 and all masks False. Read shares through
+    :meth:`kept_share`, which leaves the padding out.
+    """
+
+    boundary_prob: torch.Tensor  # (B, M) float32 p; the forced first/last tokens are 1
+    natural_mask: torch.Tensor  # (B, M) bool, p > 0.5: the router's choice, before tail dropping
+    keep_mask: torch.Tensor  # (B, M) bool, the tokens kept after tail dropping
+    valid_mask: torch.Tensor  # (B, M) bool, False at padding
+    selected_prob: torch.Tensor  # (B, M) max(p, 1 - p) of the natural choice: what the STE passes (step 11)
+    grid: Optional[tuple[int, int]] = None  # (h, w) on the 2D stage, None on 1D stages
+    padded: bool = False  # True when sequences differ in length (then M > some lengths)
+
+    @property
+    def num_kept(self) -> torch.Tensor:
+        """(B,) tokens kept per sample."""
+        return self.keep_mask.sum(dim=1)
+
+    def kept_share(self, natural: bool = False, group_size: int = 1) -> torch.Tensor:
+        """Share of each sample's tokens kept, (B,); or of each group of ``group_size`` samples, (B // g,).
+
+        ``natural=True``: the router's choice before tail dropping (what the ratio loss reads).
+        """
+        return self._group_mean((self.natural_mask if natural else self.keep_mask).float(), group_size)
+
+    def mean_prob(self, group_size: int = 1) -> torch.Tensor:
+        """Mean boundary probability per sample (B,), or per group of ``group_size`` samples, padding left out."""
+        return self._group_mean(self.boundary_prob.float(), group_size)
+
+    def _group_mean(self, x: torch.Tensor, g: int) -> torch.Tensor:
+        B = x.shape[0]
+        if g < 1 or B % g:
+            raise ValueError(f"group_size {g} must divide the batch size {B}")
+        x = x.reshape(B // g, -1)  # (groups, g*M)
+        if not self.padded:
+            return x.mean(dim=-1)
+        v = self.valid_mask.float().reshape(B // g, -1)
+        return (x * v).sum(dim=-1) / v.sum(dim=-1).clamp(min=1)
+
+    def rows(self, sl: slice) -> "StageRouting":
+        """The routing of samples ``sl`` (e.g. the conditional half of a guided batch)."""
+        return replace(self, boundary_prob=self.boundary_prob[sl], natural_mask=self.natural_mask[sl],
+                       keep_mask=self.keep_mask[sl], valid_mask=self.valid_mask[sl],
+                       selected_prob=self.selected_prob[sl])
+
+    @staticmethod
+    def cat(parts: Sequence["StageRouting"]) -> "StageRouting":
+        """Concatenate one stage's routing of several sample groups along the batch (padding to one M)."""
+        M = max(r.keep_mask.shape[1] for r in parts)
+        pad = lambda t: torch.nn.functional.pad(t, (0, M - t.shape[1]))
+        return StageRouting(
+            boundary_prob=torch.cat([pad(r.boundary_prob) for r in parts]),
+            natural_mask=torch.cat([pad(r.natural_mask) for r in parts]),
+            keep_mask=torch.cat([pad(r.keep_mask) for r in parts]),
+            valid_mask=torch.cat([pad(r.valid_mask) for r in parts]),
+            selected_prob=torch.cat([pad(r.selected_prob) for r in parts]),
+            grid=parts[0].grid,
+            padded=any(r.padded or r.keep_mask.shape[1] < M for r in parts),
+        )
 
 
-def select_boundaries(prob: torch.Tensor, valid: torch.Tensor, tail_drop: TailDrop = 0.0) -> BoundarySelection:
-    """Apply the boundary rules to router probabilities.
+def select_boundaries(
+    prob: torch.Tensor,
+    valid: torch.Tensor,
+    tail_drop: TailDrop = 0.0,
+    grid: Optional[tuple[int, int]] = None,
+    padded: bool = False,
+) -> StageRouting:
+    """Apply the boundary rules to router probabilities (MECHANISM steps 5-6).
 
     prob: (B, M) with the forced tokens already at 1; valid: (B, M) bool.
     A token is kept iff p > 0.5 (the reference's argmax over (1 - p, p)); with
@@ -89,7 +151,8 @@ def select_boundaries(prob: torch.Tensor, valid: torch.Tensor, tail_drop: TailDr
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(M, device=prob.device).expand(B, M))
         keep = natural & (rank >= n_drop[:, None])
     selected = torch.where(natural, prob, 1 - prob)
-    return BoundarySelection(prob=prob, natural=natural, keep=keep, selected=selected)
+    return StageRouting(boundary_prob=prob, natural_mask=natural, keep_mask=keep, valid_mask=valid,
+                        selected_prob=selected, grid=grid, padded=padded)
 
 
 class SpatialPredictabilityRouter(nn.Module):
@@ -131,7 +194,8 @@ class SpatialPredictabilityRouter(nn.Module):
             if grid is None or not seqs.is_uniform or seqs.max_seqlen != grid[0] * grid[1]:
                 raise ValueError(f"2D routing needs every sequence to fill the {grid} grid")
             B, (gh, gw) = seqs.batch, grid
-            z = self.proj(h.reshape(B, gh, gw, -1).permute(0, 3, 1, 2))  # (B, D/4, gh, gw)
+            # NCHW copy: the CPU GroupNorm forward is 50-200x slower on channels-last views
+            z = self.proj(h.reshape(B, gh, gw, -1).permute(0, 3, 1, 2).contiguous())  # (B, D/4, gh, gw)
             r = z - self.context_predictor(z)
             return self.residual_scorer(r).reshape(-1)  # (T,)
         conv0, norm, act, conv1 = self.residual_scorer
@@ -146,8 +210,8 @@ class SpatialPredictabilityRouter(nn.Module):
         seqs: PackedSeqs,
         grid: Optional[tuple[int, int]] = None,
         tail_drop: TailDrop = 0.0,
-    ) -> BoundarySelection:
-        """h (T, D) packed tokens -> boundary decisions in padded (B, M) layout."""
+    ) -> StageRouting:
+        """h (T, D) packed tokens -> this stage's routing, in padded (B, M) layout."""
         ctx = torch.autocast(h.device.type, enabled=False) if self.fp32 else nullcontext()
         with ctx:
             if self.fp32:
@@ -156,4 +220,4 @@ class SpatialPredictabilityRouter(nn.Module):
             last = seqs.local == (seqs.lengths_t[seqs.seg_ids] - 1)
             p = torch.where((seqs.local == 0) | last, torch.ones_like(p), p)  # forced boundaries
             prob = seqs.pad(p)  # (B, M), 0 at padding
-            return select_boundaries(prob, seqs.valid_mask(), tail_drop)
+            return select_boundaries(prob, seqs.valid_mask(), tail_drop, grid, padded=not seqs.is_uniform)

@@ -40,7 +40,8 @@ def run(args) -> int:
 
     import torch
 
-    from dcdit.checkpoint import load_model, save_json
+    from dcdit.checkpoint import load_model
+    from dcdit.utils import save_json
     from dcdit.sampling import create_sampling_diffusion, model_info, sample
     from dcdit.sampling.cost import build_named_model, calibrate_router_bias, measure_run_cost, time_interleaved
     from dcdit.sampling.seeds import labels_for_indices

@@ -91,7 +91,7 @@ def run(args) -> int:
         sink.close()
         log(f"logged to {args.run} (eval.jsonl{', TensorBoard' if sink.tb is not None else ''}) at step {step}")
     if args.json:
-        from dcdit.checkpoint import save_json
+        from dcdit.utils import save_json
 
         save_json(args.json, result)
         log(f"wrote {args.json}")

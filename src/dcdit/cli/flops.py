@@ -69,8 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from dcdit.checkpoint import save_json
-    from dcdit.sampling import create_sampling_diffusion, model_info, sample, supports_tail_drop
+    from dcdit.utils import save_json
+    from dcdit.models import is_dcdit
+    from dcdit.sampling import create_sampling_diffusion, model_info, sample
     from dcdit.sampling.cost import measure_run_cost
     from dcdit.sampling.seeds import labels_for_indices
 
@@ -88,7 +89,7 @@ def run(args) -> int:
         return lambda: sample(model, diffusion, labels, measure_flops=False, **kw)[1].mean_kept_share[0]
 
     model, label = load_for_cost(args, share_fn_for)
-    if not supports_tail_drop(model) and (any(args.tail_drop) or args.uncond_drop is not None):
+    if not is_dcdit(model) and (any(args.tail_drop) or args.uncond_drop is not None):
         raise ValueError(f"tail dropping needs a DC-DiT; {label} is a {type(model).__name__}")
     diffusion, labels, kw = run_kwargs(model)
     costs = [measure_run_cost(model, diffusion, labels, tail_drop=f, uncond_drop=args.uncond_drop, **kw)

@@ -35,7 +35,7 @@ def run(args) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from dcdit.checkpoint import atomic_write
+    from dcdit.utils import atomic_write
     from dcdit.data import DataConfig, build_dataset, to_uint8_images
     from dcdit.data.transforms import convert_channels
 

@@ -75,7 +75,9 @@ def run(args) -> int:
 
     import torch
 
-    from dcdit.checkpoint import load_model, save_json
+    from dcdit.checkpoint import load_model
+    from dcdit.models import is_dcdit
+    from dcdit.utils import save_json
     from dcdit.sampling import (
         Budget,
         create_sampling_diffusion,
@@ -87,8 +89,7 @@ def run(args) -> int:
         parse_classes,
         read_train_config,
         save_outputs,
-        solve_budget,
-        supports_tail_drop,
+        resolve_tail_drop,
     )
     from dcdit.sampling.seeds import labels_for_indices
     from dcdit.training.distributed import barrier, setup, teardown
@@ -115,7 +116,7 @@ def run(args) -> int:
         needs_routing = (budget is not None and (budget.kind != "tail_drop" or budget.value > 0)) or (
             args.uncond_drop is not None)
         if needs_routing:
-            if not supports_tail_drop(model):
+            if not is_dcdit(model):
                 raise ValueError(f"compute budgets and Lite-CFG need a DC-DiT checkpoint; {args.ckpt} is a "
                                  f"{type(model).__name__}")
         classes = parse_classes(args.classes, info["num_classes"])
@@ -138,34 +139,13 @@ def run(args) -> int:
                 decode = latent_decoder(args.vae, dist_info.device)
 
         # Solve the budget once (rank 0) on the run's first samples, then share the fraction.
-        fraction = 0.0 if budget is None else float(budget.value) if budget.kind == "tail_drop" else None
-        if fraction is None:
-            sol, error = None, None
-            if rank == 0:
-                n_probe = min(args.probe_size, args.num_samples)
-                probe_labels = labels_for_indices(range(n_probe), info["num_classes"], classes)
-                try:
-                    sol = solve_budget(model, budget, probe_labels, diffusion=diffusion, seed=args.seed,
-                                       cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels,
-                                       uncond_drop=args.uncond_drop, probe_size=n_probe,
-                                       probe_steps=args.probe_steps, sampler=args.sampler, eta=args.eta,
-                                       clip_denoised=clip)
-                except ValueError as e:
-                    error = str(e)
-                else:
-                    log(f"budget: {budget.kind} {budget.value:g} -> tail-drop fraction {sol.fraction:.4f} "
-                        f"(probe of {n_probe} of {args.num_samples} samples measured {sol.measured:.4g}, "
-                        f"{len(sol.evaluations)} probe runs)")
-            if world > 1:  # share the fraction (or the error, so no rank waits forever)
-                import torch.distributed as dist
-
-                box = [(None if sol is None else sol.fraction, error)]
-                dist.broadcast_object_list(box, src=0)
-                fraction, error = box[0]
-            else:
-                fraction = None if sol is None else sol.fraction
-            if error is not None:
-                raise ValueError(error)
+        n_probe = min(args.probe_size, args.num_samples)
+        fraction = resolve_tail_drop(model, budget, labels_for_indices(range(n_probe), info["num_classes"], classes),
+                                     diffusion=diffusion, seed=args.seed, cfg_scale=args.cfg_scale,
+                                     guidance_channels=args.guidance_channels, uncond_drop=args.uncond_drop,
+                                     probe_steps=args.probe_steps, sampler=args.sampler, eta=args.eta,
+                                     clip_denoised=clip, num_samples=args.num_samples, rank=rank,
+                                     world_size=world, log=log)
 
         part = generate_local(
             model, diffusion, args.num_samples, batch_size=args.batch_size, seed=args.seed, classes=classes,

@@ -33,6 +33,7 @@ def run(args) -> int:
     import torch
 
     from dcdit.checkpoint import load_model
+    from dcdit.models import is_dcdit
     from dcdit.sampling import (
         create_sampling_diffusion,
         is_latent_checkpoint,
@@ -40,7 +41,6 @@ def run(args) -> int:
         parse_classes,
         read_train_config,
         sample,
-        supports_tail_drop,
     )
     from dcdit.sampling.sampler import SampleStats
     from dcdit.viz import (
@@ -60,7 +60,7 @@ def run(args) -> int:
     device = torch.device(args.device)
     model = load_model(args.ckpt, which=args.which, map_location=device)
     info = model_info(model)
-    routed = supports_tail_drop(model)
+    routed = is_dcdit(model)
     if args.tail_drop and not routed:
         raise ValueError("--tail-drop needs a DC-DiT checkpoint")
     classes = parse_classes(args.classes, info["num_classes"]) or list(range(min(4, info["num_classes"])))

@@ -44,7 +44,7 @@ def shard_names(k: int) -> tuple[str, str]:
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     """``np.save`` through a temporary file renamed into place (never a half-written ``path``)."""
-    from dcdit.checkpoint import atomic_write
+    from dcdit.utils import atomic_write
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a bare name
@@ -141,7 +141,7 @@ class LatentShardWriter:
 
     def close(self, extra: dict | None = None) -> dict:
         """Write the last shard, then ``index.json`` (plus ``extra`` fields); returns the index."""
-        from dcdit.checkpoint import save_json
+        from dcdit.utils import save_json
 
         if self._pending:
             self._flush(self._pending)

@@ -336,14 +336,17 @@ class GaussianDiffusion:
         denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         model_kwargs: Optional[dict] = None,
         generator: Optional[torch.Generator] = None,
+        noise: Optional[torch.Tensor] = None,
     ) -> dict[str, Any]:
         """One ancestral (DDPM) step: sample ``x_{t-1} ~ p(x_{t-1} | x_t)``.
+
+        ``noise`` (x's shape) is used instead of a fresh draw when given.
 
         Returns:
             dict with ``"sample"``, ``"pred_xstart"`` and ``"extras"``.
         """
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        noise = _randn(x.shape, x, generator)
+        noise = _randn(x.shape, x, generator) if noise is None else noise
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))  # no noise at t == 0
         sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"], "extras": out["extras"]}
@@ -358,8 +361,11 @@ class GaussianDiffusion:
         model_kwargs: Optional[dict] = None,
         eta: float = 0.0,
         generator: Optional[torch.Generator] = None,
+        noise: Optional[torch.Tensor] = None,
     ) -> dict[str, Any]:
         """One DDIM step (Song et al. 2021, eq. 12); ``eta = 0`` is deterministic, ``eta = 1`` ~ DDPM.
+
+        ``noise`` (x's shape) is used instead of a fresh draw when given.
 
         Returns:
             dict with ``"sample"``, ``"pred_xstart"`` and ``"extras"``.
@@ -373,7 +379,7 @@ class GaussianDiffusion:
         alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         # Noise is drawn even for eta = 0 so the random stream matches DiT's sampler.
-        noise = _randn(x.shape, x, generator)
+        noise = _randn(x.shape, x, generator) if noise is None else noise
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))  # no noise at t == 0
         sample = mean_pred + nonzero * sigma * noise

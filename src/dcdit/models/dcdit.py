@@ -1,7 +1,7 @@
 """DC-DiT: a Diffusion Transformer whose token sequence is chosen by dynamic chunking.
 
-Forward pass (stage 0, the reference's only working stage; inner stages repeat
-it on 1D sequences):
+Forward pass (stage 0, the reference's only working stage; the encoder-to-decoder
+part is :class:`DCStage`, which inner stages repeat on 1D sequences):
 
     x (B, C, H, W) --stem conv--> tokens (B*L, E)         L = (H/p)(W/p), E = D / factor
     c = t_emb + y_emb (B, D)
@@ -29,8 +29,8 @@ stage names under ``main_network.``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Optional, Union
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,7 @@ from dcdit.chunking import (
     GroupNorm,
     PackedSeqs,
     SpatialPredictabilityRouter,
+    StageRouting,
     check_tail_drop,
     packed_conv1d,
     packed_group_norm,
@@ -66,12 +67,29 @@ COMPONENTS = ("embeddings", "encoder", "routing", "chunk", "main network", "dech
 
 @dataclass
 class TokenLayout:
-    """How one stage's packed tokens are arranged: sequences, and the (h, w) grid on 2D stages."""
+    """How one stage's packed tokens are arranged, and how its blocks run them."""
 
     seqs: PackedSeqs
-    grid: Optional[tuple[int, int]]
+    grid: Optional[tuple[int, int]]  # (h, w) on the 2D stage, None on 1D stages
     attn_backend: str = "auto"
     bucket: int = 0  # pad the innermost block stack's packed tokens to a multiple of this (0: no padding)
+    compiled_block: Optional[Callable] = None  # torch.compile'd functional_dit_block (inference only)
+
+
+@dataclass
+class RuntimeOptions:
+    """How a DCDiT's forward runs, not what it computes (never saved; set through DCDiT's methods)."""
+
+    attn_backend: str = "auto"  # see dcdit.attention.BACKENDS (set_attn_backend)
+    # Inference only (no grad recorded): forward groups of samples with at most this many grid
+    # tokens in total one after another (at least one sample per group), which bounds the
+    # activation memory of large batches; every sample is computed independently, so results
+    # are the same. 0 disables. (set_inference)
+    group_tokens: int = 16384
+    # Pad the main network's packed tokens to a multiple of this many (0: none), so compiled
+    # graphs see a bounded set of shapes; the padding is its own attention sequence.
+    kept_bucket: int = 0
+    compiled_block: Optional[Callable] = None  # compile_main_network
 
 
 # --------------------------------------------------------------------------- #
@@ -180,7 +198,6 @@ class BlockStack(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.rmsnorm = RMSNorm(out_dim, eps=1e-5)
         self.attn_qkv_bf16 = cfg.attn_qkv_bf16
-        self._compiled_block = None  # see DCDiT.compile_main_network
 
     def forward(
         self,
@@ -197,9 +214,9 @@ class BlockStack(nn.Module):
             if isinstance(layer, ConvResBlock):
                 x = layer(x, c, layout)
                 continue
-            if self._compiled_block is not None and not torch.is_grad_enabled() and not self.attn_qkv_bf16:
+            if layout.compiled_block is not None and not torch.is_grad_enabled() and not self.attn_qkv_bf16:
                 a, mlp = layer.attn, layer.mlp
-                x = self._compiled_block(
+                x = layout.compiled_block(
                     x, seqs.seg_ids, layer.adaLN_modulation(c), seqs.cu_seqlens, a.qkv.weight, a.qkv.bias,
                     a.proj.weight, a.proj.bias, *((mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
                                                   if mlp is not None else (None,) * 4),
@@ -211,7 +228,7 @@ class BlockStack(nn.Module):
                     seqs.cu_seqlens, seqs.max_seqlen, seqs.lengths, layout.attn_backend,
                     round_qkv=torch.bfloat16 if self.attn_qkv_bf16 else None,
                 )
-            x = packed_dit_block(layer, x, layer.modulation(c), seqs, attn_fn)
+            x = layer(x, c, attn_fn, seqs)
         return self.rmsnorm(x)
 
 
@@ -221,8 +238,9 @@ def functional_dit_block(
     fc1_w: Optional[torch.Tensor], fc1_b: Optional[torch.Tensor], fc2_w: Optional[torch.Tensor],
     fc2_b: Optional[torch.Tensor], num_heads: int, backend: str,
 ) -> torch.Tensor:
-    """A DiT block (adaLN-Zero) on packed tokens as a pure function of its weights: what
-    :meth:`DCDiT.compile_main_network` compiles, one graph for every block.
+    """:meth:`DiTBlock.forward` on packed tokens as a pure function of the block's weights: what
+    :meth:`DCDiT.compile_main_network` compiles, one graph for every block (inference only;
+    tests hold it equal to the module forward).
 
     x (T, D); seg (T,) sample of each token; ada (B, 6D) the block's adaLN output;
     attention runs per sequence through the opaque ``dcdit::varlen_attention`` op.
@@ -241,160 +259,136 @@ def functional_dit_block(
     return x + gate_mlp * F.linear(F.gelu(F.linear(h, fc1_w, fc1_b), approximate="tanh"), fc2_w, fc2_b)
 
 
-def packed_dit_block(layer: DiTBlock, x: torch.Tensor, mod: tuple, seqs: PackedSeqs, attn_fn) -> torch.Tensor:
-    """``layer`` (a DiTBlock) on packed tokens x (T, D) with per-sample modulation ``mod`` (6 x (B, D)).
-
-    The same arithmetic as ``DiTBlock.forward`` with the modulation expanded
-    per token, without holding six (T, D) expansions: when every sequence
-    has the same length the (B, D) rows broadcast over a (B, L, D) view;
-    otherwise each is gathered per token right before its one use.
-    """
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-    T, D = x.shape
-    if seqs.is_uniform and seqs.batch * seqs.max_seqlen == T:
-        B, L = seqs.batch, seqs.max_seqlen
-        xs = x.view(B, L, D)
-        tok = lambda m: m[:, None, :]  # (B, 1, D), broadcast over each sample's tokens
-        attn_in = lambda h: h.reshape(1, T, D)
-        attn_out = lambda a: a.view(B, L, D)
-    else:
-        xs = x[None]  # (1, T, D)
-        tok = lambda m: seqs.per_token(m)[None]  # (1, T, D)
-        attn_in = attn_out = lambda h: h
-    # modulate(h, shift, scale) = h * (1 + scale) + shift, with 1 + scale formed per sample (the same
-    # values) before the per-token expansion
-    h = layer.norm1(xs) * tok(1 + scale_msa) + tok(shift_msa)
-    xs = xs + tok(gate_msa) * attn_out(layer.attn(attn_in(h), attn_fn))
-    del h
-    if layer.mlp is not None:
-        xs = xs + tok(gate_mlp) * layer.mlp(layer.norm2(xs) * tok(1 + scale_mlp) + tok(shift_mlp))
-    return xs.reshape(T, D)
-
-
 # --------------------------------------------------------------------------- #
 #                                   Stages                                    #
 # --------------------------------------------------------------------------- #
 
-def _build_stage(owner: nn.Module, plans: list[StagePlan], s: int, cfg: DCDiTConfig, cond_dim: int) -> None:
-    """Attach stage ``s``'s modules to ``owner`` (the DCDiT itself for stage 0, a DCStage below)."""
-    plan = plans[s]
-    if plan.innermost:
-        owner.main_network = BlockStack(plan.main, plan.enc_dim, plan.enc_dim, plan, cond_dim, cfg)
-        return
-    r = plan.routing_dim
-    owner.encoder = BlockStack(plan.encoder, plan.enc_dim, r, plan, cond_dim, cfg, transition="last")
-    owner.residual_proj = nn.Linear(r, r)
-    owner.routing_module = SpatialPredictabilityRouter(
-        r, spatial_dims=2 if s == 0 else 1, norm_groups=cfg.router_norm_groups,
-        bias_init=cfg.router_bias_init, fp32=cfg.fp32_router_dechunk,
-    )
-    owner.chunk = ChunkLayer()
-    if plans[s + 1].innermost:
-        _build_stage(owner, plans, s + 1, cfg, cond_dim)  # sets owner.main_network = BlockStack
-    else:
-        owner.main_network = DCStage(plans, s + 1, cfg, cond_dim)
-    owner.dechunk = DeChunkLayer(cfg.dechunk_kernel_sigma, fp32=cfg.fp32_router_dechunk)
-    owner.decoder = BlockStack(plan.decoder, r, plan.enc_dim, plan, cond_dim, cfg, transition="first")
-
-
-def _pad_routing(sel, seqs: PackedSeqs, grid) -> dict:
-    return {
-        "boundary_prob": sel.prob,  # (B, M)
-        "keep_mask": sel.keep,
-        "natural_mask": sel.natural,
-        "valid_mask": seqs.valid_mask(),
-        "num_kept": sel.keep.sum(dim=1),
-        "grid": grid,
-    }
-
-
-def _run_stage(
-    owner: nn.Module,
-    x: torch.Tensor,
-    c: torch.Tensor,
-    layout: TokenLayout,
-    gpos: torch.Tensor,
-    pos_table: torch.Tensor,
-    tail_drop: TailDrop,
-) -> tuple[torch.Tensor, list[dict]]:
-    """One stage on packed tokens x (T, E): encode, route, chunk, recurse, dechunk, decode.
-
-    gpos (T,): every token's raster index in the full input grid (for the
-    positional embedding at the innermost stage). The caller should hold no
-    other reference to ``x``: it is released once encoded.
-    """
-    if not hasattr(owner, "routing_module"):  # innermost stage at the top: a plain block stack
-        return owner.main_network(x, c, layout, pos=pos_table.index_select(0, gpos).to(x.dtype)), []
-    seqs = layout.seqs
-    h = owner.encoder(x, c, layout)  # (T, D_r)
-    del x
-    sel = owner.routing_module(h, seqs, layout.grid, tail_drop)  # padded (B, M) decisions
-    hk, kept_idx, seqs_k = owner.chunk(h, sel.keep, seqs)  # (T', D_r)
-    inner_layout = TokenLayout(seqs_k, None, layout.attn_backend, layout.bucket)
-    gpos_k = gpos.index_select(0, kept_idx)
-    if isinstance(owner.main_network, BlockStack):
-        # positions added in place (the chunk output is not used again), and the block stack gets
-        # the only reference to its input, so it is freed after the first block
-        hk = [hk.add_(pos_table.index_select(0, gpos_k).to(hk.dtype))]
-        pad = (-seqs_k.total) % layout.bucket if layout.bucket else 0
-        if pad:  # bounded shapes: a padding sequence of zeros, attended only by itself, dropped after
-            x0 = hk.pop()
-            hk = [torch.cat([x0, x0.new_zeros(pad, x0.shape[1])])]
-            del x0
-            padded = TokenLayout(PackedSeqs([*seqs_k.lengths, pad], c.device), None, layout.attn_backend)
-            hk = owner.main_network(hk.pop(), torch.cat([c, c.new_zeros(1, c.shape[1])]), padded)[: seqs_k.total]
-        else:
-            hk = owner.main_network(hk.pop(), c, inner_layout)
-        inner_routing = []
-    else:
-        hk, inner_routing = owner.main_network(hk, c, inner_layout, gpos_k, pos_table, tail_drop)
-    p_k = seqs.unpad(sel.prob).index_select(0, kept_idx)
-    local_k = seqs.local.index_select(0, kept_idx)
-    # the residual is computed here, not before the main network: h (D_r wide, compute dtype) is
-    # needed anyway, and holding the fp32 residual through the main network would double that memory
-    with torch.autocast(h.device.type, enabled=False):  # residual in fp32 (as the reference intends)
-        residual = owner.residual_proj(h.to(owner.residual_proj.weight.dtype))
-    del h
-    out = owner.dechunk(hk, p_k, local_k, seqs_k, seqs, layout.grid)  # (T, D_r)
-    del hk
-    if torch.is_grad_enabled():
-        out = out.float() * ste(seqs.unpad(sel.selected))[:, None] + residual
-    else:  # the STE is exactly 1 in the forward pass: the same sum without the multiply
-        out = residual.add_(out) if residual.dtype == torch.float32 else out.float() + residual
-    del residual
-    out = owner.decoder(out, c, layout)  # (T, E)
-    return out, [_pad_routing(sel, seqs, layout.grid), *inner_routing]
-
-
 class DCStage(nn.Module):
-    """A nested (1D) chunking stage: encoder, router, chunk, main network, dechunk, decoder."""
+    """One chunking stage, MECHANISM steps 3-12: encoder, router, chunk, main network, dechunk, decoder.
+
+    The main network is the innermost :class:`BlockStack`, or the next (1D)
+    stage. :class:`DCDiT` is itself the outer stage, so the outer stage's
+    modules keep the reference's top-level names (``encoder``, ``routing_module``, ...).
+    """
 
     def __init__(self, plans: list[StagePlan], s: int, cfg: DCDiTConfig, cond_dim: int):
         super().__init__()
-        self.stage_index = s
-        _build_stage(self, plans, s, cfg, cond_dim)
+        self.build_stage(plans, s, cfg, cond_dim)
 
-    def forward(self, x, c, layout, gpos, pos_table, tail_drop):
-        return _run_stage(self, x, c, layout, gpos, pos_table, tail_drop)
+    def build_stage(self, plans: list[StagePlan], s: int, cfg: DCDiTConfig, cond_dim: int) -> None:
+        plan = plans[s]
+        self.stage_index = s
+        self.chunking = not plan.innermost  # False only for a DC-DiT without chunking stages
+        if plan.innermost:
+            self.main_network = BlockStack(plan.main, plan.enc_dim, plan.enc_dim, plan, cond_dim, cfg)
+            return
+        r = plan.routing_dim
+        self.encoder = BlockStack(plan.encoder, plan.enc_dim, r, plan, cond_dim, cfg, transition="last")
+        self.residual_proj = nn.Linear(r, r)
+        self.routing_module = SpatialPredictabilityRouter(
+            r, spatial_dims=2 if s == 0 else 1, norm_groups=cfg.router_norm_groups,
+            bias_init=cfg.router_bias_init, fp32=cfg.fp32_router_dechunk,
+        )
+        self.chunk = ChunkLayer()
+        inner = plans[s + 1]
+        if inner.innermost:
+            self.main_network = BlockStack(inner.main, inner.enc_dim, inner.enc_dim, inner, cond_dim, cfg)
+        else:
+            self.main_network = DCStage(plans, s + 1, cfg, cond_dim)
+        self.dechunk = DeChunkLayer(cfg.dechunk_kernel_sigma, fp32=cfg.fp32_router_dechunk)
+        self.decoder = BlockStack(plan.decoder, r, plan.enc_dim, plan, cond_dim, cfg, transition="first")
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        layout: TokenLayout,
+        gpos: torch.Tensor,
+        pos_table: torch.Tensor,
+        tail_drop: TailDrop,
+    ) -> tuple[torch.Tensor, list[StageRouting]]:
+        """Packed tokens x (T, E) -> (T, E), and the routing of this stage and of the stages inside it.
+
+        gpos (T,): every token's raster index in the full input grid (for the
+        positional embedding at the innermost stage). The caller should hold no
+        other reference to ``x``: it is released once encoded.
+        """
+        if not self.chunking:  # no chunking stage: the main network on every token
+            return self.main_network(x, c, layout, pos=pos_table.index_select(0, gpos).to(x.dtype)), []
+        seqs = layout.seqs
+        # 3. encoder: conv ResBlocks (2D on the grid, 1D on inner stages), E -> D, RMSNorm
+        h = self.encoder(x, c, layout)  # (T, D)
+        del x
+        # 5-6. router: p, boundary iff p > 0.5, tail dropping (fp32)
+        routing = self.routing_module(h, seqs, layout.grid, tail_drop)  # (B, M) padded
+        # 7. chunk: the kept tokens in raster order, packed
+        hk, kept_idx, seqs_k = self.chunk(h, routing.keep_mask, seqs)  # (T', D)
+        gpos_k = gpos.index_select(0, kept_idx)
+        inner = replace(layout, seqs=seqs_k, grid=None)
+        # 8-9. main network on the kept tokens: the next stage, or the DiT blocks (+ positions)
+        if isinstance(self.main_network, DCStage):
+            hk, inner_routing = self.main_network(hk, c, inner, gpos_k, pos_table, tail_drop)
+        else:
+            hk, inner_routing = self._main_blocks(hk, c, inner, pos_table.index_select(0, gpos_k)), []
+        # 4. residual = Linear(encoder output) in fp32; computed here rather than before the main
+        # network: h is needed anyway, and holding the fp32 residual through the main network
+        # would double that memory
+        with torch.autocast(h.device.type, enabled=False):
+            residual = self.residual_proj(h.to(self.residual_proj.weight.dtype))
+        del h
+        # 10. dechunk: smooth over the kept tokens, plug back onto all T positions (fp32)
+        p_k = seqs.unpad(routing.boundary_prob).index_select(0, kept_idx)
+        local_k = seqs.local.index_select(0, kept_idx)
+        out = self.dechunk(hk, p_k, local_k, seqs_k, seqs, layout.grid)  # (T, D)
+        del hk
+        # 11. h = dechunked * STE(max(p, 1 - p)) + residual
+        if torch.is_grad_enabled():
+            out = out.float() * ste(seqs.unpad(routing.selected_prob))[:, None] + residual
+        else:  # the STE is exactly 1 in the forward pass: the same sum without the multiply
+            out = residual.add_(out) if residual.dtype == torch.float32 else out.float() + residual
+        del residual
+        # 12. decoder: conv ResBlocks D -> E, RMSNorm
+        out = self.decoder(out, c, layout)  # (T, E)
+        return out, [routing, *inner_routing]
+
+    def _main_blocks(self, hk: torch.Tensor, c: torch.Tensor, layout: TokenLayout, pos: torch.Tensor) -> torch.Tensor:
+        """The innermost DiT blocks on the kept tokens hk (T', D) plus their 2D positions pos (T', D).
+
+        With ``layout.bucket`` the packed count is padded to a multiple of it by one
+        sequence of zeros (attended only by itself, dropped after): bounded shapes
+        for compiled graphs.
+        """
+        hk = hk.add_(pos.to(hk.dtype))  # in place: the chunk output is not used again
+        T = layout.seqs.total
+        pad = (-T) % layout.bucket if layout.bucket else 0
+        if not pad:
+            return self.main_network(hk, c, layout)
+        hk = torch.cat([hk, hk.new_zeros(pad, hk.shape[1])])
+        padded = replace(layout, seqs=PackedSeqs([*layout.seqs.lengths, pad], c.device), bucket=0)
+        return self.main_network(hk, torch.cat([c, c.new_zeros(1, c.shape[1])]), padded)[:T]
 
 
 # --------------------------------------------------------------------------- #
 #                                    Model                                    #
 # --------------------------------------------------------------------------- #
 
-class DCDiT(nn.Module):
+class DCDiT(DCStage):
     """Dynamic Chunking Diffusion Transformer.
 
     ``model(x, t, y, tail_drop=0.0)`` returns ``(prediction, routing)``:
-    prediction (B, out_channels, H, W); routing one dict per chunking stage
-    with ``boundary_prob`` (B, L) float, ``keep_mask`` (B, L) bool (after tail
-    dropping), ``natural_mask`` (B, L) bool (before), ``valid_mask`` (B, L)
-    (False at padding of inner stages' variable-length sequences), ``num_kept``
-    (B,) and ``grid`` ((h, w) on the 2D stage, None on 1D stages).
+    prediction (B, out_channels, H, W); routing one
+    :class:`~dcdit.chunking.StageRouting` per chunking stage (boundary
+    probabilities, natural and kept masks, ``kept_share()``).
+
+    The model is its own outer chunking stage (:class:`DCStage`), wrapped in
+    the stem, the t / y embeddings and the final layer (MECHANISM steps 1-2 and 13).
+    How the forward runs (attention backend, inference grouping, compiled
+    blocks) lives in ``self.runtime``, set through :meth:`set_attn_backend`,
+    :meth:`set_inference` and :meth:`compile_main_network`.
     """
 
     def __init__(self, config: DCDiTConfig):
-        super().__init__()
+        nn.Module.__init__(self)  # the stage's modules are built below, after the embedders (init order)
         if isinstance(config, dict):
             config = DCDiTConfig.from_dict(config)
         if not isinstance(config, DCDiTConfig):
@@ -406,15 +400,7 @@ class DCDiT(nn.Module):
         self.in_channels, self.out_channels = config.in_channels, config.out_channels
         self.patch_size, self.grid = config.patch_size, config.grid
         self.num_classes = config.num_classes
-        self.attn_backend = "auto"  # runtime choice, see dcdit.attention.BACKENDS
-        # Inference only (no grad recorded): forward groups of samples with at most this many grid
-        # tokens in total one after another (at least one sample per group), which bounds the
-        # activation memory of large batches (every sample is computed independently, so results
-        # are the same). 0 disables. See :meth:`forward`.
-        self.inference_group_tokens = 16384
-        # Pad the main network's packed tokens to a multiple of this many (0: none), so compiled
-        # graphs see a bounded set of shapes; the padding is its own attention sequence.
-        self.kept_bucket = 0
+        self.runtime = RuntimeOptions()
 
         self.x_embedder = ConvStem(config.input_hw, config.patch_size, config.in_channels, E)
         self.t_embedder = TimestepEmbedder(D)
@@ -422,7 +408,7 @@ class DCDiT(nn.Module):
         gh, gw = self.grid
         # Fixed 2D sin-cos table of the full grid at the innermost width, gathered at kept tokens.
         self.register_buffer("pos_embed", torch.zeros(1, gh * gw, plans[-1].d_model))
-        _build_stage(self, plans, 0, config, cond_dim=D)
+        self.build_stage(plans, 0, config, cond_dim=D)  # steps 3-12
         self.final_layer = FinalLayer(E, config.patch_size, self.out_channels, cond_size=D)
         self.initialize_weights()
 
@@ -457,7 +443,16 @@ class DCDiT(nn.Module):
         """Pick the attention backend ("auto", "flash_attn", "torch_varlen", "sdpa_loop", "padded")."""
         if name not in BACKENDS:
             raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
-        self.attn_backend = name
+        self.runtime.attn_backend = name
+        return self
+
+    def set_inference(self, group_tokens: Optional[int] = None, kept_bucket: Optional[int] = None) -> "DCDiT":
+        """Inference settings (see :class:`RuntimeOptions`); None leaves a setting as it is. Returns self."""
+        for name, v in (("group_tokens", group_tokens), ("kept_bucket", kept_bucket)):
+            if v is not None:
+                if not isinstance(v, int) or v < 0:
+                    raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+                setattr(self.runtime, name, v)
         return self
 
     def compile_main_network(self, bucket: int = 0, **compile_kwargs) -> "DCDiT":
@@ -475,11 +470,8 @@ class DCDiT(nn.Module):
         """
         if bucket < 0:
             raise ValueError(f"bucket must be >= 0, got {bucket}")
-        self.kept_bucket = int(bucket)
-        fn = torch.compile(functional_dit_block, **compile_kwargs)
-        for m in self.modules():
-            if isinstance(m, BlockStack) and any(isinstance(layer, DiTBlock) for layer in m.layers):
-                m._compiled_block = fn
+        self.runtime.kept_bucket = int(bucket)
+        self.runtime.compiled_block = torch.compile(functional_dit_block, **compile_kwargs)
         return self
 
     # ------------------------------------------------------------------ #
@@ -500,7 +492,7 @@ class DCDiT(nn.Module):
         prefix, node = "", self
         while True:
             names[prefix + "main_network"] = "main network"
-            if node is None or hasattr(node, "routing_module"):
+            if node is None or node.chunking:
                 names.update({prefix + k: v for k, v in stage.items()})
             if node is None or not isinstance(node.main_network, DCStage):
                 return names
@@ -539,13 +531,13 @@ class DCDiT(nn.Module):
         t: torch.Tensor,
         y: torch.Tensor,
         tail_drop: TailDrop = 0.0,
-    ) -> tuple[torch.Tensor, list[dict]]:
+    ) -> tuple[torch.Tensor, list[StageRouting]]:
         """x (B, C, H, W), t (B,), y (B,); tail_drop a fraction in [0, 1) or one per sample (B,).
 
-        Returns (prediction (B, out_channels, H, W), routing: one dict per chunking stage).
+        Returns (prediction (B, out_channels, H, W), routing: one StageRouting per chunking stage).
 
         When no gradient is recorded and the batch holds more than
-        ``self.inference_group_tokens`` grid tokens, the batch is forwarded in
+        ``self.runtime.group_tokens`` grid tokens, the batch is forwarded in
         groups of samples (every sample is computed independently, so the
         result is the same), bounding the activation memory of large batches.
         """
@@ -554,27 +546,33 @@ class DCDiT(nn.Module):
             raise ValueError(f"t and y must have shape ({B},) to match x, got {tuple(t.shape)} and {tuple(y.shape)}")
         tail_drop = check_tail_drop(tail_drop, B, x.device)
         gh, gw = self.grid
-        group = max(1, self.inference_group_tokens // (gh * gw)) if self.inference_group_tokens else B
+        group_tokens = self.runtime.group_tokens
+        group = max(1, group_tokens // (gh * gw)) if group_tokens else B
         if B > group and not torch.is_grad_enabled():
             parts = [
                 self._forward(x[b0 : b0 + group], t[b0 : b0 + group], y[b0 : b0 + group],
                               tail_drop[b0 : b0 + group] if torch.is_tensor(tail_drop) else tail_drop)
                 for b0 in range(0, B, group)
             ]
-            return torch.cat([p[0] for p in parts]), _merge_routing([p[1] for p in parts])
+            return torch.cat([p[0] for p in parts]), [StageRouting.cat(st) for st in zip(*(p[1] for p in parts))]
         return self._forward(x, t, y, tail_drop)
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, tail_drop: TailDrop):
         B = x.shape[0]
         gh, gw = self.grid
-        h = self.x_embedder(x)  # (B, E, gh, gw)
-        tokens = [h.permute(0, 2, 3, 1).reshape(B * gh * gw, h.shape[1])]  # (B*L, E) packed
-        del h  # the stage holds the only reference to its input (freed once encoded)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (B, D)
-        layout = TokenLayout(PackedSeqs.uniform(B, gh * gw, x.device), (gh, gw), self.attn_backend, self.kept_bucket)
-        h, routing = _run_stage(self, tokens.pop(), c, layout, layout.seqs.local, self.pos_embed[0], tail_drop)
-        out = self.final_layer(h.reshape(B, gh * gw, -1), c)  # (B, L, p*p*C_out)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (B, D)   2. conditioning
+        rt = self.runtime
+        layout = TokenLayout(PackedSeqs.uniform(B, gh * gw, x.device), (gh, gw), rt.attn_backend, rt.kept_bucket,
+                             rt.compiled_block)
+        # 1. stem -> packed tokens (B*L, E), passed on as the stage's only reference (freed once encoded)
+        h, routing = super().forward(self._stem_tokens(x), c, layout, layout.seqs.local, self.pos_embed[0], tail_drop)
+        out = self.final_layer(h.reshape(B, gh * gw, -1), c)  # (B, L, p*p*C_out)   13. final layer
         return self.unpatchify(out), routing
+
+    def _stem_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> packed stem tokens (B*L, E) in raster order."""
+        h = self.x_embedder(x)  # (B, E, gh, gw)
+        return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
 
     def forward_with_cfg(
         self,
@@ -585,7 +583,7 @@ class DCDiT(nn.Module):
         guidance_channels: Optional[int] = None,
         cond_tail_drop: TailDrop = 0.0,
         uncond_tail_drop: Optional[TailDrop] = None,
-    ) -> tuple[torch.Tensor, list[dict]]:
+    ) -> tuple[torch.Tensor, list[StageRouting]]:
         """Classifier-free guidance in one batched call, with Lite-CFG budgets.
 
         The batch's second half carries the null label; only the first half
@@ -607,19 +605,6 @@ class DCDiT(nn.Module):
             frac = cond
         out, routing = self.forward(torch.cat([half, half], dim=0), t, y, tail_drop=frac)
         return guided_combine(out, cfg_scale, guidance_channels or self.in_channels), routing
-
-
-def _merge_routing(parts: list[list[dict]]) -> list[dict]:
-    """Concatenate the routing dicts of sample groups along the batch (inner stages padded to one width)."""
-    merged = []
-    for stage in zip(*parts):
-        d = {"grid": stage[0]["grid"]}
-        for k in ("boundary_prob", "keep_mask", "natural_mask", "valid_mask"):
-            M = max(r[k].shape[1] for r in stage)
-            d[k] = torch.cat([torch.nn.functional.pad(r[k], (0, M - r[k].shape[1])) for r in stage])
-        d["num_kept"] = torch.cat([r["num_kept"] for r in stage])
-        merged.append({k: d[k] for k in stage[0]})
-    return merged
 
 
 def build_dcdit(name: str, **overrides) -> DCDiT:

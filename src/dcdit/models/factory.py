@@ -29,11 +29,20 @@ def build_model(cfg: dict) -> nn.Module:
     raise ValueError(f"unknown model arch {arch!r}: expected 'dit' or 'dcdit'")
 
 
+def is_dcdit(model: nn.Module) -> bool:
+    """True for a DC-DiT (forward takes ``tail_drop`` and returns ``(prediction, routing)``), also when wrapped."""
+    from dcdit.models.dcdit import DCDiT
+    from dcdit.utils import unwrap
+
+    return isinstance(unwrap(model), DCDiT)
+
+
 def model_config(model: nn.Module) -> dict:
     """The JSON-serialisable config that rebuilds ``model`` with :func:`build_model`."""
-    model = getattr(model, "module", model)  # unwrap DDP
-    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     from dcdit.models.dit import DiT
+    from dcdit.utils import unwrap
+
+    model = unwrap(model)
 
     arch = "dit" if isinstance(model, DiT) else "dcdit"
     return {"arch": arch, **dict(model.config)}

@@ -10,7 +10,7 @@ Shape legend: B batch, T tokens, D hidden width, H heads, C channels.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dcdit.attention import backends as attention_backends
+if TYPE_CHECKING:  # only for the annotation; models may import chunking, but layers need not
+    from dcdit.chunking.packing import PackedSeqs
 
 # attn_fn(q, k, v) -> out, all (B, H, T, head_dim); lets DC-DiT swap in
 # variable-length backends without touching the block's parameters.
@@ -191,12 +193,10 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning.
 
-    ``modulation(c)`` gives the six (B, D) tensors (shift/scale/gate for the
-    attention and MLP branches); ``forward`` accepts them precomputed so a
-    packed variable-length caller can expand them per token once.
-    ``cond_size`` is the width of c when it differs from the block's (nested
-    DC-DiT stages); ``use_mlp=False`` gives an attention-only block (H-Net's
-    lowercase "d" layout letter).
+    One forward for DiT's (B, T, D) batches and DC-DiT's packed variable-length
+    tokens (see :meth:`forward`). ``cond_size`` is the width of c when it
+    differs from the block's (nested DC-DiT stages); ``use_mlp=False`` gives an
+    attention-only block (H-Net's lowercase "d" layout letter).
     """
 
     def __init__(
@@ -214,25 +214,39 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio)) if use_mlp else None
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size or hidden_size, 6 * hidden_size))
 
-    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(B, D) conditioning -> 6 x (B, D)."""
-        return self.adaLN_modulation(c).chunk(6, dim=-1)
-
     def forward(
         self,
         x: torch.Tensor,
-        c: Optional[torch.Tensor] = None,
+        c: torch.Tensor,
         attn_fn: Optional[AttnFn] = None,
-        mod: Optional[tuple[torch.Tensor, ...]] = None,
+        seqs: Optional["PackedSeqs"] = None,
     ) -> torch.Tensor:
-        """x (B, T, D); c (B, D) or ``mod`` = six tensors of (B, D) or (B, T, D)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod if mod is not None else self.modulation(c)
-        if gate_msa.dim() == x.dim() - 1:
-            gate_msa, gate_mlp = gate_msa.unsqueeze(-2), gate_mlp.unsqueeze(-2)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), attn_fn)
+        """x (B, T, D) and c (B, cond) -> (B, T, D); or packed tokens x (T, D) of ``seqs``' sequences.
+
+        The adaLN modulation is computed once per sample. On packed tokens it is
+        broadcast over a (B, L, D) view when every sequence has the same length,
+        otherwise gathered per token right before its one use (never six (T, D)
+        expansions held at once); ``attn_fn`` attends within each sequence.
+        """
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        xs = x
+        tok = lambda m: m.unsqueeze(1)  # (B, 1, D): broadcast over each sample's tokens
+        attn_in = attn_out = lambda h: h
+        if seqs is not None:
+            T, D = x.shape
+            if seqs.is_uniform and seqs.batch * seqs.max_seqlen == T:
+                xs = x.view(seqs.batch, seqs.max_seqlen, D)  # (B, L, D)
+                attn_in, attn_out = (lambda h: h.reshape(1, T, D)), (lambda a: a.view(xs.shape))
+            else:
+                xs = x[None]  # (1, T, D)
+                tok = lambda m: seqs.per_token(m)[None]  # (1, T, D)
+        # modulate(h, shift, scale) = h * (1 + scale) + shift, 1 + scale formed per sample
+        h = self.norm1(xs) * tok(1 + scale_msa) + tok(shift_msa)
+        xs = xs + tok(gate_msa) * attn_out(self.attn(attn_in(h), attn_fn))
+        del h
         if self.mlp is not None:
-            x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+            xs = xs + tok(gate_mlp) * self.mlp(self.norm2(xs) * tok(1 + scale_mlp) + tok(shift_mlp))
+        return xs if seqs is None else xs.reshape(x.shape)
 
 
 class RMSNorm(nn.Module):

@@ -9,7 +9,15 @@ Main entry points:
 * :func:`generate_local` / :func:`merge_ranks` / :func:`save_outputs` - many
   samples over batches and ranks, written as an ADM ``.npz`` and a PNG grid.
 """
-from dcdit.sampling.budget import BUDGET_KINDS, Budget, BudgetSolution, bisect_fraction, probe_diffusion, solve_budget
+from dcdit.sampling.budget import (
+    BUDGET_KINDS,
+    Budget,
+    BudgetSolution,
+    bisect_fraction,
+    probe_diffusion,
+    resolve_tail_drop,
+    solve_budget,
+)
 from dcdit.sampling.generate import (
     LocalSamples,
     generate_local,
@@ -19,15 +27,16 @@ from dcdit.sampling.generate import (
     read_train_config,
     save_outputs,
 )
-from dcdit.sampling.guidance import make_model_fn, model_info, supports_tail_drop
-from dcdit.sampling.sampler import SAMPLERS, SampleStats, create_sampling_diffusion, routing_shares, sample
+from dcdit.sampling.guidance import make_model_fn, model_info
+from dcdit.sampling.sampler import SAMPLERS, SampleStats, create_sampling_diffusion, sample
 from dcdit.sampling.seeds import SampleNoise, derive_seed, labels_for_indices, parse_classes, shard_indices
 
 __all__ = [
-    "sample", "SampleStats", "SAMPLERS", "create_sampling_diffusion", "routing_shares",
+    "sample", "SampleStats", "SAMPLERS", "create_sampling_diffusion",
     "Budget", "BudgetSolution", "BUDGET_KINDS", "bisect_fraction", "probe_diffusion", "solve_budget",
+    "resolve_tail_drop",
     "LocalSamples", "generate_local", "merge_ranks", "save_outputs", "read_train_config", "is_latent_checkpoint",
     "latent_decoder",
-    "make_model_fn", "model_info", "supports_tail_drop",
+    "make_model_fn", "model_info",
     "SampleNoise", "derive_seed", "labels_for_indices", "parse_classes", "shard_indices",
 ]

@@ -23,7 +23,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch.nn as nn
 
-__all__ = ["BUDGET_KINDS", "Budget", "BudgetSolution", "bisect_fraction", "probe_diffusion", "solve_budget"]
+__all__ = ["BUDGET_KINDS", "Budget", "BudgetSolution", "bisect_fraction", "probe_diffusion", "solve_budget",
+           "resolve_tail_drop"]
 
 BUDGET_KINDS = ("tail_drop", "keep_share", "gflops")
 MAX_FRACTION = 0.99  # upper end of the searched tail-drop range
@@ -186,12 +187,13 @@ def solve_budget(
     its trajectories differ from the real run's, so it can miss the target by
     more. A ``tail_drop`` budget is returned as is.
     """
-    from dcdit.sampling.guidance import supports_tail_drop, unwrap
+    from dcdit.models import is_dcdit
     from dcdit.sampling.sampler import sample
+    from dcdit.utils import unwrap
 
     if budget.kind == "tail_drop":
         return BudgetSolution(float(budget.value), float(budget.value), float(budget.value), "tail_drop")
-    if not supports_tail_drop(model):
+    if not is_dcdit(model):
         raise ValueError(f"a {budget.kind} budget needs a DC-DiT model (tail dropping); "
                          f"{type(unwrap(model)).__name__} has a fixed cost")
     labels = list(np.asarray(labels).reshape(-1)[:probe_size])
@@ -209,3 +211,57 @@ def solve_budget(
         return float(stats.kept_share[:, 0].mean())
 
     return bisect_fraction(measure, float(budget.value), budget.kind, budget.tolerance, 0.0, max_fraction)
+
+
+def resolve_tail_drop(
+    model: nn.Module,
+    budget: Optional[Budget],
+    probe_labels: Sequence[int],
+    *,
+    diffusion,
+    seed: int = 0,
+    cfg_scale: float = 1.0,
+    guidance_channels: Optional[int] = None,
+    uncond_drop: Optional[float] = None,
+    probe_steps: Optional[int] = None,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    clip_denoised: bool = False,
+    num_samples: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
+    log: Callable[[str], None] = lambda s: None,
+) -> float:
+    """The tail-drop fraction a sampling run uses: 0 without a budget, a tail_drop budget's value,
+    else solved once (rank 0, on ``probe_labels``: the run's first samples, sampled exactly as the
+    run will be: ``sampler``, ``eta``, ``clip_denoised``, guidance) and shared with every rank.
+
+    A budget that cannot be met raises the same ValueError on every rank.
+    """
+    if budget is None:
+        return 0.0
+    if budget.kind == "tail_drop":
+        return float(budget.value)
+    fraction, error = None, None
+    if rank == 0:
+        try:
+            sol = solve_budget(model, budget, probe_labels, diffusion=diffusion, seed=seed, cfg_scale=cfg_scale,
+                               guidance_channels=guidance_channels, uncond_drop=uncond_drop,
+                               probe_size=len(probe_labels), probe_steps=probe_steps, sampler=sampler, eta=eta,
+                               clip_denoised=clip_denoised)
+        except ValueError as e:
+            error = str(e)
+        else:
+            fraction = sol.fraction
+            log(f"budget: {budget.kind} {budget.value:g} -> tail-drop fraction {sol.fraction:.4f} "
+                f"(probe of {len(probe_labels)}" + (f" of {num_samples}" if num_samples else "")
+                + f" samples measured {sol.measured:.4g}, {len(sol.evaluations)} probe runs)")
+    if world_size > 1:  # share the fraction (or the error, so no rank waits forever)
+        import torch.distributed as dist
+
+        box = [(fraction, error)]
+        dist.broadcast_object_list(box, src=0)
+        fraction, error = box[0]
+    if error is not None:
+        raise ValueError(error)
+    return float(fraction)

@@ -136,7 +136,8 @@ def calibrate_router_bias(model: nn.Module, target_share: float, batch: int = 4,
     the reported share is the one the run shows), else the share over noise
     inputs at ``timesteps``. Returns the kept share reached.
     """
-    from dcdit.sampling.guidance import model_info, unwrap
+    from dcdit.sampling.guidance import model_info
+    from dcdit.utils import unwrap
 
     m = unwrap(model)
     router = getattr(m, "routing_module", None)
@@ -159,7 +160,7 @@ def calibrate_router_bias(model: nn.Module, target_share: float, batch: int = 4,
         vals = []
         for t in timesteps:
             _, routing = m(x, torch.full((batch,), int(t), device=device), y)
-            vals.append(routing[0]["natural_mask"].float().mean().item())
+            vals.append(routing[0].kept_share(natural=True).mean().item())
         return float(np.mean(vals))
 
     lo, hi = -20.0, 20.0

@@ -6,27 +6,15 @@ diffusion loops expect. DiT models return a tensor; DC-DiT models return
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 
-__all__ = ["unwrap", "supports_tail_drop", "model_info", "make_model_fn", "check_fraction"]
+from dcdit.models import is_dcdit
+from dcdit.utils import unwrap
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model under DDP / torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-def supports_tail_drop(model: nn.Module) -> bool:
-    """True for models whose forward takes ``tail_drop`` (DC-DiT)."""
-    try:
-        return "tail_drop" in inspect.signature(unwrap(model).forward).parameters
-    except (TypeError, ValueError):
-        return False
+__all__ = ["model_info", "make_model_fn", "check_fraction"]
 
 
 def model_info(model: nn.Module) -> dict:
@@ -81,7 +69,7 @@ def make_model_fn(
     tail_drop = check_fraction(tail_drop, "tail-drop fraction")
     if uncond_drop is not None:
         uncond_drop = check_fraction(uncond_drop, "unconditional tail-drop fraction")
-    routed = supports_tail_drop(model)
+    routed = is_dcdit(model)
     if not routed and (tail_drop > 0 or (uncond_drop or 0) > 0):
         raise ValueError(f"tail dropping needs a DC-DiT model; {type(unwrap(model)).__name__} has a fixed token count")
     guided = cfg_scale != 1.0

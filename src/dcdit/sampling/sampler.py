@@ -1,11 +1,13 @@
 """Batched DDPM / DDIM sampling with per-sample seeds, guidance, tail dropping and statistics.
 
-:func:`sample` runs the reverse process itself (one ``p_mean_variance`` call
-per step from :mod:`dcdit.diffusion`) so that every random draw comes from the
-sample's own stream (:class:`~dcdit.sampling.seeds.SampleNoise`): a sample's
-result does not depend on its batch. Each step's network call can be run under
-the FLOP counter, and DC-DiT routing is turned into kept-token shares, so a
-run reports what it cost step by step (DC-DiT's cost changes with t).
+:func:`sample` is the library's one sampling loop. Each step is the
+diffusion's own step function (``p_sample`` / ``ddim_sample``) fed noise from
+the sample's own stream (:class:`~dcdit.sampling.seeds.SampleNoise`), so a
+sample's result does not depend on its batch. Each step's network call can be
+run under the FLOP counter, and DC-DiT routing is turned into kept-token
+shares, so a run reports what it cost step by step (DC-DiT's cost changes
+with t). Compute budgets are solved above this loop (:mod:`dcdit.sampling.budget`)
+and arrive here as a tail-drop fraction.
 """
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ import torch
 import torch.nn as nn
 
 from dcdit.flops import count_flops
-from dcdit.sampling.guidance import make_model_fn, model_info, supports_tail_drop
+from dcdit.models import is_dcdit
+from dcdit.sampling.guidance import make_model_fn, model_info
 from dcdit.sampling.seeds import SampleNoise
+from dcdit.utils import unwrap
 
-__all__ = ["SAMPLERS", "SampleStats", "sample", "routing_shares", "create_sampling_diffusion"]
+__all__ = ["SAMPLERS", "SampleStats", "sample", "create_sampling_diffusion"]
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -139,37 +143,10 @@ class SampleStats:
 
 def component_labels(model: nn.Module) -> dict[str, str]:
     """Top-level module name -> component label, from the model's ``component_names()`` when it has one."""
-    from dcdit.sampling.guidance import unwrap
-
     fn = getattr(unwrap(model), "component_names", None)
     if not callable(fn):
         return {}
     return {k: v for k, v in fn().items() if "." not in k}
-
-
-def routing_shares(routing: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(stages, n) kept and natural shares of the first ``n`` rows (the conditional half) of DC-DiT routing."""
-    kept, natural = [], []
-    for stage in routing:
-        keep = stage["keep_mask"][:n].float()
-        nat = stage.get("natural_mask", stage["keep_mask"])[:n].float()
-        kept.append(keep.mean(dim=1).cpu().numpy())
-        natural.append(nat.mean(dim=1).cpu().numpy())
-    return np.stack(kept), np.stack(natural)
-
-
-def _ddim_update(diffusion, out: dict, x: torch.Tensor, t: torch.Tensor, eta: float,
-                 noise: Optional[torch.Tensor]) -> torch.Tensor:
-    """DDIM step (Song et al. 2021, eq. 12) from p_mean_variance output, with the given noise."""
-    eps = diffusion.predict_eps_from_xstart(x, t, out["pred_xstart"])
-    idx = t.cpu().numpy()
-    view = lambda a: torch.as_tensor(a[idx], dtype=x.dtype, device=x.device).view(-1, *([1] * (x.ndim - 1)))
-    abar, abar_prev = view(diffusion.alphas_cumprod), view(diffusion.alphas_cumprod_prev)
-    sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
-    sample = out["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
-    if noise is not None:
-        sample = sample + sigma * noise
-    return sample
 
 
 @torch.no_grad()
@@ -186,7 +163,6 @@ def sample(
     guidance_channels: Optional[int] = None,
     tail_drop: float = 0.0,
     uncond_drop: Optional[float] = None,
-    budget: Any = None,
     clip_denoised: bool = False,
     measure_flops: bool = True,
     callback: Optional[Callable[[dict], None]] = None,
@@ -203,11 +179,9 @@ def sample(
             they fix each sample's noise independently of the batch.
         sampler: "ddpm" (ancestral) or "ddim" (with ``eta``; 0 is deterministic).
         cfg_scale, guidance_channels: classifier-free guidance (1.0: none).
-        tail_drop: DC-DiT tail-drop fraction (conditional half under guidance).
+        tail_drop: DC-DiT tail-drop fraction (conditional half under guidance); a kept-share or
+            GFLOPs budget is turned into one by :func:`dcdit.sampling.budget.solve_budget`.
         uncond_drop: Lite-CFG fraction for the unconditional half.
-        budget: instead of ``tail_drop``: a :class:`~dcdit.sampling.budget.Budget`
-            (kept share or GFLOPs target), solved by probe runs of this whole batch
-            with this sampler and clipping (exact, at several runs' cost).
         clip_denoised: clamp predicted x_0 to [-1, 1] (pixel models; latents: False).
         measure_flops: count each step's FLOPs (slows CPU runs a little).
         callback: called after every step with a dict: "i" (step index, counting
@@ -235,19 +209,9 @@ def sample(
         device = next(model.parameters()).device
     device = torch.device(device)
 
-    if budget is not None:
-        from dcdit.sampling.budget import Budget, solve_budget
-
-        if not isinstance(budget, Budget):
-            raise ValueError(f"budget must be a dcdit.sampling.Budget, got {type(budget).__name__}")
-        tail_drop = solve_budget(model, budget, labels, seed=seed, indices=indices, cfg_scale=cfg_scale,
-                                 guidance_channels=guidance_channels, uncond_drop=uncond_drop,
-                                 diffusion=diffusion, probe_size=n, sampler=sampler, eta=eta,
-                                 clip_denoised=clip_denoised).fraction
-
     fn = make_model_fn(model, cfg_scale, guidance_channels, tail_drop, uncond_drop)
     guided = cfg_scale != 1.0
-    routed = supports_tail_drop(model)
+    routed = is_dcdit(model)
     shape = (info["in_channels"], *info["input_hw"])
     noise = SampleNoise(seed, indices, shape)
     y = labels.to(device)
@@ -280,21 +244,18 @@ def sample(
         xin = torch.cat([x, x]) if guided else x
         tin = torch.cat([t, t]) if guided else t
         report = None
-        out = diffusion.p_mean_variance(call, xin, tin, clip_denoised=clip_denoised)
-        out = {k: (v[:n] if isinstance(v, torch.Tensor) and v.shape[0] == xin.shape[0] else v) for k, v in out.items()}
-        nonzero = i != 0
+        # the step's noise from each sample's own stream (none needed at t = 0 or by deterministic DDIM)
+        z = noise.draw(device, x.dtype) if i != 0 and (sampler == "ddpm" or eta > 0) else torch.zeros_like(x)
+        zin = torch.cat([z, z]) if guided else z
         if sampler == "ddpm":
-            x_next = out["mean"]
-            if nonzero:
-                x_next = x_next + torch.exp(0.5 * out["log_variance"]) * noise.draw(device, x.dtype)
+            out = diffusion.p_sample(call, xin, tin, clip_denoised=clip_denoised, noise=zin)
         else:
-            x_next = _ddim_update(diffusion, out, x, t, eta, noise.draw(device, x.dtype) if eta > 0 and nonzero else None)
-        extras = out.get("extras")
+            out = diffusion.ddim_sample(call, xin, tin, clip_denoised=clip_denoised, eta=eta, noise=zin)
+        x_next, pred_xstart, extras = out["sample"][:n], out["pred_xstart"][:n], out["extras"]
         timesteps.append(int(tmap[i]) if tmap is not None else i)
-        if routed and extras is not None:
-            k_share, n_share = routing_shares(extras, n)
-            kept.append(k_share)
-            natural.append(n_share)
+        if routed and extras is not None:  # shares of the conditional half, per stage: (stages, n)
+            kept.append(np.stack([st.kept_share()[:n].cpu().numpy() for st in extras]))
+            natural.append(np.stack([st.kept_share(natural=True)[:n].cpu().numpy() for st in extras]))
         if report is not None:
             flops.append(np.full(n, report.total / n, dtype=np.float64))
             for k, v in report.by_component.items():
@@ -303,7 +264,7 @@ def sample(
         if callback is not None:
             callback({
                 "i": i, "step": step, "num_steps": len(steps), "t": torch.full((n,), timesteps[-1]),
-                "x_t": x, "sample": x_next, "pred_xstart": out["pred_xstart"], "extras": extras, "flops": report,
+                "x_t": x, "sample": x_next, "pred_xstart": pred_xstart, "extras": extras, "flops": report,
             })
         x = x_next
 

@@ -11,6 +11,8 @@ from dcdit.training.config import (
     load_train_config,
     save_train_config,
 )
+from dcdit.training.step import train_step
 from dcdit.training.trainer import train
 
-__all__ = ["TrainConfig", "load_train_config", "save_train_config", "config_from_dict", "config_to_dict", "train"]
+__all__ = ["TrainConfig", "load_train_config", "save_train_config", "config_from_dict", "config_to_dict", "train",
+           "train_step"]

@@ -395,29 +395,7 @@ def load_train_config(path: Optional[str | Path] = None, overrides: Optional[lis
 
 def save_train_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from dcdit.checkpoint import atomic_write
+    from dcdit.utils import atomic_write
 
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def ratio_targets(r: RatioConfig, step: int, n_stages: int, model_N: Union[float, list, None] = None) -> list[float]:
-    """Target N per stage at ``step`` (linear ramp from start_N when configured).
-
-    ``model_N`` (the model's downsample_factor) is used when ``target_N`` is null.
-    """
-
-    def per_stage(v):
-        v = v if isinstance(v, list) else [v]
-        if len(v) == 1:
-            v = v * n_stages
-        if len(v) != n_stages:
-            raise ValueError(f"ratio.target_N: {len(v)} values for a model with {n_stages} routing stage(s)")
-        return [float(x) for x in v]
-
-    target = per_stage(r.target_N if r.target_N is not None else (model_N if model_N is not None else 4.0))
-    if r.start_N is None or r.warmup_steps <= 0:
-        return target
-    start = per_stage(r.start_N)
-    progress = min(1.0, step / r.warmup_steps)
-    return [s + (e - s) * progress for s, e in zip(start, target)]

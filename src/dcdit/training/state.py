@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dcdit.checkpoint import atomic_write, load_safetensors, save_json, save_model_dir, save_safetensors
+from dcdit.checkpoint import load_safetensors, save_model_dir, save_safetensors
+from dcdit.utils import atomic_write, save_json
 
 CKPT_RE = re.compile(r"^ckpt-(\d{7,})$")
 LATEST = "latest"

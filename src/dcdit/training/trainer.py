@@ -29,6 +29,7 @@ import math
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -36,11 +37,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dcdit.losses import ratio_loss
+from dcdit.chunking.ratio import ratio_group_size, ratio_targets
+from dcdit.models import is_dcdit
 from dcdit.training import distributed as D
-from dcdit.training.config import TrainConfig, config_to_dict, ratio_targets, save_train_config
+from dcdit.training.config import TrainConfig, config_to_dict, save_train_config
 from dcdit.training.data import RankBatchSampler, StepStream, local_slice
 from dcdit.training.logging import MetricsLogger
+from dcdit.training.step import train_step
 from dcdit.training.state import (
     capture_rng,
     clean_stale,
@@ -50,6 +53,7 @@ from dcdit.training.state import (
     restore_rng,
     save_checkpoint,
 )
+from dcdit.utils import unwrap
 
 # --------------------------------------------------------------------------- helpers
 
@@ -62,11 +66,6 @@ def mix_seed(*parts: int) -> int:
 
 # stream tags for mix_seed
 _NOISE, _BUDGET, _GLOBAL = 1, 2, 3
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
 
 
 def take_over_label_dropout(model: nn.Module) -> tuple[float, Optional[int]]:
@@ -90,15 +89,6 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
     for eb, mb in zip(ema.buffers(), model.buffers()):
         eb.copy_(mb)
-
-
-def routing_stats(routing) -> dict[str, torch.Tensor]:
-    """Kept share per stage, natural (router's choice) and effective (after tail dropping)."""
-    out = {}
-    for i, st in enumerate(routing or []):
-        out[f"keep_natural_{i}"] = st["natural_mask"].float().mean().detach()
-        out[f"keep_effective_{i}"] = st["keep_mask"].float().mean().detach()
-    return out
 
 
 def compression(metrics: dict) -> tuple[Optional[float], Optional[float]]:
@@ -182,7 +172,7 @@ def init_label_table(model: nn.Module, std: Optional[float]) -> None:
 
 def build_train_model(cfg: TrainConfig, dataset) -> nn.Module:
     """The model a config asks for, sized to the data unless overridden (or loaded from model.init_from)."""
-    from dcdit.models.factory import build_model
+    from dcdit.models.factory import build_model, model_config
 
     m = cfg.model
     data_keys = {"input_size": dataset.image_size, "in_channels": dataset.channels,
@@ -191,7 +181,7 @@ def build_train_model(cfg: TrainConfig, dataset) -> nn.Module:
         from dcdit.checkpoint import load_model
 
         init = load_model(m.init_from, which=m.init_which)
-        init_cfg = {"arch": "dcdit" if type(init).__name__ != "DiT" else "dit", **dict(init.config)}
+        init_cfg = model_config(init)
         model = build_model({**init_cfg, **m.overrides})
         init_state, target = init.state_dict(), model.state_dict()
         bad = [k for k in target if k != "pos_embed" and (k not in init_state or init_state[k].shape != target[k].shape)]
@@ -233,8 +223,83 @@ def load_weights(model: nn.Module, state: dict, source) -> None:
         raise ValueError(f"{source} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-def is_dcdit(model: nn.Module) -> bool:
-    return type(unwrap(model)).__name__ != "DiT"
+# --------------------------------------------------------------------------- setup
+
+
+def resolve_run_dir(cfg: TrainConfig, out: Optional[str], resume) -> tuple[Path, Optional[Path]]:
+    """(run directory, checkpoint directory to resume from or None); refuses to train over checkpoints."""
+    tc = cfg.train
+    default = Path(out or tc.out_dir or f"runs/{cfg.name or 'train'}")
+    if not resume:
+        if list_checkpoints(default):
+            raise ValueError(f"run directory {default} already holds checkpoints: "
+                             "pass --resume to continue it or --out for a new run")
+        return default, None
+    where = default if resume is True else Path(resume)
+    ckpt_dir = find_checkpoint(where)
+    if ckpt_dir is None:
+        raise FileNotFoundError(f"nothing to resume: no checkpoint in {where}")
+    return (Path(out) if out else ckpt_dir.parent), ckpt_dir
+
+
+@dataclass
+class RunState:
+    """Everything a run trains and checkpoints, and the objects wrapped around the model."""
+
+    model: nn.Module  # the bare model (its weights are saved)
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list
+    diffusion: object
+    train_model: nn.Module  # model, DDP-wrapped and/or compiled: what the step calls
+    ddp_model: nn.Module  # for no_sync() during gradient accumulation
+    step: int = 0
+    drop_prob: float = 0.0  # label dropout (classifier-free guidance), applied by the loop
+    null_class: Optional[int] = None
+
+
+def build_run(cfg: TrainConfig, dataset, ckpt_dir: Optional[Path], info) -> RunState:
+    """Model, EMA, optimizer and diffusion, fresh or from ``ckpt_dir``; the same init on every rank."""
+    from dcdit.diffusion import create_diffusion
+    from dcdit.models.factory import build_model
+
+    tc, o, device = cfg.train, cfg.optim, info.device
+    torch.manual_seed(tc.seed)
+    ckpt = load_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+    if ckpt is not None:
+        model = build_model(ckpt["model_config"])
+        load_weights(model, ckpt["model"], ckpt_dir / "model.safetensors")
+        check_model_fits_data(model, dataset)
+    else:
+        model = build_train_model(cfg, dataset)
+        if not cfg.model.init_from:
+            init_label_table(model, cfg.model.label_init_std)
+    model.to(device).train()
+    ema = copy.deepcopy(model).float().eval().requires_grad_(False)
+    if ckpt is not None and ckpt["ema"] is not None:
+        load_weights(ema, ckpt["ema"], ckpt_dir / "ema.safetensors")
+    drop_prob, null_class = take_over_label_dropout(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    step = 0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        restore_rng(ckpt["rng_tensors"], ckpt["rng_meta"])
+        step = ckpt["step"]
+        del ckpt
+    diffusion = create_diffusion("", noise_schedule=cfg.diffusion.noise_schedule,
+                                 learn_sigma=bool(model.config.get("learn_sigma", True)),
+                                 diffusion_steps=cfg.diffusion.diffusion_steps,
+                                 min_snr_gamma=cfg.diffusion.min_snr_gamma)
+    train_model = ddp_model = model
+    if info.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=tc.find_unused_parameters)
+    if tc.compile:
+        train_model = torch.compile(train_model)
+    return RunState(model, ema, optimizer, params, diffusion, train_model, ddp_model, step, drop_prob, null_class)
 
 
 # --------------------------------------------------------------------------- train
@@ -248,7 +313,6 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
     checkpoint. Launched under torchrun, every process calls this.
     """
     from dcdit.data import build_dataset
-    from dcdit.diffusion import create_diffusion
 
     t_start = time.time()
     tc = cfg.train
@@ -257,19 +321,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     try:
-        # ---- run directory and checkpoint to resume from
-        ckpt_dir = None
-        if resume:
-            where = Path(out or tc.out_dir or f"runs/{cfg.name or 'train'}") if resume is True else Path(resume)
-            ckpt_dir = find_checkpoint(where)
-            if ckpt_dir is None:
-                raise FileNotFoundError(f"nothing to resume: no checkpoint in {where}")
-            run_dir = Path(out) if out else ckpt_dir.parent
-        else:
-            run_dir = Path(out or tc.out_dir or f"runs/{cfg.name or 'train'}")
-            if list_checkpoints(run_dir):
-                raise ValueError(f"run directory {run_dir} already holds checkpoints: "
-                                 "pass --resume to continue it or --out for a new run")
+        run_dir, ckpt_dir = resolve_run_dir(cfg, out, resume)
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             clean_stale(run_dir)
@@ -277,64 +329,22 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
         log = MetricsLogger(run_dir, info.is_main, tc.tensorboard, tc.wandb, tc.wandb_project, cfg.name,
                             config_to_dict(cfg))
 
-        # ---- data
+        # ---- data, batch split, model
         dataset = build_dataset(cfg.data)
         world, accum = info.world_size, tc.grad_accum
         if tc.global_batch_size % (world * accum):
             raise ValueError(f"train.global_batch_size ({tc.global_batch_size}) must be divisible by "
                              f"processes x train.grad_accum ({world} x {accum})")
         micro = tc.global_batch_size // (world * accum)
-        ratio_group = cfg.ratio.group_size
-        if ratio_group is not None and ratio_group >= micro:
-            ratio_group = None  # the whole micro-batch is one group
-        elif ratio_group is not None and micro % ratio_group:
-            raise ValueError(f"ratio.group_size ({ratio_group}) must divide the per-process micro-batch ({micro})")
-
-        # ---- model, EMA, optimizer (same init on every rank: seeded before building)
-        torch.manual_seed(tc.seed)
-        ckpt = load_checkpoint(ckpt_dir) if ckpt_dir is not None else None
-        if ckpt is not None:
-            from dcdit.models.factory import build_model
-
-            model = build_model(ckpt["model_config"])
-            load_weights(model, ckpt["model"], ckpt_dir / "model.safetensors")
-            check_model_fits_data(model, dataset)
-        else:
-            model = build_train_model(cfg, dataset)
-            if not cfg.model.init_from:
-                init_label_table(model, cfg.model.label_init_std)
-            else:
-                log.info(f"model initialised from {cfg.model.init_from} ({cfg.model.init_which} weights"
-                         + (f", overrides {cfg.model.overrides}" if cfg.model.overrides else "") + ")")
-        model.to(device).train()
-        ema = copy.deepcopy(model).float().eval().requires_grad_(False)
-        if ckpt is not None and ckpt["ema"] is not None:
-            load_weights(ema, ckpt["ema"], ckpt_dir / "ema.safetensors")
-        drop_prob, null_class = take_over_label_dropout(model)
+        ratio_group = ratio_group_size(cfg.ratio.group_size, micro)
+        run = build_run(cfg, dataset, ckpt_dir, info)
+        model, step = run.model, run.step
+        if cfg.model.init_from and not step:
+            log.info(f"model initialised from {cfg.model.init_from} ({cfg.model.init_which} weights"
+                     + (f", overrides {cfg.model.overrides}" if cfg.model.overrides else "") + ")")
         dcdit = is_dcdit(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        o = cfg.optim
-        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        step = 0
-        if ckpt is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            restore_rng(ckpt["rng_tensors"], ckpt["rng_meta"])
-            step = ckpt["step"]
-            del ckpt
-        diffusion = create_diffusion("", noise_schedule=cfg.diffusion.noise_schedule,
-                                     learn_sigma=bool(unwrap(model).config.get("learn_sigma", True)),
-                                     diffusion_steps=cfg.diffusion.diffusion_steps,
-                                     min_snr_gamma=cfg.diffusion.min_snr_gamma)
-
-        train_model = ddp_model = model
-        if info.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            train_model = ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          find_unused_parameters=tc.find_unused_parameters)
-        if tc.compile:
-            train_model = torch.compile(train_model)
-
+        ratio_weight = cfg.ratio.weight if dcdit else 0.0
+        n_stages = model.cfg.num_chunk_stages if dcdit else 0
         n_params = sum(p.numel() for p in model.parameters())
         log.info(f"run {run_dir} | {type(model).__name__} {n_params / 1e6:.2f}M params | {dataset.describe()} | "
                  f"{world} process(es) on {device}, batch {tc.global_batch_size} = {world} x {accum} x {micro}"
@@ -345,26 +355,18 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
 
         # ---- data loader from the current step on
         stream = StepStream(len(dataset), tc.global_batch_size, tc.seed)
-        sampler = RankBatchSampler(stream, step, tc.steps, info.rank, world, accum)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=tc.num_workers,
-                                             pin_memory=device.type == "cuda",
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=RankBatchSampler(stream, step, tc.steps, info.rank,
+                                                                                     world, accum),
+                                             num_workers=tc.num_workers, pin_memory=device.type == "cuda",
                                              persistent_workers=tc.num_workers > 0)
         batches = iter(loader)
-
-        bf16 = tc.precision == "bf16"
-
-        def forward(x, t, **kwargs):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = train_model(x, t, **kwargs)
-            if isinstance(out, tuple):
-                return (out[0].float(), *out[1:])
-            return out.float()
 
         def save(reason: str) -> None:
             ranks = D.check_ranks_agree(model, info)  # every rank holds the same weights (raises if not)
             if info.is_main:
                 epoch, offset = stream.position(step)
-                path = save_checkpoint(run_dir, step, model, ema, optimizer, (run_dir / "config.yaml").read_text(),
+                path = save_checkpoint(run_dir, step, model, run.ema, run.optimizer,
+                                       (run_dir / "config.yaml").read_text(),
                                        extra={"epoch": epoch, "epoch_offset": offset, "world_size": world,
                                               "global_batch_size": tc.global_batch_size, "reason": reason,
                                               "rank_fingerprints": ranks},
@@ -372,23 +374,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                 log.info(f"saved {path} ({reason})")
             D.barrier(info)
 
-        # ---- sample grids
-        vae = None
-        sample_dir = run_dir / "samples"
-
-        def sample_grid() -> None:
-            nonlocal vae
-            if not info.is_main:
-                return
-            from dcdit.training.samples import load_vae, write_sample_grid
-
-            if dataset.is_latent and vae is None and cfg.samples.vae:
-                vae = load_vae(cfg.samples.vae, device)
-            path = write_sample_grid(sample_dir / f"step{step:07d}.png", ema, cfg.samples, dataset,
-                                     cfg.diffusion.diffusion_steps, cfg.diffusion.noise_schedule, device, vae)
-            if path is not None:
-                log.info(f"sample grid {path}")
-                log.image(step, "samples", path)
+        grids = SampleGrids(cfg, dataset, run_dir / "samples", device) if info.is_main else None
 
         # ---- the loop
         from tqdm import tqdm
@@ -397,75 +383,54 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                    unit="step", dynamic_ncols=True, smoothing=0.1)
         running: dict[str, torch.Tensor] = {}
         n_running, t_log, last_saved, stop_reason = 0, time.time(), step if ckpt_dir else -1, None
-        ratio_weight = cfg.ratio.weight if dcdit else 0.0
         ratio_N: list[float] = []
-        model_N = dict(unwrap(model).config).get("downsample_factor")
         sample_shape = (dataset.channels, dataset.image_size, dataset.image_size)
         with StopFlag() as stop:
             while step < tc.steps:
                 torch.manual_seed(mix_seed(tc.seed, step, info.rank, _GLOBAL))
                 t_all, noise_all, drop_all = draw_global_batch(tc.seed, step, tc.global_batch_size, sample_shape,
-                                                               diffusion.num_timesteps, drop_prob, device)
+                                                               run.diffusion.num_timesteps, run.drop_prob, device)
                 tail_drop = budget_fraction(cfg, tc.seed, step) if dcdit else 0.0
-                lr = lr_at(o, step, tc.steps)
-                for group in optimizer.param_groups:
+                lr = lr_at(cfg.optim, step, tc.steps)
+                if ratio_weight > 0 and n_stages:
+                    ratio_N = ratio_targets(cfg.ratio, step, n_stages, model.config.get("downsample_factor"))
+                for group in run.optimizer.param_groups:
                     group["lr"] = lr
 
                 for m in range(accum):
                     x, y = next(batches)
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     sl = local_slice(m, info.rank, world, micro)
-                    if null_class is not None:
-                        y = torch.where(drop_all[sl], torch.full_like(y, null_class), y)
-                    kwargs = {"y": y, **({"tail_drop": tail_drop} if dcdit else {})}
-                    sync = contextlib.nullcontext() if (m == accum - 1 or not info.distributed) else ddp_model.no_sync()
-                    with sync:
-                        terms = diffusion.training_losses(forward, x, t_all[sl], kwargs, noise=noise_all[sl])
-                        loss = terms["loss"].mean()
-                        stats = {"loss_diffusion": loss.detach(), "mse": terms["mse"].mean().detach()}
-                        if "vb" in terms:
-                            stats["vb"] = terms["vb"].mean().detach()
-                        routing = terms.get("extras")
-                        if dcdit and routing:
-                            stats.update(routing_stats(routing))
-                            if ratio_weight > 0:
-                                ratio_N = ratio_targets(cfg.ratio, step, len(routing), model_N)
-                                r_loss = ratio_loss(routing, ratio_N, group_size=ratio_group)
-                                loss = loss + ratio_weight * r_loss
-                                stats["loss_ratio"] = r_loss.detach()
-                        stats["loss"] = loss.detach()
+                    if run.null_class is not None:
+                        y = torch.where(drop_all[sl], torch.full_like(y, run.null_class), y)
+                    last = m == accum - 1 or not info.distributed
+                    with contextlib.nullcontext() if last else run.ddp_model.no_sync():
+                        loss, stats = train_step(run.train_model, run.diffusion, x, y, t_all[sl], noise_all[sl],
+                                                 tail_drop=tail_drop, ratio_weight=ratio_weight, ratio_N=ratio_N,
+                                                 ratio_group=ratio_group, bf16=tc.precision == "bf16")
                         (loss / accum).backward()
                     for k, v in stats.items():
                         running[k] = running.get(k, 0.0) + v.float()
                     n_running += 1
 
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip or float("inf"))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                update_ema(ema, model, ema_decay_at(tc, step))
+                grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip or float("inf"))
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+                update_ema(run.ema, model, ema_decay_at(tc, step))
                 step += 1
                 running["grad_norm"] = running.get("grad_norm", 0.0) + grad_norm.detach().float() * accum
                 if tail_drop or cfg.multibudget.enabled:
                     running["tail_drop"] = running.get("tail_drop", 0.0) + tail_drop * accum
                 bar.update(1)
 
-                # ---- logging
+                # ---- logging (every 10 steps on the bar, every log_interval to the logs)
                 if step % tc.log_interval == 0 or step == tc.steps or step % 10 == 0:
-                    keys = sorted(running)
-                    means = D.mean_over_ranks([float(running[k]) / n_running for k in keys], info)
-                    metrics = dict(zip(keys, means))
-                    nat, eff = compression(metrics)
-                    post = {"loss": f"{metrics['loss']:.4f}"}
-                    if nat is not None:
-                        post["comp"] = f"{nat:.2f}x/{eff:.2f}x"
                     dt = time.time() - t_log
-                    ips = n_running / accum * tc.global_batch_size / max(dt, 1e-9)
-                    post["img/s"] = f"{ips:.1f}"
+                    metrics = summarise(running, n_running, accum, tc.global_batch_size, dt, info)
+                    post = progress_postfix(metrics)
                     bar.set_postfix(post, refresh=False)
                     if step % tc.log_interval == 0 or step == tc.steps:
-                        metrics.update(lr=lr, images_per_sec=ips, steps_per_sec=n_running / accum / max(dt, 1e-9))
-                        if nat is not None:
-                            metrics.update(compression_natural=nat, compression_effective=eff)
+                        metrics["lr"] = lr
                         if ratio_N:
                             metrics["ratio_N"] = ratio_N[0] if len(ratio_N) == 1 else ratio_N
                         log.log(step, metrics)
@@ -473,9 +438,12 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                             log.info(f"step {step}/{tc.steps} | " + " | ".join(f"{k} {v}" for k, v in post.items()))
                         running, n_running, t_log = {}, 0, time.time()
 
-                if cfg.samples.interval and step % cfg.samples.interval == 0:
+                if grids is not None and cfg.samples.interval and step % cfg.samples.interval == 0:
                     t0 = time.time()
-                    sample_grid()
+                    path = grids.write(run.ema, step)
+                    if path is not None:
+                        log.info(f"sample grid {path}")
+                        log.image(step, "samples", path)
                     t_log += time.time() - t0  # keep sampling out of the images/s figure
 
                 # ---- stop requests (signals, time budget) agreed on by all ranks
@@ -496,3 +464,39 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
         return run_dir
     finally:
         D.teardown(info)
+
+
+def summarise(running: dict, n_running: int, accum: int, global_batch: int, dt: float, info) -> dict:
+    """Means over the micro-batches since the last log (and over ranks), speed and compression."""
+    keys = sorted(running)
+    metrics = dict(zip(keys, D.mean_over_ranks([float(running[k]) / n_running for k in keys], info)))
+    steps_per_sec = n_running / accum / max(dt, 1e-9)
+    metrics.update(images_per_sec=steps_per_sec * global_batch, steps_per_sec=steps_per_sec)
+    nat, eff = compression(metrics)
+    if nat is not None:
+        metrics.update(compression_natural=nat, compression_effective=eff)
+    return metrics
+
+
+def progress_postfix(metrics: dict) -> dict[str, str]:
+    post = {"loss": f"{metrics['loss']:.4f}"}
+    if "compression_natural" in metrics:
+        post["comp"] = f"{metrics['compression_natural']:.2f}x/{metrics['compression_effective']:.2f}x"
+    post["img/s"] = f"{metrics['images_per_sec']:.1f}"
+    return post
+
+
+class SampleGrids:
+    """Periodic EMA sample grids of a run (main process only); loads the VAE once for latent data."""
+
+    def __init__(self, cfg: TrainConfig, dataset, out_dir: Path, device: torch.device):
+        self.cfg, self.dataset, self.out_dir, self.device, self.vae = cfg, dataset, out_dir, device, None
+
+    def write(self, ema: nn.Module, step: int) -> Optional[Path]:
+        from dcdit.training.samples import load_vae, write_sample_grid
+
+        cfg = self.cfg
+        if self.dataset.is_latent and self.vae is None and cfg.samples.vae:
+            self.vae = load_vae(cfg.samples.vae, self.device)
+        return write_sample_grid(self.out_dir / f"step{step:07d}.png", ema, cfg.samples, self.dataset,
+                                 cfg.diffusion.diffusion_steps, cfg.diffusion.noise_schedule, self.device, self.vae)

@@ -35,9 +35,10 @@ def load_dit_state(path: str | Path, which: str = "ema", trust_pickle: bool = Fa
         raise FileNotFoundError(f"DiT checkpoint not found: {path}")
     if path.is_dir():
         from dcdit.checkpoint import load_model
+        from dcdit.models import model_config
 
         model = load_model(path, which=which)
-        cfg = {"arch": "dcdit" if type(model).__name__ != "DiT" else "dit", **dict(model.config)}
+        cfg = model_config(model)
         if cfg["arch"] != "dit":
             raise ValueError(f"{path} holds a {type(model).__name__}, not a DiT")
         return model.state_dict(), cfg
@@ -78,10 +79,11 @@ def describe_dit(state: dict) -> dict:
 
 def main_network_blocks(model: nn.Module) -> tuple[str, list[int]]:
     """(module path of the innermost block stack, indices of its DiT blocks)."""
+    from dcdit.models.dcdit import DCStage
     from dcdit.models.layers import DiTBlock
 
     prefix, node = "", model
-    while hasattr(node, "routing_module") and hasattr(node, "main_network"):
+    while isinstance(node, DCStage):
         prefix += "main_network."
         node = node.main_network
     layers = getattr(node, "layers", None)

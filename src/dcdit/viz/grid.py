@@ -32,7 +32,7 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
     """Write a uint8 HWC (C = 1 or 3) or HW image as PNG (atomically); returns the path."""
     from PIL import Image
 
-    from dcdit.checkpoint import atomic_write
+    from dcdit.utils import atomic_write
 
     path = Path(path)
     if path.suffix.lower() != ".png":

@@ -37,7 +37,7 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str | Path) -> Plot:
-    from dcdit.checkpoint import atomic_write
+    from dcdit.utils import atomic_write
 
     path = Path(path)
     if path.suffix.lower() != ".png":

@@ -76,9 +76,9 @@ class RoutingRecorder:
         routing = info.get("extras")
         if routing:
             stage = routing[0]
-            grid = stage.get("grid")
-            prob = stage["boundary_prob"][:n].detach().float().cpu().numpy()
-            keep = stage["keep_mask"][:n].detach().cpu().numpy().astype(bool)
+            grid = stage.grid
+            prob = stage.boundary_prob[:n].detach().float().cpu().numpy()
+            keep = stage.keep_mask[:n].detach().cpu().numpy().astype(bool)
             if grid is not None:
                 prob, keep = prob.reshape(n, *grid), keep.reshape(n, *grid)
             rec.boundary_prob.append(prob)
