@@ -36,3 +36,26 @@ def test_routing_vs_detail_scores_an_oracle_router():
         assert r["auc"] == pytest.approx(1.0)
         assert r["kept_share"] == pytest.approx(float(cells.mean()))
         assert 0 < r["detail_share"] < 1
+
+
+def test_edge_detail_map_reproduces_the_shapes_ground_truth():
+    """The generic rule (used for data without detail maps, e.g. MNIST) matches shapes' own map."""
+    from dcdit.analysis.routing import edge_detail_map
+    from dcdit.data import DataConfig, build_dataset
+
+    ds = build_dataset(DataConfig(source="shapes", num_samples=16, image_size=32))
+    agree = [(edge_detail_map(x) == d.bool()).float().mean().item()
+             for x, _, d in (ds.get_with_detail(i) for i in range(16))]
+    assert min(agree) > 0.99  # differences: uint8 rounding and the background gradient
+
+
+def test_edge_detail_map_marks_a_square_outline_only():
+    from dcdit.analysis.routing import edge_detail_map
+
+    x = -torch.ones(1, 8, 8)
+    x[:, 2:6, 2:6] = 1.0  # a white square on black
+    d = edge_detail_map(x)
+    assert d[2, 2] and d[1, 3] and d[5, 4]  # the square's border pixels and their outer neighbours
+    assert not d[3, 3] and not d[0, 0]  # flat interior and background
+    # 12 inner-border pixels + 16 outer 4-neighbours (the square's corners' diagonals are not neighbours)
+    assert int(d.sum()) == 12 + 16 and not d[1, 1]

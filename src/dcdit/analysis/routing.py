@@ -10,7 +10,7 @@ the router's boundary probability p on the token grid gives two questions:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,26 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def edge_detail_map(x: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
+    """(H, W) bool: pixels whose largest change to a 4-neighbour (over channels) exceeds ``threshold``.
+
+    x: (C, H, W) in model space [-1, 1]; changes are measured in [0, 1] units.
+    The same rule the shapes data set applies to its clean pictures
+    (``dcdit.data.shapes.DETAIL_THRESHOLD``): on data without a background
+    gradient, such as MNIST, it marks the strokes' outlines.
+    """
+    from dcdit.data.shapes import DETAIL_THRESHOLD
+
+    thr = DETAIL_THRESHOLD if threshold is None else threshold
+    img = (x.float() + 1) / 2  # (C, H, W) in [0, 1]
+    pad = torch.nn.functional.pad(img[None], (1, 1, 1, 1), mode="replicate")[0]
+    H, W = img.shape[-2:]
+    change = torch.zeros(H, W)
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        change = torch.maximum(change, (pad[:, dy:dy + H, dx:dx + W] - img).abs().amax(0))
+    return change > thr
+
+
 @torch.no_grad()
 def routing_vs_detail(
     model: torch.nn.Module,
@@ -40,14 +60,17 @@ def routing_vs_detail(
 ) -> list[dict]:
     """Per timestep: ROC-AUC of the first stage's p against detail cells, and kept shares.
 
-    ``dataset`` must provide ``get_with_detail(i) -> (x, y, detail (H, W))``.
+    ``dataset`` provides ``get_with_detail(i) -> (x, y, detail (H, W))`` (shapes), or
+    else its images' own :func:`edge_detail_map` is the ground truth.
     The router's grid may be coarser than the image (patch size p): a token is
     "detail" when its p x p cell contains any detail pixel. Forced tokens (the
     first and last, p = 1 by construction) are left out of the AUC.
     """
-    if not hasattr(dataset, "get_with_detail"):
-        raise ValueError("routing_vs_detail needs a dataset with ground-truth detail maps (source 'shapes')")
-    items = [dataset.get_with_detail(i) for i in range(min(num_images, len(dataset)))]
+    n = min(num_images, len(dataset))
+    if hasattr(dataset, "get_with_detail"):
+        items = [dataset.get_with_detail(i) for i in range(n)]
+    else:  # data without a background gradient (MNIST): the shapes rule applied to the image itself
+        items = [(x, y, edge_detail_map(x)) for x, y in (dataset[i] for i in range(n))]
     x0 = torch.stack([it[0] for it in items])
     y = torch.stack([it[1] for it in items]).long()
     detail = torch.stack([it[2] for it in items]).float()  # (n, H, W)
