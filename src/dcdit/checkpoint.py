@@ -35,6 +35,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result should read like any new file
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -43,6 +44,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask sets it to read it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_json(path: str | os.PathLike, obj) -> None:
@@ -170,10 +185,22 @@ def load_model(
             config = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"corrupt config file {cfg_path}: {e}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"corrupt config file {cfg_path}: expected a JSON object, got {type(config).__name__}")
     elif config is None:  # a bare weights file, e.g. the released DiT-XL-2-256x256.pt
         config = infer_config(state, path)
-    model = build_model(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        model = build_model(config)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"cannot build the model of {path} from its config: {str(e).splitlines()[0]}") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches: torch lists every one of them
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        n = len(lines)
+        raise ValueError(f"checkpoint {path} does not match its {config.get('arch')} config: "
+                         f"{lines[0] if lines else str(e).splitlines()[0]}"
+                         + (f" (and {n - 1} more mismatched tensors)" if n > 1 else "")) from None
     missing = [k for k in missing if k != "pos_embed"]  # fixed table, regenerated
     if missing or unexpected:
         raise ValueError(
