@@ -89,6 +89,11 @@ class _Side:
         return extractor.name == inception.NAME  # foreign files (ADM, pytorch-fid): Inception stats
 
 
+def _shape(src: ImageSource) -> str:
+    h, w = src.image_size
+    return f"{h}x{w}, {src.channels} channel{'s' if src.channels != 1 else ''}"
+
+
 def evaluate(
     samples,
     reference=None,
@@ -122,6 +127,12 @@ def evaluate(
         extractor = build_extractor(extractor, batch_size=batch_size, device=device)
     smp = _Side(samples, "samples", limit)
     ref = _Side(reference, "reference", None) if reference is not None else None
+
+    if ref is not None and smp.images is not None and ref.images is not None:
+        a, b = smp.images, ref.images
+        if tuple(a.image_size) != tuple(b.image_size) or a.channels != b.channels:
+            raise ValueError(f"samples {a.name} ({_shape(a)}) and reference {b.name} ({_shape(b)}) differ in image "
+                             "size or channels: compare sets of the same kind")
 
     need_ref = [m for m in metrics if m in ("fid", "sfid", "pr", "kid")]
     need_probs = [m for m in metrics if m in ("is", "acc")]
