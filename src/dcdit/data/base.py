@@ -82,7 +82,7 @@ def as_int_labels(labels, what: str) -> np.ndarray:
     if labels.dtype.kind == "f":
         bad = ~np.isfinite(labels) | (labels != np.round(labels)) | (np.abs(labels) > 2.0 ** 62)
         if bad.any():
-            raise ValueError(f"{what}: labels must be whole numbers (class indices), found {labels[bad].flat[0]!r}")
+            raise ValueError(f"{what}: labels must be whole numbers (class indices), found {labels[bad].flat[0].item()!r}")
         return labels.astype(np.int64)
     raise ValueError(f"{what}: labels must be integers (class indices), got dtype {labels.dtype}")
 

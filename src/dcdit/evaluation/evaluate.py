@@ -94,6 +94,19 @@ def _shape(src: ImageSource) -> str:
     return f"{h}x{w}, {src.channels} channel{'s' if src.channels != 1 else ''}"
 
 
+def _check_same_kind(smp: _Side, ref: _Side) -> None:
+    a, b = smp.images, ref.images
+    if a is not None and b is not None and (tuple(a.image_size) != tuple(b.image_size) or a.channels != b.channels):
+        raise ValueError(f"samples {a.name} ({_shape(a)}) and reference {b.name} ({_shape(b)}) differ in image "
+                         "size or channels: compare sets of the same kind")
+
+
+def check_comparable(samples, reference, limit: int | None = None) -> None:
+    """Raise ValueError when two image sets differ in image size or channel count (cheap: headers only)."""
+    if reference is not None:
+        _check_same_kind(_Side(samples, "samples", limit), _Side(reference, "reference", None))
+
+
 def evaluate(
     samples,
     reference=None,
@@ -123,16 +136,13 @@ def evaluate(
     """
     metrics = parse_metrics(metrics)
     log = log or (lambda s: None)
-    if isinstance(extractor, str):
-        extractor = build_extractor(extractor, batch_size=batch_size, device=device)
     smp = _Side(samples, "samples", limit)
     ref = _Side(reference, "reference", None) if reference is not None else None
 
-    if ref is not None and smp.images is not None and ref.images is not None:
-        a, b = smp.images, ref.images
-        if tuple(a.image_size) != tuple(b.image_size) or a.channels != b.channels:
-            raise ValueError(f"samples {a.name} ({_shape(a)}) and reference {b.name} ({_shape(b)}) differ in image "
-                             "size or channels: compare sets of the same kind")
+    if ref is not None:
+        _check_same_kind(smp, ref)
+    if isinstance(extractor, str):
+        extractor = build_extractor(extractor, batch_size=batch_size, device=device)
 
     need_ref = [m for m in metrics if m in ("fid", "sfid", "pr", "kid")]
     need_probs = [m for m in metrics if m in ("is", "acc")]

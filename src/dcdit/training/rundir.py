@@ -25,7 +25,7 @@ LOCK_NAME = ".lock"
 
 # Keys a resume may not change (prefixes end with "."), and the exceptions among them:
 # where the data lives and how it is held, and settings used only to initialise a model.
-FIXED_ON_RESUME = ("model.", "data.", "diffusion.", "train.seed")
+FIXED_ON_RESUME = ("model.", "diffusion.", "data.", "train.seed")
 FREE_ON_RESUME = ("data.path", "data.in_memory", "data.skip_corrupt", "model.init_from", "model.init_which",
                   "model.label_init_std")
 
@@ -180,7 +180,7 @@ def check_resume_config(cfg, ckpt_dir: str | os.PathLike) -> list[str]:
         raise ValueError(f"cannot read the checkpoint's training config {path}: {str(e).splitlines()[0]}") from None
     old, new = _flatten(saved), _flatten(config_to_dict(cfg))
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    fixed = [k for k in changed if k.startswith(FIXED_ON_RESUME) and k not in FREE_ON_RESUME]
+    fixed = [k for prefix in FIXED_ON_RESUME for k in changed if k.startswith(prefix) and k not in FREE_ON_RESUME]
     if fixed:
         diffs = "; ".join(f"{k} is {new.get(k)!r}, the run's is {old.get(k)!r}" for k in fixed[:3])
         more = f" (and {len(fixed) - 3} more)" if len(fixed) > 3 else ""
