@@ -11,8 +11,8 @@ extractor with class probabilities); ``pr`` (precision and recall, k = 3);
 their own label; needs labels in the samples file).
 
 Warnings (``warnings.warn``) flag sets smaller than the feature dimension
-(rank-deficient covariance: FID biased upward) and sample / reference images
-of different size or channel count.
+(rank-deficient covariance: FID biased upward); sample and reference images
+of different size or channel count are an error (ValueError naming both).
 
 As ADM's evaluator does, a reference ``.npz`` that holds both images and
 ``mu``/``sigma`` uses the stored statistics for FID (when they belong to the
@@ -232,7 +232,7 @@ def evaluate(
 
 
 def _warn_about_sets(smp: _Side, ref: "_Side | None", metrics: list[str], extractor: FeatureExtractor) -> None:
-    """Warn about sets too small for their feature covariance, and samples unlike their reference."""
+    """Warn about sets too small for their feature covariance."""
     dims = {"fid": extractor.dim, "sfid": InceptionSpatial.dim_of() if "sfid" in metrics else None}
     for side in (smp, ref):
         if side is None or side.images is None:
@@ -245,13 +245,7 @@ def _warn_about_sets(smp: _Side, ref: "_Side | None", metrics: list[str], extrac
                               f"so {m.upper()} is biased upward and only comparable at equal set sizes "
                               f"(use at least {d} images; the standard is 50000)", stacklevel=3)
                 break
-    if ref is not None and smp.images is not None and ref.images is not None:
-        a, b = smp.images, ref.images
-        if tuple(a.image_size) != tuple(b.image_size) or a.channels != b.channels:
-            warnings.warn(f"samples are {a.image_size[0]}x{a.image_size[1]}x{a.channels}, the reference "
-                          f"{b.image_size[0]}x{b.image_size[1]}x{b.channels}: both are resized and made RGB for the "
-                          "feature network, but the difference alone moves the scores; compare like with like",
-                          stacklevel=3)
+    # sets of different image size or channel count are refused earlier (_check_same_kind)
 
 
 def format_table(result: dict) -> str:
