@@ -25,7 +25,8 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 # purge_step: a resumed run hides the events past its checkpoint instead of repeating them
-                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"),
+                                        **({} if purge_step is None else {"purge_step": purge_step}))
             except Exception as e:  # tensorboard not installed: jsonl only, and say so
                 self.tb = None
                 if note_missing_tensorboard:

@@ -307,6 +307,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
 
         # ---- model, EMA, optimizer (same init on every rank: seeded before building)
         torch.manual_seed(tc.seed)
+        init_note = None
         ckpt = load_checkpoint(ckpt_dir) if ckpt_dir is not None else None
         if ckpt is not None:
             from dcdit.models.factory import build_model
@@ -319,8 +320,8 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
             if not cfg.model.init_from:
                 init_label_table(model, cfg.model.label_init_std)
             else:
-                log.info(f"model initialised from {cfg.model.init_from} ({cfg.model.init_which} weights"
-                         + (f", overrides {cfg.model.overrides}" if cfg.model.overrides else "") + ")")
+                init_note = (f"model initialised from {cfg.model.init_from} ({cfg.model.init_which} weights"
+                             + (f", overrides {cfg.model.overrides}" if cfg.model.overrides else "") + ")")
         model.to(device).train()
         ema = copy.deepcopy(model).float().eval().requires_grad_(False)
         if ckpt is not None and ckpt["ema"] is not None:
@@ -352,6 +353,8 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                             config_to_dict(cfg), purge_step=step + 1 if ckpt_dir is not None else None)
         if changed:
             log.info(f"resuming with changed settings: {', '.join(changed)}")
+        if init_note:
+            log.info(init_note)
         diffusion = create_diffusion("", noise_schedule=cfg.diffusion.noise_schedule,
                                      learn_sigma=bool(unwrap(model).config.get("learn_sigma", True)),
                                      diffusion_steps=cfg.diffusion.diffusion_steps,
