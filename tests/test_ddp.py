@@ -23,7 +23,7 @@ def torchrun(nproc: int, argv: list[str], tmp_path: Path) -> subprocess.Complete
     if not TORCHRUN.exists() and shutil.which("torchrun") is None:
         pytest.skip("torchrun not available")
     exe = str(TORCHRUN) if TORCHRUN.exists() else shutil.which("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crash prints every thread's stack
     cmd = [exe, "--standalone", f"--nproc_per_node={nproc}", "-m", "dcdit", *argv]
     return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
 

@@ -37,15 +37,17 @@ def test_reference_writes_3_channel_adm_npz_from_a_1_channel_set(tmp_path, capsy
     assert "must end in .npz" in capsys.readouterr().err
 
 
-def test_evaluate_warns_on_small_and_mismatched_sets(tmp_path):
+def test_evaluate_warns_on_small_sets_and_refuses_mismatched_ones(tmp_path):
+    import warnings
+
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
     b = rng.integers(0, 256, (6, 16, 16, 1), dtype=np.uint8)
-    with pytest.warns(UserWarning) as rec:
-        evaluate(a, b, "fid", MeanColour(), use_cache=False)
-    msgs = [str(w.message) for w in rec]
-    assert any("samples are 8x8x3, the reference 16x16x1" in m for m in msgs)
-    assert not any("covariance" in m for m in msgs)  # 6 images > 3-d features: no small-set warning
+    with pytest.raises(ValueError, match=r"\(8x8, 3 channels\) and reference .*\(16x16, 1 channel\) differ"):
+        evaluate(a, b, "fid", MeanColour(), use_cache=False)  # issue 15: an error, not a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 6 images > 3-d features: no small-set warning
+        evaluate(a, a[::-1].copy(), "fid", MeanColour(), use_cache=False)
     with pytest.warns(UserWarning, match=r"2 images for 3-d fid features.*biased upward"):
         evaluate(a[:2], a[:4], "fid", MeanColour(), use_cache=False)
 

@@ -258,7 +258,7 @@ def test_ddp_sampling_two_processes(ckpt, tmp_path):
     if not torchrun.exists():
         pytest.skip("torchrun not available")
     npz = tmp_path / "ddp.npz"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crash prints every thread's stack
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "dcdit", "sample", "--ckpt", str(ckpt),
            "--num-samples", "7", "--batch-size", "2", "--steps", "2", "--npz", str(npz), "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,

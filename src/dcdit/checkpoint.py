@@ -148,10 +148,22 @@ def load_model(
             config = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"corrupt config file {cfg_path}: {e}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"corrupt config file {cfg_path}: expected a JSON object, got {type(config).__name__}")
     elif config is None:  # a bare weights file, e.g. the released DiT-XL-2-256x256.pt
         config = infer_config(state, path)
-    model = build_model(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        model = build_model(config)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"cannot build the model of {path} from its config: {str(e).splitlines()[0]}") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches: torch lists every one of them
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        n = len(lines)
+        raise ValueError(f"checkpoint {path} does not match its {config.get('arch')} config: "
+                         f"{lines[0] if lines else str(e).splitlines()[0]}"
+                         + (f" (and {n - 1} more mismatched tensors)" if n > 1 else "")) from None
     missing = [k for k in missing if k != "pos_embed"]  # fixed table, regenerated
     if missing or unexpected:
         raise ValueError(

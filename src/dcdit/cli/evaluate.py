@@ -55,6 +55,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from dcdit.evaluation import build_extractor, evaluate, format_table, parse_metrics
+    from dcdit.evaluation.evaluate import check_comparable
 
     metrics = parse_metrics(args.metrics)
     if args.step is not None and args.run is None:
@@ -64,6 +65,7 @@ def run(args) -> int:
         raise ValueError("--input-range/--input-size apply only to --feature torchscript:PATH")
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     t0 = time.time()
+    check_comparable(args.samples, args.reference, args.limit)  # before loading a feature network
     extractor = build_extractor(args.feature, batch_size=args.batch_size, device=args.device,
                                 input_range=args.input_range, input_size=args.input_size)
     log(f"feature network {extractor.name} on {extractor.device}")

@@ -113,6 +113,9 @@ def run(args) -> int:
     try:
         model = load_model(args.ckpt, which=args.which, map_location=dist_info.device)
         info = model_info(model)
+        if args.guidance_channels is not None and not 1 <= args.guidance_channels <= info["in_channels"]:
+            raise ValueError(f"--guidance-channels {args.guidance_channels}: the model has {info['in_channels']} "
+                             f"eps channels (give 1..{info['in_channels']})")
         needs_routing = (budget is not None and (budget.kind != "tail_drop" or budget.value > 0)) or (
             args.uncond_drop is not None)
         if needs_routing:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dcdit.data.config import MAX_CLASSES
 from dcdit.data.transforms import from_uint8_images
 
 
@@ -69,11 +70,31 @@ class SubsetDataset(DcditDataset):
         return getattr(self.base, name)
 
 
+def as_int_labels(labels, what: str) -> np.ndarray:
+    """Labels as int64, refusing values that an integer cast would change (2.5, NaN, 1e30)."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind in "iu":
+        if labels.dtype.kind == "u" and labels.size and labels.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"{what}: label {int(labels.max())} is not a class index")
+        return labels.astype(np.int64)
+    if labels.dtype.kind == "b":
+        return labels.astype(np.int64)
+    if labels.dtype.kind == "f":
+        bad = ~np.isfinite(labels) | (labels != np.round(labels)) | (np.abs(labels) > 2.0 ** 62)
+        if bad.any():
+            raise ValueError(f"{what}: labels must be whole numbers (class indices), found {labels[bad].flat[0].item()!r}")
+        return labels.astype(np.int64)
+    raise ValueError(f"{what}: labels must be integers (class indices), got dtype {labels.dtype}")
+
+
 def check_labels(labels: np.ndarray, num_classes: int | None, what: str) -> int:
     """Validate integer labels and return the class count to use."""
     labels = np.asarray(labels)
     if labels.size and labels.min() < 0:
         raise ValueError(f"{what}: labels must be non-negative, found {int(labels.min())}")
+    if labels.size and labels.max() >= MAX_CLASSES:
+        raise ValueError(f"{what}: label {int(labels.max())} is too large: labels are class indices "
+                         f"0..num_classes-1 with at most {MAX_CLASSES} classes")
     needed = int(labels.max()) + 1 if labels.size else 1
     if num_classes is None:
         return needed

@@ -6,6 +6,9 @@ from typing import Optional
 
 SOURCES = ("shapes", "folder", "npz", "mnist", "latents")
 MNIST_SPLITS = ("train", "val", "test", "trainval")
+# More classes than any real data set has: a larger label is a corrupt or mislabelled file
+# (a label of 2**40 would otherwise size an embedding table of terabytes).
+MAX_CLASSES = 1 << 20
 
 
 class DataError(ValueError):
@@ -61,6 +64,8 @@ class DataConfig:
             raise DataError(f"channels must be 1 or 3 for image sources, got {self.channels}")
         if self.num_classes is not None and int(self.num_classes) <= 0:
             raise DataError(f"num_classes must be positive, got {self.num_classes}")
+        if self.num_classes is not None and int(self.num_classes) > MAX_CLASSES:
+            raise DataError(f"data.num_classes {self.num_classes} is too large (at most {MAX_CLASSES})")
         if self.num_samples is not None and int(self.num_samples) <= 0:
             raise DataError(f"num_samples must be positive, got {self.num_samples}")
         if self.split not in MNIST_SPLITS:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dcdit.data.base import DcditDataset, SubsetDataset, check_labels
+from dcdit.data.base import DcditDataset, SubsetDataset, as_int_labels, check_labels
 from dcdit.data.config import DataConfig, DataError
 
 INDEX_NAME = "index.json"
@@ -223,7 +223,7 @@ class LatentsDataset(DcditDataset):
                 raise DataError(f"cannot read labels shard {f}: {e}") from None
             if y.ndim != 1 or len(y) != int(s["count"]):
                 raise DataError(f"shard count mismatch: {f} holds {y.shape} labels, {INDEX_NAME} says {s['count']}")
-            labels.append(y.astype(np.int64))
+            labels.append(as_int_labels(y, f"labels shard {f}"))
         self.labels = np.concatenate(labels)
         c, h, _ = (int(v) for v in self.index["latent_shape"])
         self.channels, self.image_size = c, h

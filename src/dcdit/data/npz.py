@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dcdit.data.base import DcditDataset, SubsetDataset, check_labels
+from dcdit.data.base import DcditDataset, SubsetDataset, as_int_labels, check_labels
 from dcdit.data.config import DataConfig, DataError
 from dcdit.data.transforms import convert_channels
 
@@ -41,7 +41,7 @@ def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if labels is None:
         warnings.warn(f"{path}: no labels ('labels' or 'arr_1'); treating every image as class 0")
         labels = np.zeros(len(images), dtype=np.int64)
-    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    labels = as_int_labels(np.asarray(labels).reshape(-1), f"{path}: {key}")
     if len(labels) != len(images):
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
     return images, labels

@@ -11,8 +11,8 @@ extractor with class probabilities); ``pr`` (precision and recall, k = 3);
 their own label; needs labels in the samples file).
 
 Warnings (``warnings.warn``) flag sets smaller than the feature dimension
-(rank-deficient covariance: FID biased upward) and sample / reference images
-of different size or channel count.
+(rank-deficient covariance: FID biased upward); sample and reference images
+of different size or channel count are an error (ValueError naming both).
 
 As ADM's evaluator does, a reference ``.npz`` that holds both images and
 ``mu``/``sigma`` uses the stored statistics for FID (when they belong to the
@@ -89,6 +89,24 @@ class _Side:
         return extractor.name == inception.NAME  # foreign files (ADM, pytorch-fid): Inception stats
 
 
+def _shape(src: ImageSource) -> str:
+    h, w = src.image_size
+    return f"{h}x{w}, {src.channels} channel{'s' if src.channels != 1 else ''}"
+
+
+def _check_same_kind(smp: _Side, ref: _Side) -> None:
+    a, b = smp.images, ref.images
+    if a is not None and b is not None and (tuple(a.image_size) != tuple(b.image_size) or a.channels != b.channels):
+        raise ValueError(f"samples {a.name} ({_shape(a)}) and reference {b.name} ({_shape(b)}) differ in image "
+                         "size or channels: compare sets of the same kind")
+
+
+def check_comparable(samples, reference, limit: int | None = None) -> None:
+    """Raise ValueError when two image sets differ in image size or channel count (cheap: headers only)."""
+    if reference is not None:
+        _check_same_kind(_Side(samples, "samples", limit), _Side(reference, "reference", None))
+
+
 def evaluate(
     samples,
     reference=None,
@@ -118,10 +136,13 @@ def evaluate(
     """
     metrics = parse_metrics(metrics)
     log = log or (lambda s: None)
-    if isinstance(extractor, str):
-        extractor = build_extractor(extractor, batch_size=batch_size, device=device)
     smp = _Side(samples, "samples", limit)
     ref = _Side(reference, "reference", None) if reference is not None else None
+
+    if ref is not None:
+        _check_same_kind(smp, ref)
+    if isinstance(extractor, str):
+        extractor = build_extractor(extractor, batch_size=batch_size, device=device)
 
     need_ref = [m for m in metrics if m in ("fid", "sfid", "pr", "kid")]
     need_probs = [m for m in metrics if m in ("is", "acc")]
@@ -211,7 +232,7 @@ def evaluate(
 
 
 def _warn_about_sets(smp: _Side, ref: "_Side | None", metrics: list[str], extractor: FeatureExtractor) -> None:
-    """Warn about sets too small for their feature covariance, and samples unlike their reference."""
+    """Warn about sets too small for their feature covariance."""
     dims = {"fid": extractor.dim, "sfid": InceptionSpatial.dim_of() if "sfid" in metrics else None}
     for side in (smp, ref):
         if side is None or side.images is None:
@@ -224,13 +245,7 @@ def _warn_about_sets(smp: _Side, ref: "_Side | None", metrics: list[str], extrac
                               f"so {m.upper()} is biased upward and only comparable at equal set sizes "
                               f"(use at least {d} images; the standard is 50000)", stacklevel=3)
                 break
-    if ref is not None and smp.images is not None and ref.images is not None:
-        a, b = smp.images, ref.images
-        if tuple(a.image_size) != tuple(b.image_size) or a.channels != b.channels:
-            warnings.warn(f"samples are {a.image_size[0]}x{a.image_size[1]}x{a.channels}, the reference "
-                          f"{b.image_size[0]}x{b.image_size[1]}x{b.channels}: both are resized and made RGB for the "
-                          "feature network, but the difference alone moves the scores; compare like with like",
-                          stacklevel=3)
+    # sets of different image size or channel count are refused earlier (_check_same_kind)
 
 
 def format_table(result: dict) -> str:

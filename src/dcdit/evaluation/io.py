@@ -101,8 +101,20 @@ def save_samples_npz(path, images, labels=None) -> Path:
     arrays = {"arr_0": images}
     if labels is not None:
         arrays["arr_1"] = check_labels(labels, images.shape[0])
-    np.savez(path, **arrays)
+    save_npz_atomic(path, arrays)
     return path
+
+
+def save_npz_atomic(path, arrays: dict) -> Path:
+    """``np.savez`` into a temporary file renamed onto ``path``: a crash never leaves half a file."""
+    from dcdit.utils import atomic_write
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+    return Path(path)
 
 
 def load_samples_npz(path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -389,6 +401,7 @@ __all__ = [
     "load_samples_npz",
     "npz_keys",
     "open_images",
+    "save_npz_atomic",
     "save_samples_npz",
     "to_gray",
     "to_rgb",

@@ -39,6 +39,18 @@ class DiT(nn.Module):
         learn_sigma: bool = True,
     ):
         super().__init__()
+        for name, v in (("input_size", input_size), ("patch_size", patch_size), ("in_channels", in_channels),
+                        ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads),
+                        ("num_classes", num_classes)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
+        if isinstance(class_dropout_prob, bool) or not isinstance(class_dropout_prob, (int, float)) \
+                or not 0.0 <= class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must lie in [0, 1), got {class_dropout_prob!r}")
+        if not isinstance(learn_sigma, bool):
+            raise ValueError(f"learn_sigma must be true or false, got {learn_sigma!r}")
         self.config = dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,

@@ -173,9 +173,10 @@ def save_outputs(samples: LocalSamples, npz: Optional[str | Path] = None, grid: 
         else:
             if npz.suffix != ".npz":
                 raise ValueError(f"{npz}: sample files must end in .npz")
-            npz.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(npz, latents=samples.latents.astype(np.float32), labels=samples.labels.astype(np.int64))
-            written.append(npz)
+            from dcdit.evaluation.io import save_npz_atomic
+
+            written.append(save_npz_atomic(npz, {"latents": samples.latents.astype(np.float32),
+                                                 "labels": samples.labels.astype(np.int64)}))
     if grid is not None and samples.images is not None:
         written.append(save_png(grid, image_grid(samples.images[:grid_count], grid_cols)))
     return written

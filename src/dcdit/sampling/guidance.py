@@ -69,6 +69,10 @@ def make_model_fn(
     tail_drop = check_fraction(tail_drop, "tail-drop fraction")
     if uncond_drop is not None:
         uncond_drop = check_fraction(uncond_drop, "unconditional tail-drop fraction")
+    if guidance_channels is not None:
+        c = model_info(model)["in_channels"]
+        if isinstance(guidance_channels, bool) or not isinstance(guidance_channels, int) or not 1 <= guidance_channels <= c:
+            raise ValueError(f"guidance channels must lie in 1..{c} (the model's eps channels), got {guidance_channels!r}")
     routed = is_dcdit(model)
     if not routed and (tail_drop > 0 or (uncond_drop or 0) > 0):
         raise ValueError(f"tail dropping needs a DC-DiT model; {type(unwrap(model)).__name__} has a fixed token count")

@@ -76,3 +76,18 @@ class RankBatchSampler(Sampler[list[int]]):
             idx = self.stream.global_indices(step)
             for m in range(self.grad_accum):
                 yield idx[local_slice(m, self.rank, self.world_size, self.micro_batch)].tolist()
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM and SIGINT.
+
+    Schedulers (SLURM, Kubernetes, ``docker stop``) and Ctrl-C signal the whole
+    process group. The training process checkpoints on them and then shuts its
+    workers down; a worker killed by the signal would abort the run before that
+    ("DataLoader worker ... is killed by signal") and lose the work since the
+    last checkpoint.
+    """
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

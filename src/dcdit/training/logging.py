@@ -10,7 +10,8 @@ from typing import Optional
 class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, wandb: bool = False,
                  wandb_project: str = "dcdit", run_name: Optional[str] = None, config: Optional[dict] = None,
-                 jsonl: str = "metrics.jsonl", prefix: str = "train", note_missing_tensorboard: bool = True):
+                 jsonl: str = "metrics.jsonl", prefix: str = "train", note_missing_tensorboard: bool = True,
+                 purge_step: Optional[int] = None):
         self.enabled = enabled
         self.tb = self.wandb = None
         self._file = None
@@ -23,7 +24,9 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                # purge_step: a resumed run hides the events past its checkpoint instead of repeating them
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"),
+                                        **({} if purge_step is None else {"purge_step": purge_step}))
             except Exception as e:  # tensorboard not installed: jsonl only, and say so
                 self.tb = None
                 if note_missing_tensorboard:

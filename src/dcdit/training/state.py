@@ -174,16 +174,35 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last_k: int) -> None:
     ckpts = list_checkpoints(run_dir)
     for p in ckpts[: max(0, len(ckpts) - keep_last_k)]:
         if p.name != latest:
-            shutil.rmtree(p, ignore_errors=True)
+            _remove_dir(p)
 
 
-def clean_stale(run_dir: str | os.PathLike) -> None:
-    """Remove temporary directories left by a save that crashed."""
+def _remove_dir(p: Path) -> None:
+    """Rename to a hidden ``.old-`` name, then delete: a kill mid-delete leaves what clean_stale removes."""
+    old = p.parent / f".old-{p.name}-{os.getpid()}"
+    try:
+        os.replace(p, old)
+    except OSError:
+        old = p
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_stale(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove what a crashed save or prune left: temporary directories, and checkpoint
+    directories without their train_state.json (a checkpoint is renamed into place
+    complete, so such a directory can only be one whose deletion was cut short).
+    Returns the paths removed. Call it only while holding the run directory's lock.
+    """
     run_dir = Path(run_dir)
+    removed = []
     if run_dir.is_dir():
         for p in run_dir.iterdir():
-            if p.is_dir() and (p.name.startswith(".tmp-ckpt-") or p.name.startswith(".old-ckpt-")):
+            if not p.is_dir() or p.is_symlink():
+                continue
+            if p.name.startswith((".tmp-ckpt-", ".old-ckpt-")) or (CKPT_RE.match(p.name) and not (p / STATE_JSON).exists()):
                 shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
 
 
 # ---------------------------------------------------------------- load
@@ -235,16 +254,38 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(f"corrupt checkpoint file {p}: {e}") from None
 
     meta = read_json(ckpt_dir / STATE_JSON)
+    if not isinstance(meta, dict):
+        raise ValueError(f"corrupt checkpoint file {ckpt_dir / STATE_JSON}: expected a JSON object, "
+                         f"got {type(meta).__name__}")
+    missing = [k for k in ("step", "optimizer", "rng") if k not in meta]
+    if missing:
+        raise ValueError(f"corrupt checkpoint file {ckpt_dir / STATE_JSON}: no {', '.join(map(repr, missing))} entry")
+    if not isinstance(meta["step"], int) or meta["step"] < 0:
+        raise ValueError(f"corrupt checkpoint file {ckpt_dir / STATE_JSON}: 'step' must be an integer >= 0, "
+                         f"got {meta['step']!r}")
+    model_config = read_json(ckpt_dir / "config.json")
+    if not isinstance(model_config, dict):
+        raise ValueError(f"corrupt checkpoint file {ckpt_dir / 'config.json'}: expected a JSON object, "
+                         f"got {type(model_config).__name__}")
     tensors = load_safetensors(ckpt_dir / STATE_TENSORS)
     ema_path = ckpt_dir / "ema.safetensors"
+    try:
+        optimizer = unflatten_optimizer(tensors, meta["optimizer"])
+        rng_tensors = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+        if "rng.torch" not in rng_tensors or not {"numpy", "python"} <= set(meta["rng"]):
+            raise KeyError("rng")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        what = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise ValueError(f"corrupt checkpoint {ckpt_dir}: optimizer or RNG state in {STATE_JSON} / "
+                         f"{STATE_TENSORS} is incomplete ({what})") from None
     return {
         "dir": ckpt_dir,
         "step": int(meta["step"]),
         "meta": meta,
-        "model_config": read_json(ckpt_dir / "config.json"),
+        "model_config": model_config,
         "model": load_safetensors(ckpt_dir / "model.safetensors"),
         "ema": load_safetensors(ema_path) if ema_path.exists() else None,
-        "optimizer": unflatten_optimizer(tensors, meta["optimizer"]),
-        "rng_tensors": {k: v for k, v in tensors.items() if k.startswith("rng.")},
+        "optimizer": optimizer,
+        "rng_tensors": rng_tensors,
         "rng_meta": meta["rng"],
     }

@@ -41,8 +41,9 @@ from dcdit.chunking.ratio import ratio_group_size, ratio_targets
 from dcdit.models import is_dcdit
 from dcdit.training import distributed as D
 from dcdit.training.config import TrainConfig, config_to_dict, save_train_config
-from dcdit.training.data import RankBatchSampler, StepStream, local_slice
+from dcdit.training.data import RankBatchSampler, StepStream, ignore_stop_signals, local_slice
 from dcdit.training.logging import MetricsLogger
+from dcdit.training.rundir import RunDirLocked, RunLock, check_resume_config, truncate_metrics
 from dcdit.training.step import train_step
 from dcdit.training.state import (
     capture_rng,
@@ -182,7 +183,11 @@ def build_train_model(cfg: TrainConfig, dataset) -> nn.Module:
 
         init = load_model(m.init_from, which=m.init_which)
         init_cfg = model_config(init)
-        model = build_model({**init_cfg, **m.overrides})
+        try:
+            model = build_model({**init_cfg, **m.overrides})
+        except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as e:
+            raise ValueError(f"model.overrides {m.overrides} do not fit model.init_from ({m.init_from}): "
+                             f"{str(e).splitlines()[0]}") from None
         init_state, target = init.state_dict(), model.state_dict()
         bad = [k for k in target if k != "pos_embed" and (k not in init_state or init_state[k].shape != target[k].shape)]
         if bad or set(init_state) - set(target):
@@ -190,14 +195,18 @@ def build_train_model(cfg: TrainConfig, dataset) -> nn.Module:
                              f"({m.init_from}), e.g. at {(bad or sorted(set(init_state) - set(target)))[0]}; "
                              "keep only shape-preserving overrides (e.g. class_dropout_prob)")
         model.load_state_dict({k: v for k, v in init_state.items() if k != "pos_embed"}, strict=False)
-    elif m.arch == "dit":
-        from dcdit.models.dit import build_dit
-
-        model = build_dit(m.preset, **{**data_keys, **m.overrides})
     else:
-        from dcdit.models.dcdit import build_dcdit
-
-        model = build_dcdit(m.preset, **{**data_keys, **m.overrides})
+        if m.arch == "dit":
+            from dcdit.models.dit import build_dit as build
+        else:
+            from dcdit.models.dcdit import build_dcdit as build
+        try:
+            model = build(m.preset, **{**data_keys, **m.overrides})
+        except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as e:
+            if str(e).startswith(("unknown DiT model", "unknown DC-DiT preset")):
+                raise ValueError(f"model.preset: {str(e).splitlines()[0]}") from None
+            raise ValueError(f"model.overrides {m.overrides} do not make a valid {m.preset}: "
+                             f"{str(e).splitlines()[0]}") from None
     check_model_fits_data(model, dataset)
     return model
 
@@ -226,12 +235,14 @@ def load_weights(model: nn.Module, state: dict, source) -> None:
 # --------------------------------------------------------------------------- setup
 
 
-def resolve_run_dir(cfg: TrainConfig, out: Optional[str], resume) -> tuple[Path, Optional[Path]]:
-    """(run directory, checkpoint directory to resume from or None); refuses to train over checkpoints."""
+def resolve_run_dir(cfg: TrainConfig, out: Optional[str], resume,
+                    check_existing: bool = True) -> tuple[Path, Optional[Path]]:
+    """(run directory, checkpoint directory to resume from or None); refuses to train over checkpoints
+    (``check_existing``; the trainer checks after taking the run directory's lock)."""
     tc = cfg.train
     default = Path(out or tc.out_dir or f"runs/{cfg.name or 'train'}")
     if not resume:
-        if list_checkpoints(default):
+        if check_existing and list_checkpoints(default):
             raise ValueError(f"run directory {default} already holds checkpoints: "
                              "pass --resume to continue it or --out for a new run")
         return default, None
@@ -283,7 +294,11 @@ def build_run(cfg: TrainConfig, dataset, ckpt_dir: Optional[Path], info) -> RunS
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     step = 0
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, IndexError) as e:
+            raise ValueError(f"optimizer state in {ckpt_dir / 'train_state.safetensors'} does not fit the "
+                             f"model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         restore_rng(ckpt["rng_tensors"], ckpt["rng_meta"])
         step = ckpt["step"]
         del ckpt
@@ -320,14 +335,23 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
     device = info.device
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
+    lock = None
     try:
-        run_dir, ckpt_dir = resolve_run_dir(cfg, out, resume)
+        run_dir, ckpt_dir = resolve_run_dir(cfg, out, resume, check_existing=False)
+        # One training per run directory (rank 0 holds the lock; every rank learns the outcome).
+        lock_error = None
         if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            clean_stale(run_dir)
-            save_train_config(cfg, run_dir / "config.yaml")
-        log = MetricsLogger(run_dir, info.is_main, tc.tensorboard, tc.wandb, tc.wandb_project, cfg.name,
-                            config_to_dict(cfg))
+            try:
+                lock = RunLock(run_dir).acquire()
+            except (RunDirLocked, OSError) as e:
+                lock_error = e
+        if D.any_rank(lock_error is not None, info):
+            raise lock_error or RunDirLocked(f"rank 0 could not lock the run directory {run_dir}")
+        if ckpt_dir is None and list_checkpoints(run_dir):
+            raise ValueError(f"run directory {run_dir} already holds checkpoints: "
+                             "pass --resume to continue it or --out for a new run")
+        # A resume is checked in full before anything in the run directory is written.
+        changed = check_resume_config(cfg, ckpt_dir) if ckpt_dir is not None else []
 
         # ---- data, batch split, model
         dataset = build_dataset(cfg.data)
@@ -339,6 +363,18 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
         ratio_group = ratio_group_size(cfg.ratio.group_size, micro)
         run = build_run(cfg, dataset, ckpt_dir, info)
         model, step = run.model, run.step
+
+        # ---- the run directory: written only now that everything above has been checked
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            clean_stale(run_dir)
+            if ckpt_dir is not None:
+                truncate_metrics(run_dir, step)  # records past the checkpoint are about to be written again
+            save_train_config(cfg, run_dir / "config.yaml")
+        log = MetricsLogger(run_dir, info.is_main, tc.tensorboard, tc.wandb, tc.wandb_project, cfg.name,
+                            config_to_dict(cfg), purge_step=step + 1 if ckpt_dir is not None else None)
+        if changed:
+            log.info(f"resuming with changed settings: {', '.join(changed)}")
         if cfg.model.init_from and not step:
             log.info(f"model initialised from {cfg.model.init_from} ({cfg.model.init_which} weights"
                      + (f", overrides {cfg.model.overrides}" if cfg.model.overrides else "") + ")")
@@ -358,8 +394,8 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=RankBatchSampler(stream, step, tc.steps, info.rank,
                                                                                      world, accum),
                                              num_workers=tc.num_workers, pin_memory=device.type == "cuda",
-                                             persistent_workers=tc.num_workers > 0)
-        batches = iter(loader)
+                                             persistent_workers=tc.num_workers > 0,
+                                             worker_init_fn=ignore_stop_signals if tc.num_workers > 0 else None)
 
         def save(reason: str) -> None:
             ranks = D.check_ranks_agree(model, info)  # every rank holds the same weights (raises if not)
@@ -386,6 +422,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
         ratio_N: list[float] = []
         sample_shape = (dataset.channels, dataset.image_size, dataset.image_size)
         with StopFlag() as stop:
+            batches = iter(loader)  # workers start under the handler: a stop signal never kills them first
             while step < tc.steps:
                 torch.manual_seed(mix_seed(tc.seed, step, info.rank, _GLOBAL))
                 t_all, noise_all, drop_all = draw_global_batch(tc.seed, step, tc.global_batch_size, sample_shape,
@@ -463,6 +500,8 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
         log.close()
         return run_dir
     finally:
+        if lock is not None:
+            lock.release()
         D.teardown(info)
 
 
