@@ -108,11 +108,25 @@ class Scorer:
         self.inception = build_extractor("inception", batch_size=50)
         self.cache, self.n_ref = cache, n_ref
         self._ref = None
+        self._channels_last()
 
     def features(self, images: np.ndarray) -> np.ndarray:
         from dcdit.evaluation import ArrayImages, compute_feature_set
 
         return compute_feature_set(ArrayImages(images, None, name="samples"), self.inception).features
+
+    def _channels_last(self) -> None:
+        """Feed Inception channels-last tensors: ~15% faster on this CPU, same features up to 1e-6 relative."""
+        from dcdit.evaluation import inception
+        from dcdit.evaluation.io import to_rgb
+
+        ex = self.inception
+
+        def forward(images, want_probs):
+            x = inception.preprocess(to_rgb(images), ex.device)
+            return ex.net(x.contiguous(memory_format=torch.channels_last)), None
+
+        ex._forward = forward
 
     def reference(self):
         from dcdit.evaluation import feature_statistics
@@ -182,6 +196,21 @@ def train_gflops_per_image(model, image_size: int, channels: int, n: int = 16) -
 # --------------------------------------------------------------------------- one curve
 
 
+def train_seconds(run: Path, upto: int) -> float:
+    """Training time to step ``upto`` from the run's own log: each record's steps / its steps per second.
+
+    The trainer measures steps/s over each log interval with sampling and
+    checkpointing left out, so this counts training only, across resumes.
+    """
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rows = sorted((r for r in rows if "steps_per_sec" in r and r["step"] <= upto), key=lambda r: r["step"])
+    total, prev = 0.0, 0
+    for r in rows:
+        total += (r["step"] - prev) / max(r["steps_per_sec"], 1e-9)
+        prev = r["step"]
+    return total
+
+
 def save_curve(path: Path, curve: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(curve, indent=1))
@@ -230,7 +259,7 @@ def run_curve(a) -> dict:
         if gflops_img is None or a.model.startswith("dcdit"):
             gflops_img = train_gflops_per_image(copy.deepcopy(model).float(), 32, 1)
         point = {"step": target, "images": target * d["train"]["global_batch_size"],
-                 "train_seconds": round(curve["train_seconds"], 1),
+                 "train_seconds": round(train_seconds(out / "run", target), 1),
                  "train_gflops_per_image": gflops_img}
         prev = [p for p in curve["points"] if p["step"] < target]
         point["train_gflops"] = (prev[-1]["train_gflops"] if prev else 0.0) + gflops_img * (
@@ -239,7 +268,7 @@ def run_curve(a) -> dict:
         t0 = time.time()
         for s in a.cfg:
             imgs, labels, extra = generate(model, n, s, a.ddim_steps)
-            res = scorer.score(imgs, labels, fid=True)
+            res = scorer.score(imgs, labels, fid=target == a.steps or s in a.fid_cfg)
             point[f"cfg{s:g}"] = {**res, **extra}
             if target == a.steps:
                 from dcdit.viz.plots import plot_class_grid
@@ -256,8 +285,8 @@ def run_curve(a) -> dict:
         curve["points"].sort(key=lambda p: p["step"])
         save_curve(curve_path, curve)
         log(f"{out.name} step {target}: " + ", ".join(
-            f"cfg {s:g} acc {point[f'cfg{s:g}']['class_acc']:.3f} FID {point[f'cfg{s:g}']['fid']:.1f}" for s in a.cfg)
-            + f" | train {curve['train_seconds'] / 60:.1f} min")
+            f"cfg {s:g} acc {point[f'cfg{s:g}']['class_acc']:.3f} FID {point[f'cfg{s:g}'].get('fid', float('nan')):.1f}"
+            for s in a.cfg) + f" | train {point['train_seconds'] / 60:.1f} min")
     return curve
 
 
@@ -273,7 +302,7 @@ def report(dirs: list[str], plot_dir: str | None) -> str:
             cells = []
             for s in ("cfg1", "cfg3"):
                 q = p.get(s)
-                cells += [f"{q['class_acc']:.2f}" if q else "-", f"{q['fid']:.1f}" if q else "-"]
+                cells += [f"{q['class_acc']:.2f}" if q else "-", f"{q['fid']:.1f}" if q and "fid" in q else "-"]
             lines.append(f"| {name} | {c['model']} | {c['recipe']} {' '.join(c['sets'])} | {p['step']} | "
                          f"{p['images']} | {p['train_seconds'] / 60:.1f} | {p['train_gflops'] / 1e3:.1f} | "
                          f"{p.get('images_per_sec', float('nan')):.0f} | " + " | ".join(cells) + " |")
@@ -288,7 +317,7 @@ def report(dirs: list[str], plot_dir: str | None) -> str:
             fig, axes = plt.subplots(1, 3, figsize=(15, 4))
             for name, c in curves:
                 for s, ls in (("cfg1", "--"), ("cfg3", "-")):
-                    pts = [p for p in c["points"] if s in p]
+                    pts = [p for p in c["points"] if s in p and metric in p[s]]
                     if not pts:
                         continue
                     ys = [p[s][metric] for p in pts]
@@ -317,6 +346,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-at", default="500,1000,2000,3000,4000,6000,8000",
                     help="steps to score at (the final step is always scored)")
     ap.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales to score")
+    ap.add_argument("--fid-cfg", type=float, nargs="+", default=[1.0, 3.0],
+                    help="guidance scales whose FID is computed at intermediate points (all at the final step)")
     ap.add_argument("--ddim-steps", type=int, default=25)
     ap.add_argument("--n-eval", type=int, default=1000, help="samples per intermediate point")
     ap.add_argument("--n-final", type=int, default=2000, help="samples at the final step")

@@ -118,13 +118,17 @@ def load_model(
     trust_pickle: bool = False,
     map_location: str | torch.device = "cpu",
 ) -> nn.Module:
-    """Load a model from a model directory, a run directory, or a weights file.
+    """Load a model from a model directory, a run directory, a weights file, or ``pretrained:NAME``.
 
     ``which`` = "ema" (falls back to "model" when no EMA was saved) or "model".
     A lone weights file takes ``config``, else a config.json beside it, else
     a config inferred from the weights (:func:`infer_config`: original-format
     DiT state dicts such as the released ``DiT-XL-2-256x256.pt``).
     """
+    if str(path).startswith("pretrained:"):  # a checkpoint shipped with the package
+        from dcdit.pretrained import resolve_pretrained
+
+        path = resolve_pretrained(str(path))
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
