@@ -1,0 +1,21 @@
+"""The main job end to end, at toy size (slow: trains a classifier and a DC-DiT)."""
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_writes_report_with_class_accuracy_and_segmentation(tmp_path, monkeypatch):
+    import dcdit.demo as demo
+
+    monkeypatch.setattr(demo, "CLASSIFIER_STEPS", 20)
+    report = demo.run_demo(tmp_path / "demo", steps=6, sample_steps=3, overrides=[
+        "data.source=shapes", "data.num_samples=256", "train.global_batch_size=16", "train.ckpt_interval=1000",
+        "train.progress=false", "train.num_threads=1"])
+    s = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert s["steps"] == 6 and s["data"] == "shapes" and s["num_samples"] == 100
+    assert 0.0 <= s["sample_class_accuracy"] <= 1.0 and 0.0 <= s["segmentation_auc_late"] <= 1.0
+    text = report.read_text()
+    assert "Sample class accuracy" in text and "ROC-AUC" in text
+    for name in ("samples_per_class.png", "boundary_maps.png", "kept_share_vs_timestep.png", "flops_vs_dit.png"):
+        assert (tmp_path / "demo" / name).stat().st_size > 1000
