@@ -23,9 +23,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-# Small enough for a 2-core CPU, big enough to learn digits: a 2x2 patch stem
-# gives a 16x16 grid (L = 256); at N = 4 the main network sees ~64 tokens.
-# The recipe is the learning-speed benchmark's "fast" one (BENCHMARKS.md).
+# Small enough to learn digits on a 2-core CPU in minutes: MNIST at 16x16 (digits
+# stay legible; a 32x32 model needs ~4x the compute per image, see BENCHMARKS.md
+# "Learning speed"), a 2x2 patch stem -> an 8x8 grid (L = 64); at N = 4 the
+# main network (4 DiT blocks, width 128) sees ~16 tokens. The recipe is the
+# learning-speed benchmark's "fast" one.
 DEMO_CONFIG: dict = {
     "name": "demo",
     "model": {
@@ -34,7 +36,7 @@ DEMO_CONFIG: dict = {
         "overrides": {"patch_size": 2, "d_model": [128, 128], "num_heads": [4, 4], "arch_layout": ["c2", ["D4"], "c2"]},
         "label_init_std": 1.0,
     },
-    "data": {"source": "mnist", "image_size": 32},
+    "data": {"source": "mnist", "image_size": 16},
     "diffusion": {"min_snr_gamma": 5.0},
     "optim": {"lr": 1.0e-3, "warmup_steps": 200},
     "train": {
@@ -50,12 +52,9 @@ DEMO_CFG_SCALE = 3.0  # guidance for the report's samples and their class accura
 CLASSIFIER_STEPS = 400  # the independent classifier: ~99% held-out accuracy on MNIST, ~98% on shapes
 
 # The DiTs the report compares against: the same main network (width 128,
-# depth 4, 4 heads) on every token of the 16x16 grid (patch 2), and on the
-# 64 tokens of a 4x4-patch grid (the token count DC-DiT keeps at N = 4).
-DIT_BASELINES = {
-    "DiT, same main network, all 256 tokens (patch 2)": dict(patch_size=2),
-    "DiT, same main network, 64 tokens (patch 4)": dict(patch_size=4),
-}
+# depth 4, 4 heads) on every token of DC-DiT's grid (patch 2), and on a 4x4-patch
+# grid (a quarter of the tokens: the count DC-DiT keeps at N = 4).
+DIT_BASELINES = {"all": 2, "quarter": 4}  # label -> patch size
 
 
 def _dit_baseline_config(model_cfg: dict, patch_size: int) -> dict:
@@ -171,8 +170,10 @@ def run_demo(out: str | Path = "runs/demo", steps: Optional[int] = None, sample_
         _, st = sample(model, diffusion, probe, seed=seed, tail_drop=f, measure_flops=True, clip_denoised=True)
         flops_rows.append(dict(model=f"DC-DiT, tail drop {f:g}", gflops_run=st.gflops_per_image,
                                kept_share=float(st.kept_share[:, 0].mean())))
-    for name, kw in DIT_BASELINES.items():
-        dcfg = _dit_baseline_config(mcfg, **kw)
+    for which, patch in DIT_BASELINES.items():
+        dcfg = _dit_baseline_config(mcfg, patch_size=patch)
+        tokens = (dcfg["input_size"] // patch) ** 2
+        name = f"DiT, same main network, {'all ' if which == 'all' else ''}{tokens} tokens (patch {patch})"
         flops_rows.append(dict(model=name, gflops_run=2 * dit_macs(**dcfg) * sample_steps / 1e9, kept_share=None))
     figs["flops"] = plot_bars([r["model"] for r in flops_rows], [r["gflops_run"] for r in flops_rows],
                               out / "flops_vs_dit.png", xlabel="GFLOPs per image (2 per MAC)",
@@ -190,7 +191,7 @@ def run_demo(out: str | Path = "runs/demo", steps: Optional[int] = None, sample_
         loss_first=train_rows[0]["loss"] if train_rows else None, loss_last=train_rows[-1]["loss"] if train_rows else None,
         kept_share_noisiest=float(kept[0].mean()), kept_share_cleanest=float(kept[-1].mean()),
         timesteps=[int(stats.timesteps[0]), int(stats.timesteps[-1])], flops=flops_rows, segmentation=seg,
-        data=cfg.data.source, cfg_scale=cfg_scale, num_samples=int(len(labels)),
+        data=cfg.data.source, image_size=cfg.data.image_size, cfg_scale=cfg_scale, num_samples=int(len(labels)),
         sample_class_accuracy=accuracy, classifier_test_accuracy=clf_acc,
         segmentation_auc_late=max(r["auc"] for r in seg if r["t"] <= 100),
     )
@@ -221,7 +222,7 @@ def _report_markdown(s: dict, figs: dict, out: Path, mcfg: dict, sample_steps: i
         "",
         f"A DC-DiT (stem patch {mcfg['patch_size']}, encoder/decoder `{mcfg['arch_layout']}`, width "
         f"{mcfg['d_model'][-1]}, target N = {mcfg['downsample_factor']}) trained on `{s['data']}` "
-        f"(32x32, 10 classes) for {s['steps']} steps ({s['minutes_train']:.1f} min on this machine). "
+        f"({s['image_size']}x{s['image_size']}, 10 classes) for {s['steps']} steps ({s['minutes_train']:.1f} min on this machine). "
         + (f"Training loss {s['loss_first']:.3f} at the first log, {s['loss_last']:.3f} at the last. "
            if s["loss_first"] is not None else "")
         + f"Everything below is made from this run ({s['minutes_total']:.1f} min in all).",
