@@ -22,6 +22,7 @@ TINY_DIT = [
     "data.source=shapes", "data.num_samples=64", "data.image_size=8",
     "train.global_batch_size=8", "train.log_interval=2", "train.ckpt_interval=1000", "train.progress=false",
     "train.ema_decay=0.9", "train.device=cpu", "train.tensorboard=false", "optim.lr=1e-3", "samples.interval=0",
+    "train.precision=fp32",  # exactness tests (DDP vs one process, resume) compare in fp32
 ]
 
 # A DC-DiT of the same scale: 8x8 grid, conv encoder/decoder at width 32, 1 DiT block at 64.

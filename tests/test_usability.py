@@ -12,12 +12,8 @@ import torch
 from dcdit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_DIT = [
-    "model.arch=dit", "model.preset=DiT-S/2", "model.overrides={hidden_size: 32, depth: 1, num_heads: 2}",
-    "data.source=shapes", "data.num_samples=64", "data.image_size=8",
-    "train.global_batch_size=8", "train.log_interval=2", "train.ckpt_interval=1000", "train.progress=false",
-    "train.ema_decay=0.9", "train.device=cpu", "train.tensorboard=false", "optim.lr=1e-3", "samples.interval=0",
-]
+sys.path.insert(0, str(Path(__file__).parent))
+from test_training import TINY_DIT  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
