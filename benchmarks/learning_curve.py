@@ -295,6 +295,10 @@ def run_curve(a) -> dict:
 
 def report(dirs: list[str], plot_dir: str | None) -> str:
     curves = [(Path(p).name, json.loads((Path(p) / "curve.json").read_text())) for p in dirs]
+    for d, (_, c) in zip(dirs, curves):  # training time from the run's own log (also across restarts)
+        if (Path(d) / "run" / "metrics.jsonl").is_file():
+            for pt in c["points"]:
+                pt["train_seconds"] = train_seconds(Path(d) / "run", pt["step"])
     lines = ["| run | model | recipe | step | images | train min | train TFLOPs | img/s | "
              "acc cfg 1 | FID cfg 1 | acc cfg 3 | FID cfg 3 |", "|" + "---|" * 12]
     for name, c in curves:

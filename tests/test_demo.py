@@ -17,5 +17,6 @@ def test_demo_writes_report_with_class_accuracy_and_segmentation(tmp_path, monke
     assert 0.0 <= s["sample_class_accuracy"] <= 1.0 and 0.0 <= s["segmentation_auc_late"] <= 1.0
     text = report.read_text()
     assert "Sample class accuracy" in text and "ROC-AUC" in text
-    for name in ("samples_per_class.png", "boundary_maps.png", "kept_share_vs_timestep.png", "flops_vs_dit.png"):
+    for name in ("samples_per_class.png", "boundary_maps.png", "kept_share_vs_timestep.png", "flops_vs_dit.png",
+                 "elastic_grid.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 1000
