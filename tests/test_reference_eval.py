@@ -47,6 +47,9 @@ def test_evaluate_warns_on_small_sets_and_refuses_mismatched_ones(tmp_path):
     b = rng.integers(0, 256, (6, 16, 16, 1), dtype=np.uint8)
     with pytest.raises(ValueError, match=r"\(8x8, 3 channels\) and reference .*\(16x16, 1 channel\) differ"):
         evaluate(a, b, "fid", MeanColour(), use_cache=False)  # issue 15: an error, not a warning
+    with pytest.warns(UserWarning, match=r"differ in image size or channels.*comparing anyway"):  # issue 16
+        out = evaluate(a, b, "fid", MeanColour(), use_cache=False, allow_mismatch=True)
+    assert np.isfinite(out["fid"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 6 images > 3-d features: no small-set warning
         evaluate(a, a[::-1].copy(), "fid", MeanColour(), use_cache=False)

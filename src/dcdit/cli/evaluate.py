@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default: 50)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda[:K] (default: auto = cuda when available)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="compare sets of different image size or channels (a warning instead of an error)")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the results to this JSON file")
     p.add_argument("--cache-dir", default=None, help="statistics cache (default: $DCDIT_CACHE or ~/.cache/dcdit/stats)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write cached statistics")
@@ -65,7 +67,11 @@ def run(args) -> int:
         raise ValueError("--input-range/--input-size apply only to --feature torchscript:PATH")
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     t0 = time.time()
-    check_comparable(args.samples, args.reference, args.limit)  # before loading a feature network
+    if not args.allow_mismatch:
+        try:
+            check_comparable(args.samples, args.reference, args.limit)  # before loading a feature network
+        except ValueError as e:
+            raise ValueError(f"{e} (or pass --allow-mismatch)") from None
     extractor = build_extractor(args.feature, batch_size=args.batch_size, device=args.device,
                                 input_range=args.input_range, input_size=args.input_size)
     log(f"feature network {extractor.name} on {extractor.device}")
@@ -77,7 +83,7 @@ def run(args) -> int:
             cache_dir=args.cache_dir, use_cache=not args.no_cache, limit=args.limit,
             is_splits=args.splits, k=args.k, kid_subsets=args.kid_subsets,
             kid_subset_size=args.kid_subset_size, use_reference_stats=not args.recompute_reference_stats,
-            log=log, progress=not args.quiet,
+            log=log, progress=not args.quiet, allow_mismatch=args.allow_mismatch,
         )
     result["samples"] = str(args.samples)
     if args.reference is not None:

@@ -125,10 +125,14 @@ def evaluate(
     use_reference_stats: bool = True,
     log: Callable[[str], None] | None = None,
     progress: bool = False,
+    allow_mismatch: bool = False,
 ) -> dict:
     """Compute ``metrics`` for ``samples`` against ``reference``; returns a flat dict.
 
-    ``progress``: a tqdm bar (stderr) per feature extraction.
+    ``progress``: a tqdm bar (stderr) per feature extraction. Sets of different image
+    size or channel count are refused unless ``allow_mismatch`` (then a warning: the
+    feature network resizes and gray images are repeated to RGB, which is rarely what
+    a comparison means).
 
     Keys: ``fid``, ``sfid``, ``is``/``is_std``, ``precision``/``recall``, ``kid``/``kid_std``,
     ``acc`` for the requested metrics, plus ``feature``, ``n_samples``,
@@ -140,7 +144,14 @@ def evaluate(
     ref = _Side(reference, "reference", None) if reference is not None else None
 
     if ref is not None:
-        _check_same_kind(smp, ref)
+        try:
+            _check_same_kind(smp, ref)
+        except ValueError as e:
+            if not allow_mismatch:
+                raise ValueError(f"{e} (or pass --allow-mismatch)") from None
+            import warnings
+
+            warnings.warn(f"{e}; comparing anyway (--allow-mismatch)", stacklevel=2)
     if isinstance(extractor, str):
         extractor = build_extractor(extractor, batch_size=batch_size, device=device)
 
