@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--description", required=True)
     ap.add_argument("--curve", help="learning-curve curve.json: scores of its last point")
     ap.add_argument("--summary", help="demo summary.json: its sample class accuracy and segmentation AUC")
+    ap.add_argument("--scores", help="a JSON object of further measured scores, e.g. from an evaluation script")
     a = ap.parse_args(argv)
     ckpt = find_checkpoint(Path(a.run))
     if ckpt is None:
@@ -60,6 +61,8 @@ def main(argv=None) -> int:
         s = json.loads(Path(a.summary).read_text())
         entry["scores"][f"class_acc@cfg{s['cfg_scale']:g}"] = round(s["sample_class_accuracy"], 3)
         entry["scores"]["segmentation_auc@t25"] = round(s["segmentation_auc_late"], 3)
+    if a.scores:
+        entry["scores"].update(json.loads(a.scores))
     index_path = dest.parent / "index.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     index[a.name] = entry
