@@ -177,7 +177,7 @@ def run_demo(out: str | Path = "runs/demo", steps: Optional[int] = None, sample_
                                kept_share=float(st.kept_share[:, 0].mean())))
     figs["elastic"] = plot_class_grid(np.concatenate(elastic_imgs), np.repeat(np.arange(len(fractions)), len(probe)),
                                       out / "elastic_grid.png", per_class=len(probe),
-                                      class_names=[f"tail drop {f:g}: {r['gflops_run']:.2f} GFLOPs"
+                                      class_names=[f"drop {f:g}\n{r['gflops_run']:.1f} GFLOPs"
                                                    for f, r in zip(fractions, flops_rows)],
                                       title="One checkpoint, three compute budgets (same noise per column)").path
     for which, patch in DIT_BASELINES.items():
