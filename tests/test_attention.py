@@ -112,3 +112,21 @@ def test_cuda_backends_agree(dtype):
     for name in available_backends("cuda", dtype):
         out = varlen_attention(q, k, v, cu, max(LENGTHS), LENGTHS, backend=name)
         torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol, msg=name)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_cpu_half_attention_matches_fp32_and_keeps_dtype(grad):
+    """bf16 q, k, v on CPU: attended in fp32 when autograd records (fast backward), in bf16 otherwise."""
+    from dcdit.attention.backends import _cpu_half, sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 9, 8, generator=g) for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    qh, kh, vh = (t.to(torch.bfloat16).requires_grad_(grad) for t in (q, k, v))
+    assert _cpu_half(qh) == grad
+    out = sdpa(qh, kh, vh)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)
+    if grad:
+        out.float().sum().backward()
+        assert qh.grad is not None and qh.grad.dtype == torch.bfloat16 and torch.isfinite(qh.grad.float()).all()

@@ -42,15 +42,21 @@ MIN_CAPABILITY = (8, 0)  # flash-attn 2 and PyTorch's varlen kernel: Ampere or n
 _BROKEN: set[str] = set()  # backends that raised at run time in this process
 _WARNED: set[str] = set()
 
-# PyTorch's CPU attention kernels are several times slower in bf16/fp16 than in
-# fp32, the backward most of all (benchmarks/bench_attention.py: ~6-8x at 64-256
-# tokens), so on CPU half-precision q, k, v are attended in fp32. Switch off to
+# PyTorch's CPU attention backward is several times slower in bf16/fp16 than in
+# fp32 (~6-8x at 64-256 tokens, BENCHMARKS.md "Learning speed"), so on CPU
+# half-precision q, k, v that need a gradient are attended in fp32. Switch off to
 # measure the difference.
 CPU_HALF_IN_FP32 = True
 
 
 def _cpu_half(q: torch.Tensor) -> bool:
-    return CPU_HALF_IN_FP32 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+    """Half-precision CPU attention that autograd records: there the fp32 kernels are faster.
+
+    Without a backward (sampling) the bf16 forward kernel is the faster one (~1.6-2.2x at 64-256
+    tokens), so inference keeps it.
+    """
+    return (CPU_HALF_IN_FP32 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+            and torch.is_grad_enabled() and q.requires_grad)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
