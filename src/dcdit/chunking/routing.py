@@ -194,8 +194,10 @@ class SpatialPredictabilityRouter(nn.Module):
             if grid is None or not seqs.is_uniform or seqs.max_seqlen != grid[0] * grid[1]:
                 raise ValueError(f"2D routing needs every sequence to fill the {grid} grid")
             B, (gh, gw) = seqs.batch, grid
-            # NCHW copy: the CPU GroupNorm forward is 50-200x slower on channels-last views
-            z = self.proj(h.reshape(B, gh, gw, -1).permute(0, 3, 1, 2).contiguous())  # (B, D/4, gh, gw)
+            hw = h.reshape(B, gh, gw, -1).permute(0, 3, 1, 2)  # (B, D, gh, gw), a channels-last view
+            if torch.is_grad_enabled():  # training: NCHW is faster on CPU (see ConvResBlock)
+                hw = hw.contiguous()
+            z = self.proj(hw)  # (B, D/4, gh, gw)
             r = z - self.context_predictor(z)
             return self.residual_scorer(r).reshape(-1)  # (T,)
         conv0, norm, act, conv1 = self.residual_scorer

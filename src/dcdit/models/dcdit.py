@@ -144,8 +144,9 @@ class ConvResBlock(nn.Module):
         seqs = layout.seqs
         if self.spatial_dims == 2:
             B, (gh, gw) = seqs.batch, layout.grid
-            # One NCHW copy up front: CPU GroupNorm and mixed-layout adds are slow on channels-last views.
-            h = x.reshape(B, gh, gw, self.in_dim).permute(0, 3, 1, 2).contiguous()  # (B, C, gh, gw)
+            h = x.reshape(B, gh, gw, self.in_dim).permute(0, 3, 1, 2)  # (B, C, gh, gw), a channels-last view
+            if torch.is_grad_enabled():  # training: one NCHW copy makes the CPU step 1.3-1.6x faster
+                h = h.contiguous()  # (GroupNorm and conv backward); inference is faster on the view
             skip = h if self.skip_proj is None else self.skip_proj(h)
             h = self.conv1(self.act(self.norm1(h)))
             h = h + self.cond_proj(c)[:, :, None, None]
