@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reproduce import channels_last, dataset_uint8, mnist  # noqa: E402  (shared evaluation helpers)
 
 MAIN_NET = {"hidden_size": 128, "depth": 4, "num_heads": 4}
 MODELS: dict[str, dict] = {
@@ -108,25 +109,12 @@ class Scorer:
         self.inception = build_extractor("inception", batch_size=50)
         self.cache, self.n_ref = cache, n_ref
         self._ref = None
-        self._channels_last()
+        channels_last(self.inception)  # ~15% faster here, same features up to 1e-6
 
     def features(self, images: np.ndarray) -> np.ndarray:
         from dcdit.evaluation import ArrayImages, compute_feature_set
 
         return compute_feature_set(ArrayImages(images, None, name="samples"), self.inception).features
-
-    def _channels_last(self) -> None:
-        """Feed Inception channels-last tensors: ~15% faster on this CPU, same features up to 1e-6 relative."""
-        from dcdit.evaluation import inception
-        from dcdit.evaluation.io import to_rgb
-
-        ex = self.inception
-
-        def forward(images, want_probs):
-            x = inception.preprocess(to_rgb(images), ex.device)
-            return ex.net(x.contiguous(memory_format=torch.channels_last)), None
-
-        ex._forward = forward
 
     def reference(self):
         from dcdit.evaluation import feature_statistics
@@ -137,11 +125,7 @@ class Scorer:
                 z = np.load(path)
                 self._ref = (z["mu"], z["sigma"])
             else:
-                from dcdit.data import DataConfig, build_dataset
-                from dcdit.data.transforms import to_uint8_images
-
-                ds = build_dataset(DataConfig(source="mnist", split="test", image_size=32))
-                imgs = to_uint8_images(torch.stack([ds[i][0] for i in range(self.n_ref)]))
+                imgs, _ = dataset_uint8(mnist("test"), self.n_ref)
                 self._ref = feature_statistics(self.features(imgs))
                 path.parent.mkdir(parents=True, exist_ok=True)
                 np.savez(path, mu=self._ref[0], sigma=self._ref[1])
@@ -231,7 +215,7 @@ def run_curve(a) -> dict:
     curve_path = out / "curve.json"
     curve = json.loads(curve_path.read_text()) if curve_path.is_file() else {
         "model": a.model, "recipe": a.recipe, "sets": a.set or [], "config": d, "threads": a.threads,
-        "points": [], "train_seconds": 0.0}
+        "points": []}
     if curve["config"] != d:
         raise SystemExit(f"error: {out} holds a curve with another config; use a new --out")
     scorer = Scorer(Path(a.classifier), Path(a.cache), a.n_ref)
@@ -248,9 +232,7 @@ def run_curve(a) -> dict:
             d_seg["train"]["steps"] = target
             cfg = config_from_dict(d_seg)
             log(f"{out.name}: train {at} -> {target}")
-            t0 = time.time()
             train(cfg, out=str(out / "run"), resume=True if at else None)
-            curve["train_seconds"] += time.time() - t0
             ck = find_checkpoint(out / "run")
             if int(ck.name.split("-")[1]) < target:  # stopped by a signal: the checkpoint is saved, resume later
                 save_curve(curve_path, curve)

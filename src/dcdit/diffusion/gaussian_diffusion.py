@@ -108,6 +108,7 @@ class GaussianDiffusion:
             raise ValueError(f"min_snr_gamma must be positive or None, got {min_snr_gamma}")
         # Min-SNR-gamma loss weighting (Hang et al. 2023); None: DiT's unweighted MSE.
         self.min_snr_gamma = min_snr_gamma
+        self._mse_weights: Optional[torch.Tensor] = None  # mse_weight's (T,) table, built on first use
         self.model_mean_type = _coerce_enum(ModelMeanType, model_mean_type, "model_mean_type")
         self.model_var_type = _coerce_enum(ModelVarType, model_var_type, "model_var_type")
         self.loss_type = _coerce_enum(LossType, loss_type, "loss_type")
@@ -572,11 +573,14 @@ class GaussianDiffusion:
         steps keep weight 1 under epsilon prediction; the nearly clean steps,
         whose epsilon is hard to predict and worth little, are turned down.
         """
-        snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)  # (T,)
-        w = np.minimum(snr, self.min_snr_gamma)
-        if self.model_mean_type == ModelMeanType.EPSILON:
-            w = w / snr
-        return torch.as_tensor(w, dtype=torch.float32, device=t.device)[t]  # indexed on t's device: no host sync
+        if self._mse_weights is None:  # (T,), built once
+            snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+            w = np.minimum(snr, self.min_snr_gamma)
+            self._mse_weights = torch.as_tensor(w / snr if self.model_mean_type == ModelMeanType.EPSILON else w,
+                                                dtype=torch.float32)
+        if self._mse_weights.device != t.device:
+            self._mse_weights = self._mse_weights.to(t.device)
+        return self._mse_weights[t]  # indexed on t's device: no host sync
 
     def training_losses(
         self,
