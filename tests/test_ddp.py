@@ -19,12 +19,14 @@ pytestmark = pytest.mark.ddp
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
-def torchrun(nproc: int, argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, argv: list[str], tmp_path: Path, script: Path | None = None) -> subprocess.CompletedProcess:
+    """``dcdit *argv`` (or ``script *argv``) in ``nproc`` processes."""
     if not TORCHRUN.exists() and shutil.which("torchrun") is None:
         pytest.skip("torchrun not available")
     exe = str(TORCHRUN) if TORCHRUN.exists() else shutil.which("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crash prints every thread's stack
-    cmd = [exe, "--standalone", f"--nproc_per_node={nproc}", "-m", "dcdit", *argv]
+    target = ["-m", "dcdit"] if script is None else [str(script)]
+    cmd = [exe, "--standalone", f"--nproc_per_node={nproc}", *target, *argv]
     return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
@@ -34,6 +36,7 @@ def run_both(tmp_path: Path, sets: list[str]) -> tuple[Path, Path]:
         argv += ["--set", s]
     proc = torchrun(2, argv, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "still referenced" not in proc.stderr  # teardown freed the group (the DDP wrapper let go of it)
     single = train(load_train_config(CONFIGS / "shapes_dit_cpu.yaml", sets), out=tmp_path / "single")
     return tmp_path / "ddp", single
 
@@ -62,3 +65,18 @@ def test_ddp_dcdit_matches_single_process(tmp_path):
     sets = TINY_DCDIT + ["train.steps=3", "data.num_samples=12", "model.arch=dcdit"]
     ddp, single = run_both(tmp_path, sets)
     compare(ddp, single, 3, atol=1e-5)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through /proc")
+def test_teardown_frees_gloo_before_interpreter_shutdown(tmp_path):
+    """The CI flake (a rank dying with SIGABRT at teardown), reproduced with its trigger injected.
+
+    Before the fix the gloo group outlived teardown, and rank 1 died with SIGABRT
+    ("terminate called without an active exception") at exit, every time.
+    """
+    proc = torchrun(2, [str(tmp_path / "rank1-in-teardown")], tmp_path, script=Path(__file__).with_name(
+        "ddp_teardown_probe.py"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        threads = (tmp_path / f"threads-rank{rank}.txt").read_text().split()
+        assert not [t for t in threads if "gloo" in t], threads  # no gloo thread runs on after teardown

@@ -92,7 +92,7 @@ def run(args) -> int:
         resolve_tail_drop,
     )
     from dcdit.sampling.seeds import labels_for_indices
-    from dcdit.training.distributed import barrier, setup, teardown
+    from dcdit.training.distributed import setup, teardown
 
     if args.grid is None and args.npz is None:
         raise ValueError("nothing to write: give --grid PNG and/or --npz NPZ")
@@ -110,6 +110,7 @@ def run(args) -> int:
     dist_info = setup(args.device)
     rank, world = dist_info.rank, dist_info.world_size
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else (lambda s: None)
+    done = False  # teardown meets the other ranks at a barrier only on success (on an error they may never come)
     try:
         model = load_model(args.ckpt, which=args.which, map_location=dist_info.device)
         info = model_info(model)
@@ -160,8 +161,8 @@ def run(args) -> int:
         first_out = Path(args.npz or args.grid)
         parts_dir = first_out.parent / f".{first_out.stem}.parts"
         merged = merge_ranks(part, args.num_samples, parts_dir, rank, world)
-        if merged is None:
-            barrier(dist_info)  # stay up until rank 0 has written: gloo can abort a rank torn down while a peer works
+        if merged is None:  # not rank 0: teardown's barrier keeps this rank up until rank 0 has written
+            done = True
             return 0
         written = save_outputs(merged, args.npz, None if keep_latents else args.grid, args.grid_count)
         st = merged.stats
@@ -190,10 +191,10 @@ def run(args) -> int:
             written.append(Path(args.stats_json))
         for w in written:
             print(f"wrote {w}")
-        barrier(dist_info)
+        done = True
         return 0
     finally:
-        teardown(dist_info)
+        teardown(dist_info, sync=done)
 
 
 def budget_check(budget, stats, n_probe: int, n_run: int, short_probe: bool) -> dict | None:

@@ -1,8 +1,11 @@
 """Process-group set-up for `torchrun` launches (single process when not launched by it)."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -54,6 +57,12 @@ def setup(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(dev)
     here = False
     if not dist.is_initialized():
+        # Import it while group.WORLD is still None. Its functions take `group=group.WORLD` defaults, evaluated
+        # at import; torch imports it lazily (torch._dynamo -> fsdp -> _shard, on the first model forward), and
+        # imported after init_process_group those defaults hold the live group, so destroy_process_group could
+        # not free it (see teardown).
+        import torch.distributed.nn.functional  # noqa: F401
+
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
         here = True
@@ -61,9 +70,45 @@ def setup(device: str = "auto") -> DistInfo:
                     device=dev, initialized_here=here)
 
 
-def teardown(info: DistInfo) -> None:
-    if info.initialized_here and dist.is_initialized():
+def teardown(info: DistInfo, sync: bool = True) -> None:
+    """Leave and free the process group; call it on every rank and every exit path (in a ``finally``).
+
+    ``sync``: meet the other ranks at a barrier first, so no rank closes its
+    connections while a peer may still be talking to it. Pass False on an
+    error path, where the peers may never reach the barrier.
+
+    ``destroy_process_group`` only drops torch's own references: the gloo
+    group (its ``gloo_tcp_loop`` and ``pt_gloo_runloop`` threads, its sockets)
+    lives on while anything else holds it (a DDP wrapper, default arguments
+    captured at import). It was then freed during interpreter shutdown, and a
+    gloo worker thread dropping the last reference to a collective's tensor
+    there must take the GIL of a finalizing interpreter: CPython ends that
+    thread with pthread_exit, whose unwinding through a noexcept C++
+    destructor calls std::terminate -> SIGABRT. So the group is freed here,
+    while Python is fully alive, and a warning says when something still
+    keeps it (callers drop their DDP wrappers before this).
+    """
+    if not (info.initialized_here and dist.is_initialized()):
+        return
+    group, clean = dist.group.WORLD, False
+    try:
+        if sync and info.distributed:
+            dist.barrier()
+        clean = sync  # (on an error path, the exception's traceback may still hold the group for a while)
+    finally:
         dist.destroy_process_group()
+        gc.collect()  # reference cycles (DDP's among them) that may still hold the group
+        others = sys.getrefcount(group) - _local_refcount()  # references beyond this local variable
+        del group  # the last reference: the backend joins its threads and closes its sockets now
+        if others > 0 and clean:
+            warnings.warn(f"the process group is still referenced {others} time(s) after destroy_process_group: "
+                          "its gloo threads outlive teardown (a rank can abort at exit)", RuntimeWarning, stacklevel=2)
+
+
+def _local_refcount() -> int:
+    """What ``sys.getrefcount`` reports for an object held by one local variable (it varies across Pythons)."""
+    obj = object()
+    return sys.getrefcount(obj)
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:

@@ -335,7 +335,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
     device = info.device
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    lock = None
+    lock, run, done = None, None, False
     try:
         run_dir, ckpt_dir = resolve_run_dir(cfg, out, resume, check_existing=False)
         # One training per run directory (rank 0 holds the lock; every rank learns the outcome).
@@ -498,11 +498,13 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
             if stop_reason:
                 log.info(f"stopped at step {step}/{tc.steps}: {stop_reason}; resume with --resume {run_dir}")
         log.close()
+        done = True
         return run_dir
     finally:
         if lock is not None:
             lock.release()
-        D.teardown(info)
+        run = None  # the DDP wrapper holds the process group: teardown can free the group only once it is gone
+        D.teardown(info, sync=done)  # every rank, every exit path; the final barrier only on success
 
 
 def summarise(running: dict, n_running: int, accum: int, global_batch: int, dt: float, info) -> dict:
