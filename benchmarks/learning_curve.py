@@ -216,8 +216,14 @@ def run_curve(a) -> dict:
     curve = json.loads(curve_path.read_text()) if curve_path.is_file() else {
         "model": a.model, "recipe": a.recipe, "sets": a.set or [], "config": d, "threads": a.threads,
         "points": []}
-    if curve["config"] != d:
+    def settings(c: dict) -> dict:  # the config without train.steps: a curve may be extended
+        c = copy.deepcopy(c)
+        c["train"].pop("steps", None)
+        return c
+
+    if settings(curve["config"]) != settings(d):
         raise SystemExit(f"error: {out} holds a curve with another config; use a new --out")
+    curve["config"] = d
     scorer = Scorer(Path(a.classifier), Path(a.cache), a.n_ref)
     eval_at = sorted({int(s) for s in a.eval_at.split(",") if int(s) <= a.steps} | {a.steps})
     done_steps = {p["step"] for p in curve["points"]}
