@@ -250,13 +250,13 @@ def _padded(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
 
 
 def _padded_train(q, k, v, cu_seqlens, max_seqlen, lengths, scale, multiple: int = 32):
-    """A packed batch (T, H, d) as one padded (H*B, M, d) batch through :func:`_attend`.
+    """A packed batch (T, H, d) as one padded (B*H, M, d) batch through :func:`_attend`.
 
     M is the longest sequence rounded up to a multiple of ``multiple`` (PyTorch's CPU softmax is 2-3x
     slower per element on other row lengths). Padded keys are masked (probability exactly 0), padded
     queries dropped; padding rows repeat some real token, so every value stays finite and no gradient
-    reaches it (exactly zero). Rows are gathered with ``index_select`` (its backward is an
-    ``index_add_``, where advanced indexing would sort). Needs ``lengths``.
+    reaches it (exactly zero). Token rows are gathered with ``index_select`` (its backward is an
+    ``index_add_`` of whole rows, where advanced indexing would sort). Needs ``lengths``.
     """
     B, T, (H, d) = len(lengths), q.shape[0], q.shape[1:]
     if T == 0:
@@ -271,13 +271,13 @@ def _padded_train(q, k, v, cu_seqlens, max_seqlen, lengths, scale, multiple: int
         + torch.arange(T, device=dev)  # (T,) token <- padded slot
     bias = torch.zeros(B, M, dtype=q.dtype, device=dev).masked_fill_(pos[None, :] >= lens[:, None],
                                                                        torch.finfo(q.dtype).min)
-    bias = bias.expand(H, B, M).reshape(H * B, 1, M)
+    bias = bias[:, None, None, :].expand(B, H, 1, M).reshape(B * H, 1, M)
 
-    def pad(t):  # (T, H, d) -> (H*B, M, d), heads outermost
-        return t.transpose(0, 1).index_select(1, src).view(H * B, M, t.shape[-1])
+    def pad(t):  # (T, H, d) -> (B*H, M, d): whole token rows gathered, then one layout copy
+        return t.index_select(0, src).view(B, M, H, -1).transpose(1, 2).reshape(B * H, M, t.shape[-1])
 
-    o = _attend(pad(q), pad(k), pad(v), bias, scale)  # (H*B, M, d)
-    return o.view(H, B * M, -1).index_select(1, dst).transpose(0, 1)  # (T, H, d)
+    o = _attend(pad(q), pad(k), pad(v), bias, scale)  # (B*H, M, d)
+    return o.view(B, H, M, -1).transpose(1, 2).reshape(B * M, H, -1).index_select(0, dst)  # (T, H, d)
 
 
 def _flash(q, k, v, cu_seqlens, max_seqlen, lengths, scale):

@@ -114,6 +114,13 @@ class ConvStem(nn.Module):
         return self.proj(x)
 
 
+def _amp_dtype(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype for a floating-point ``x`` when autocast is on for its device, else x's dtype."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class ConvResBlock(nn.Module):
     """Stable-Diffusion ResBlock on packed tokens: GN-SiLU-conv3 (+ cond) GN-SiLU-conv3, plus skip.
 
@@ -146,7 +153,10 @@ class ConvResBlock(nn.Module):
             B, (gh, gw) = seqs.batch, layout.grid
             h = x.reshape(B, gh, gw, self.in_dim).permute(0, 3, 1, 2)  # (B, C, gh, gw), a channels-last view
             if torch.is_grad_enabled():  # training: one NCHW copy makes the CPU step 1.3-1.6x faster
-                h = h.contiguous()  # (GroupNorm and conv backward); inference is faster on the view
+                # (GroupNorm and conv backward); inference is faster on the view. Under autocast an fp32
+                # input (the decoder's, after the fp32 dechunk) is cast in that copy: its GroupNorm and
+                # SiLU then run in the autocast dtype like every other block's (the convs cast anyway)
+                h = h.to(dtype=_amp_dtype(h), memory_format=torch.contiguous_format)
             skip = h if self.skip_proj is None else self.skip_proj(h)
             h = self.conv1(self.act(self.norm1(h)))
             h = h + self.cond_proj(c)[:, :, None, None]

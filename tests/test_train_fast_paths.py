@@ -1,0 +1,126 @@
+"""The CPU training-step fast paths against the paths they replace.
+
+Each fast path runs only when autograd records (training); fp32 runs must be
+unchanged (to fp32 rounding), bf16-autocast runs equal to bf16 rounding.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import dcdit.attention.backends as AB
+from dcdit.models import DCDiT, DCDiTConfig
+from dcdit.models.dit import DiT
+from dcdit.models.layers import RMSNorm
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def significant(grads: dict) -> list:
+    """Parameters whose gradient is not rounding noise (e.g. conv biases right before a GroupNorm,
+    whose exact gradient nearly cancels): norm above 1e-3 of the largest."""
+    top = max(g.norm() for g in grads.values())
+    return [n for n, g in grads.items() if g.norm() > 1e-3 * top]
+
+
+def tiny_dcdit() -> DCDiT:
+    cfg = DCDiTConfig(input_size=16, in_channels=1, num_classes=10, arch_layout=["c2", ["D2"], "c2"],
+                      d_model=[64, 64], num_heads=[2, 2], enc_dec_dim_factor=[2, None], patch_size=2)
+    model = DCDiT(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        model.routing_module.residual_scorer[-1].bias.fill_(0.3)
+    return model.train()
+
+
+def tiny_dit() -> DiT:
+    model = DiT(input_size=16, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=2, num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.train()
+
+
+def batch(B: int = 4, size: int = 16):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(B, 1, size, size, generator=g), torch.randint(0, 1000, (B,), generator=g),
+            torch.randint(0, 10, (B,), generator=g))
+
+
+def loss_and_grads(model, x, t, y, bf16: bool):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # label dropout
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(x, t, y)
+    out = out[0] if isinstance(out, tuple) else out
+    loss = out.float().square().mean()
+    loss.backward()
+    return out.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_bit_identical_to_its_formula(dtype):
+    m = RMSNorm(16)
+    with torch.no_grad():
+        m.weight.normal_(1, 0.1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 16, generator=g).to(dtype).requires_grad_()
+    gy = torch.randn(7, 16, generator=g).to(dtype)
+    xf = x.float()
+    want = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + m.eps) * m.weight.float()).to(dtype)
+    want.backward(gy)
+    want_gx, want_gw = x.grad.clone(), m.weight.grad.clone()
+    x.grad = m.weight.grad = None
+    out = m(x)
+    out.backward(gy)
+    assert out.dtype == dtype and torch.equal(out, want)
+    assert torch.equal(x.grad, want_gx) and torch.equal(m.weight.grad, want_gw)
+
+
+@pytest.mark.parametrize("arch", ["dit", "dcdit"])
+def test_fp32_training_forward_equals_inference_forward(arch):
+    """fp32: the training paths (grad recorded) compute the no-grad forward, to fp32 rounding."""
+    model = tiny_dit() if arch == "dit" else tiny_dcdit()
+    model.eval()  # no label dropout; grad recording is what selects the paths
+    x, t, y = batch()
+    with torch.no_grad():
+        want = model(x, t, y)
+    got = model(x, t, y)
+    want, got = (o[0] if isinstance(o, tuple) else o for o in (want, got))
+    assert got.requires_grad
+    torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["dit", "dcdit"])
+def test_bf16_training_step_matches_the_fp32_attention_path(monkeypatch, arch):
+    """bf16 autocast training: the fast CPU attention ("math", padded) gives the outputs and
+    gradients of PyTorch's fp32 kernel (the previous path), to bf16 rounding."""
+    model = tiny_dit() if arch == "dit" else tiny_dcdit()
+    x, t, y = batch()
+    monkeypatch.setattr(AB, "CPU_TRAIN_ATTENTION", "fp32")
+    want, want_g = loss_and_grads(model, x, t, y, bf16=True)
+    monkeypatch.setattr(AB, "CPU_TRAIN_ATTENTION", "math")
+    got, got_g = loss_and_grads(model, x, t, y, bf16=True)
+    assert rel(got, want) < 2e-2
+    assert want_g.keys() == got_g.keys()
+    worst = max(rel(got_g[n], want_g[n]) for n in significant(want_g))
+    assert worst < 5e-2, worst
+
+
+def test_bf16_training_step_close_to_fp32():
+    """The whole bf16 DC-DiT training forward/backward stays within bf16 rounding of fp32."""
+    model = tiny_dcdit()
+    x, t, y = batch()
+    want, want_g = loss_and_grads(copy.deepcopy(model), x, t, y, bf16=False)
+    got, got_g = loss_and_grads(model, x, t, y, bf16=True)
+    assert rel(got, want) < 3e-2
+    assert max(rel(got_g[n], want_g[n]) for n in significant(want_g)) < 0.1
