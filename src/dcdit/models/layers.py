@@ -30,7 +30,25 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     """adaLN modulation; x (B, T, D), shift/scale (B, D) or already (B, T, D)."""
     if shift.dim() == x.dim() - 1:
         shift, scale = shift.unsqueeze(-2), scale.unsqueeze(-2)
+    if _amp_training(x):
+        return _modulate_amp(x, shift, 1 + scale)
     return x * (1 + scale) + shift
+
+
+def _amp_training(x: torch.Tensor) -> bool:
+    """Training (autograd records) under autocast on x's device: the mixed-precision fast paths apply."""
+    return torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type)
+
+
+def _modulate_amp(h: torch.Tensor, shift: torch.Tensor, scale1: torch.Tensor) -> torch.Tensor:
+    """``h * scale1 + shift`` in the dtype of the adaLN output (the autocast dtype), for training.
+
+    The normalised h (fp32 when the residual stream is) is rounded to that dtype first and one
+    ``addcmul`` modulates it, so the linear layer that follows gets its input without another cast:
+    ~8 % of a bf16 DiT training step on CPU, for one extra bf16 rounding. Everywhere else (fp32, and
+    any run without autograd) the modulation is computed as before, bit for bit.
+    """
+    return torch.addcmul(shift, h.to(shift.dtype), scale1)
 
 
 # --------------------------------------------------------------------------- #
@@ -136,8 +154,10 @@ class LabelEmbedder(nn.Module):
         if labels.dtype not in (torch.int64, torch.int32) or labels.dim() != 1:
             raise ValueError(f"labels must be a 1-D integer tensor, got dtype {labels.dtype} shape {tuple(labels.shape)}")
         # Range check only for CPU tensors: on an accelerator it would force a
-        # host sync every step (the embedding lookup still fails loudly there).
-        if labels.device.type == "cpu" and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_rows):
+        # host sync every step (the embedding lookup still fails loudly there); not
+        # while torch.compile traces either (a graph break; the lookup still checks).
+        if (labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling()
+                and (int(labels.min()) < 0 or int(labels.max()) >= n_rows)):
             raise ValueError(
                 f"labels must lie in [0, {n_rows - 1}] ({self.num_classes} classes"
                 + (f", {self.num_classes} = null class)" if n_rows > self.num_classes else ")")
@@ -241,11 +261,15 @@ class DiTBlock(nn.Module):
                 xs = x[None]  # (1, T, D)
                 tok = lambda m: seqs.per_token(m)[None]  # (1, T, D)
         # modulate(h, shift, scale) = h * (1 + scale) + shift, 1 + scale formed per sample
-        h = self.norm1(xs) * tok(1 + scale_msa) + tok(shift_msa)
+        if _amp_training(x):
+            mod = lambda h, shift, scale: _modulate_amp(h, tok(shift), tok(1 + scale))
+        else:
+            mod = lambda h, shift, scale: h * tok(1 + scale) + tok(shift)
+        h = mod(self.norm1(xs), shift_msa, scale_msa)
         xs = xs + tok(gate_msa) * attn_out(self.attn(attn_in(h), attn_fn))
         del h
         if self.mlp is not None:
-            xs = xs + tok(gate_mlp) * self.mlp(self.norm2(xs) * tok(1 + scale_mlp) + tok(shift_mlp))
+            xs = xs + tok(gate_mlp) * self.mlp(mod(self.norm2(xs), shift_mlp, scale_mlp))
         return xs if seqs is None else xs.reshape(x.shape)
 
 
