@@ -162,3 +162,23 @@ def test_conv_blocks_on_the_grid_equal_the_token_path_with_grads():
 
     for a, b in zip(run(True), run(False)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_ste_residual_equals_its_expression_with_grads():
+    from dcdit.chunking import ste, ste_residual
+
+    g = torch.Generator().manual_seed(3)
+    h, r = torch.randn(50, 8, generator=g), torch.randn(50, 8, generator=g)
+    p = torch.rand(50, generator=g)
+    gy = torch.randn(50, 8, generator=g)
+
+    def run(fn):
+        ts = [t.clone().requires_grad_() for t in (h, p, r)]
+        out = fn(*ts)
+        out.backward(gy)
+        return [out.detach()] + [t.grad for t in ts]
+
+    want = run(lambda h, p, r: h * ste(p)[:, None] + r)
+    got = run(ste_residual)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(got[3], want[3])
+    torch.testing.assert_close(got[2], want[2], atol=1e-5, rtol=1e-5)

@@ -47,6 +47,7 @@ from dcdit.chunking import (
     packed_conv1d,
     packed_group_norm,
     ste,
+    ste_residual,
 )
 from dcdit.models.config import DCDiTConfig, StagePlan
 from dcdit.models.layers import (
@@ -381,7 +382,7 @@ class DCStage(nn.Module):
         del hk
         # 11. h = dechunked * STE(max(p, 1 - p)) + residual
         if torch.is_grad_enabled():
-            out = out.float() * ste(seqs.unpad(routing.selected_prob))[:, None] + residual
+            out = ste_residual(out.float(), seqs.unpad(routing.selected_prob), residual)
         else:  # the STE is exactly 1 in the forward pass: the same sum without the multiply
             out = residual.add_(out) if residual.dtype == torch.float32 else out.float() + residual
         del residual
