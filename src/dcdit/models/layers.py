@@ -245,31 +245,40 @@ class DiTBlock(nn.Module):
 
         The adaLN modulation is computed once per sample. On packed tokens it is
         broadcast over a (B, L, D) view when every sequence has the same length,
-        otherwise gathered per token right before its one use (never six (T, D)
-        expansions held at once); ``attn_fn`` attends within each sequence.
+        otherwise gathered per token: in one gather when training, right before
+        each use without autograd (never six (T, D) expansions held at once);
+        ``attn_fn`` attends within each sequence.
         """
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        # the six per-sample vectors, with 1 + scale formed per sample:
+        # shift_msa, scale1_msa, gate_msa, shift_mlp, scale1_mlp, gate_mlp
+        ada = list(self.adaLN_modulation(c).chunk(6, dim=-1))
+        ada[1], ada[4] = 1 + ada[1], 1 + ada[4]
         xs = x
-        tok = lambda m: m.unsqueeze(1)  # (B, 1, D): broadcast over each sample's tokens
+        tok = lambda i: ada[i].unsqueeze(1)  # (B, 1, D): broadcast over each sample's tokens
         attn_in = attn_out = lambda h: h
         if seqs is not None:
             T, D = x.shape
             if seqs.is_uniform and seqs.batch * seqs.max_seqlen == T:
                 xs = x.view(seqs.batch, seqs.max_seqlen, D)  # (B, L, D)
                 attn_in, attn_out = (lambda h: h.reshape(1, T, D)), (lambda a: a.view(xs.shape))
+            elif torch.is_grad_enabled():
+                # training: one gather of all six (four of them are held for the backward anyway)
+                xs = x[None]  # (1, T, D)
+                per_tok = seqs.per_token(torch.cat(ada, dim=-1))[None].chunk(6, dim=-1)  # 6 x (1, T, D)
+                tok = lambda i: per_tok[i]
             else:
                 xs = x[None]  # (1, T, D)
-                tok = lambda m: seqs.per_token(m)[None]  # (1, T, D)
-        # modulate(h, shift, scale) = h * (1 + scale) + shift, 1 + scale formed per sample
+                tok = lambda i: seqs.per_token(ada[i])[None]  # (1, T, D), gathered right before its use
+        # modulate(h, shift, scale) = h * (1 + scale) + shift
         if _amp_training(x):
-            mod = lambda h, shift, scale: _modulate_amp(h, tok(shift), tok(1 + scale))
+            mod = lambda h, i: _modulate_amp(h, tok(i), tok(i + 1))
         else:
-            mod = lambda h, shift, scale: h * tok(1 + scale) + tok(shift)
-        h = mod(self.norm1(xs), shift_msa, scale_msa)
-        xs = xs + tok(gate_msa) * attn_out(self.attn(attn_in(h), attn_fn))
+            mod = lambda h, i: h * tok(i + 1) + tok(i)
+        h = mod(self.norm1(xs), 0)
+        xs = xs + tok(2) * attn_out(self.attn(attn_in(h), attn_fn))
         del h
         if self.mlp is not None:
-            xs = xs + tok(gate_mlp) * self.mlp(mod(self.norm2(xs), shift_mlp, scale_mlp))
+            xs = xs + tok(5) * self.mlp(mod(self.norm2(xs), 3))
         return xs if seqs is None else xs.reshape(x.shape)
 
 
