@@ -88,6 +88,11 @@ def main() -> None:
     from dcdit.diffusion import create_diffusion
     from dcdit.models import DCDiT, DCDiTConfig
 
+    import importlib
+
+    # the sdpa_loop row is about the per-sequence loop, which bf16 training on CPU no longer takes by
+    # default (one padded batched-matmul call, issue 13 part 3): time the loop path it describes
+    importlib.import_module("dcdit.attention.backends").CPU_TRAIN_ATTENTION = "fp32"
     torch.manual_seed(0)
     cfg = DCDiTConfig(input_size=32, in_channels=1, num_classes=10, patch_size=1, arch_layout=["c2", ["D4"], "c2"],
                       d_model=[128, 128], num_heads=[4, 4])

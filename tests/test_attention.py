@@ -130,3 +130,76 @@ def test_cpu_half_attention_matches_fp32_and_keeps_dtype(grad):
     if grad:
         out.float().sum().backward()
         assert qh.grad is not None and qh.grad.dtype == torch.bfloat16 and torch.isfinite(qh.grad.float()).all()
+
+
+# --------------------------------------------------------------------------- #
+#      The CPU training path: batched-matmul attention, one padded call       #
+# --------------------------------------------------------------------------- #
+
+def _grads(fn, *ts):
+    ts = [t.detach().clone().requires_grad_(True) for t in ts]
+    out = fn(*ts)
+    g = torch.Generator().manual_seed(1)
+    out.float().backward(torch.randn(out.shape, generator=g))
+    return out.detach(), [t.grad for t in ts]
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_math_attention_equals_sdpa_fp32_with_grads(mask):
+    """math_attention computes F.scaled_dot_product_attention (fp32: to rounding), masks and gradients included."""
+    from dcdit.attention.backends import math_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 9, 8, generator=g) for _ in range(3))
+    m = None
+    if mask == "bool":
+        m = torch.rand(3, 1, 1, 9, generator=g) > 0.3
+        m[..., 0] = True
+    elif mask == "float":
+        m = torch.randn(3, 2, 9, 9, generator=g)
+    sdpa_ = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3)
+    want, want_g = _grads(sdpa_, q, k, v)
+    out, out_g = _grads(lambda q, k, v: math_attention(q, k, v, attn_mask=m, scale=0.3), q, k, v)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+    for a, b in zip(out_g, want_g):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("lengths", [LENGTHS, [40, 33, 37, 40, 29], [5, 0, 64, 3]])
+def test_padded_train_equals_sdpa_loop_fp32_with_grads(lengths):
+    """The padded training path attends exactly like one SDPA call per sequence (fp32, gradients
+    included, empty sequences too): padded keys get probability 0, padded queries no gradient."""
+    from dcdit.attention.backends import _padded_train, _sdpa_loop
+
+    q, k, v, cu = packed_qkv(lengths)
+    args = (cu, max(lengths), lengths, None)
+    want, want_g = _grads(lambda q, k, v: _sdpa_loop(q, k, v, *args), q, k, v)
+    out, out_g = _grads(lambda q, k, v: _padded_train(q, k, v, *args), q, k, v)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+    for a, b in zip(out_g, want_g):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("lengths", [[40, 33, 37, 40, 29], LENGTHS])
+def test_cpu_training_attention_modes_agree(monkeypatch, lengths):
+    """bf16 q, k, v with grad on CPU: the "math" path (one padded call when the padding is small,
+    else per length) agrees with the fp32 kernel to bf16 rounding, output and gradients."""
+    import dcdit.attention.backends as B
+
+    calls, orig = [], B._padded_train
+    monkeypatch.setattr(B, "_padded_train", lambda *a: calls.append(1) or orig(*a))
+    q, k, v, cu = packed_qkv(lengths, d=32)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    run = lambda q, k, v: varlen_attention(q, k, v, cu, max(lengths), lengths)
+    monkeypatch.setattr(B, "CPU_TRAIN_ATTENTION", "fp32")
+    want, want_g = _grads(run, q, k, v)
+    monkeypatch.setattr(B, "CPU_TRAIN_ATTENTION", "math")
+    out, out_g = _grads(run, q, k, v)
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in out_g)
+    assert len(calls) == int(B._pad_pays(lengths, max(lengths)))
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+    assert rel(out, want) < 2e-2
+    for a, b in zip(out_g, want_g):
+        assert rel(a, b) < 3e-2
+    with torch.no_grad():  # inference keeps PyTorch's bf16 kernel
+        assert not B._cpu_half(q.requires_grad_())

@@ -14,7 +14,9 @@ Backends (``resolve_backend("auto", ...)`` picks the first that applies):
   (CUDA, fp16/bf16; PyTorch >= 2.9; compute capability >= 8.0).
 - ``sdpa_loop``: one ``F.scaled_dot_product_attention`` call per sequence (runs
   of equal lengths are batched into one call). The fastest exact path on CPU
-  and the fallback for fp32 on CUDA.
+  and the fallback for fp32 on CUDA. When training in half precision on CPU
+  (``CPU_TRAIN_ATTENTION``), a packed batch whose lengths are similar instead
+  attends as one padded batch of matmuls with a key-padding mask.
 - ``padded``: pad to (B, H, max L, d) and mask the keys. Costs B * max(L)^2;
   kept as an independent reference for equivalence tests.
 
@@ -42,30 +44,87 @@ MIN_CAPABILITY = (8, 0)  # flash-attn 2 and PyTorch's varlen kernel: Ampere or n
 _BROKEN: set[str] = set()  # backends that raised at run time in this process
 _WARNED: set[str] = set()
 
-# PyTorch's CPU attention backward is several times slower in bf16/fp16 than in
-# fp32 (~6-8x at 64-256 tokens, BENCHMARKS.md "Learning speed"), so on CPU
-# half-precision q, k, v that need a gradient are attended in fp32. Switch off to
-# measure the difference.
-CPU_HALF_IN_FP32 = True
+# Half-precision attention on CPU that autograd records (training under bf16 autocast). PyTorch's
+# CPU kernels are slow to train through at these sizes (64-256 tokens, head dim 32-64): the bf16
+# flash backward is ~6-8x slower than the fp32 one, and the fp32 kernel plus its casts is still ~2x
+# slower than plain batched matmuls. How such attention is computed:
+#   "math" (default): softmax(q k^T / sqrt(d)) v with half-precision matmuls and softmax (both
+#       accumulate in fp32); variable-length packed batches attend as one padded batch with a
+#       key-padding mask (when the padding stays small), not one call per sequence length;
+#   "fp32": PyTorch's kernel on fp32 copies, cast back (the previous path);
+#   "native": PyTorch's kernel in half precision (what F.scaled_dot_product_attention does).
+# The difference is rounding: "math" rounds the scores and the probabilities to bf16 (relative error
+# ~6e-3 against exact attention vs ~2e-3 for "fp32", whose output is rounded to bf16 too). fp32
+# tensors and inference (no autograd) never take these paths.
+CPU_TRAIN_ATTENTION = "math"
+CPU_TRAIN_ATTENTION_MODES = ("math", "fp32", "native")
+# "math" on a packed batch: one padded call when B * max(L)^2 <= PAD_WASTE * sum(L_i^2), else one
+# call per run of equal lengths.
+PAD_WASTE = 2.0
 
 
 def _cpu_half(q: torch.Tensor) -> bool:
-    """Half-precision CPU attention that autograd records: there the fp32 kernels are faster.
+    """Half-precision CPU attention that autograd records: there PyTorch's half kernels are slow.
 
     Without a backward (sampling) the bf16 forward kernel is the faster one (~1.6-2.2x at 64-256
     tokens), so inference keeps it.
     """
-    return (CPU_HALF_IN_FP32 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+    if CPU_TRAIN_ATTENTION not in CPU_TRAIN_ATTENTION_MODES:
+        raise ValueError(f"CPU_TRAIN_ATTENTION must be one of {CPU_TRAIN_ATTENTION_MODES}, got {CPU_TRAIN_ATTENTION!r}")
+    return (CPU_TRAIN_ATTENTION != "native" and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
             and torch.is_grad_enabled() and q.requires_grad)
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                   scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v on (..., T, d): batched matmuls and softmax in q's dtype (both
+    accumulate in fp32 on CPU).
+
+    ``attn_mask`` as in ``F.scaled_dot_product_attention`` (bool: True takes part; float: added to
+    the scores), broadcastable to (..., T, S). A query whose keys are all masked gets the mean of v
+    over its row instead of NaN (such rows are padding, which callers drop).
+    """
+    *lead, T, d = q.shape
+    S = k.shape[-2]
+    q3, k3, v3 = q.reshape(-1, T, d), k.reshape(-1, S, d), v.reshape(-1, S, v.shape[-1])
+    bias = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                ~attn_mask, torch.finfo(q.dtype).min)
+        else:
+            bias = attn_mask.to(q.dtype)
+        rows = bias.shape[-2] if bias.dim() >= 2 else 1
+        bias = bias.expand(*lead, rows, S).reshape(-1, rows, S)
+    return _attend(q3, k3, v3, bias, scale).view(*lead, T, v.shape[-1])
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+            scale: Optional[float]) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v on (N, T, d) batches; bias (N, 1 or T, S) or None.
+
+    One ``baddbmm`` forms the scaled, masked scores. The softmax runs in the scores' dtype: PyTorch's
+    CPU kernel accumulates half-precision input in fp32 and is vectorised, where
+    ``softmax(..., dtype=torch.float32)`` on bf16 input is ~6x slower.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if bias is None:
+        s = torch.baddbmm(q.new_zeros(1, 1, 1), q, k.transpose(1, 2), beta=0.0, alpha=scale)
+    else:
+        s = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
+    return torch.bmm(torch.softmax(s, dim=-1), v)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
          scale: Optional[float] = None) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` on (..., T, d); fp32 math for half-precision CPU tensors.
+    """``F.scaled_dot_product_attention`` on (..., T, d); for half-precision CPU tensors that autograd
+    records, :func:`math_attention` or fp32 math (``CPU_TRAIN_ATTENTION``).
 
     The output has q's dtype either way, so callers (and autocast regions) see no difference.
     """
     if _cpu_half(q):
+        if CPU_TRAIN_ATTENTION == "math":
+            return math_attention(q, k, v, attn_mask, scale)
         with torch.autocast("cpu", enabled=False):  # autocast would cast the fp32 inputs back down
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask, scale=scale)
         return out.to(q.dtype)
@@ -190,6 +249,37 @@ def _padded(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
     return o.transpose(1, 2)[seg, local]  # (T, H, d)
 
 
+def _padded_train(q, k, v, cu_seqlens, max_seqlen, lengths, scale, multiple: int = 32):
+    """A packed batch (T, H, d) as one padded (B*H, M, d) batch through :func:`_attend`.
+
+    M is the longest sequence rounded up to a multiple of ``multiple`` (PyTorch's CPU softmax is 2-3x
+    slower per element on other row lengths). Padded keys are masked (probability exactly 0), padded
+    queries dropped; padding rows repeat some real token, so every value stays finite and no gradient
+    reaches it (exactly zero). Token rows are gathered with ``index_select`` (its backward is an
+    ``index_add_`` of whole rows, where advanced indexing would sort). Needs ``lengths``.
+    """
+    B, T, (H, d) = len(lengths), q.shape[0], q.shape[1:]
+    if T == 0:
+        return q.new_empty(q.shape)
+    M = -(-max(int(max_seqlen), 1) // multiple) * multiple
+    dev = q.device
+    lens = torch.as_tensor(lengths, device=dev)
+    starts = cu_seqlens[:-1].long()
+    pos = torch.arange(M, device=dev)
+    src = (starts[:, None] + pos[None, :]).clamp_(max=T - 1).flatten()  # (B*M,) padded slot <- token
+    dst = torch.repeat_interleave(torch.arange(B, device=dev) * M - starts, lens, output_size=T) \
+        + torch.arange(T, device=dev)  # (T,) token <- padded slot
+    bias = torch.zeros(B, M, dtype=q.dtype, device=dev).masked_fill_(pos[None, :] >= lens[:, None],
+                                                                       torch.finfo(q.dtype).min)
+    bias = bias[:, None, None, :].expand(B, H, 1, M).reshape(B * H, 1, M)
+
+    def pad(t):  # (T, H, d) -> (B*H, M, d): whole token rows gathered, then one layout copy
+        return t.index_select(0, src).view(B, M, H, -1).transpose(1, 2).reshape(B * H, M, t.shape[-1])
+
+    o = _attend(pad(q), pad(k), pad(v), bias, scale)  # (B*H, M, d)
+    return o.view(B, H, M, -1).transpose(1, 2).reshape(B * M, H, -1).index_select(0, dst)  # (T, H, d)
+
+
 def _flash(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
     cu = cu_seqlens.to(torch.int32)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -249,8 +339,20 @@ def varlen_attention(
             name = "sdpa_loop"
     if lengths is None and name in ("sdpa_loop",):
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    if _cpu_half(q):  # upcast once for the whole packed batch, not per sequence (see sdpa)
+    if _cpu_half(q):
+        if CPU_TRAIN_ATTENTION == "math":
+            if name == "sdpa_loop" and _pad_pays(lengths, max_seqlen):  # one masked batched call
+                return _padded_train(q, k, v, cu_seqlens, max_seqlen, lengths, scale)  # instead of one per length
+            return _IMPLS[name](q, k, v, cu_seqlens, max_seqlen, lengths, scale)
+        # "fp32": upcast once for the whole packed batch, not per sequence (see sdpa)
         with torch.autocast("cpu", enabled=False):
             out = _IMPLS[name](q.float(), k.float(), v.float(), cu_seqlens, max_seqlen, lengths, scale)
         return out.to(q.dtype)
     return _IMPLS[name](q, k, v, cu_seqlens, max_seqlen, lengths, scale)
+
+
+def _pad_pays(lengths: Optional[Sequence[int]], max_seqlen: int) -> bool:
+    """Whether one padded call wastes at most ``PAD_WASTE`` x the attention work of the real sequences."""
+    if not lengths or len(set(lengths)) == 1:
+        return False  # equal lengths: sdpa_loop already makes one batched call
+    return len(lengths) * int(max_seqlen) ** 2 <= PAD_WASTE * sum(int(n) ** 2 for n in lengths)

@@ -10,11 +10,12 @@ from dcdit.chunking.routing import (
     check_tail_drop,
     select_boundaries,
     ste,
+    ste_residual,
 )
 
 __all__ = [
     "PackedSeqs", "packed_conv1d", "packed_group_norm", "GroupNorm",
-    "SpatialPredictabilityRouter", "StageRouting", "select_boundaries", "check_tail_drop", "STE", "ste",
+    "SpatialPredictabilityRouter", "StageRouting", "select_boundaries", "check_tail_drop", "STE", "ste", "ste_residual",
     "ratio_loss", "stage_ratio_loss", "ratio_targets", "ratio_group_size",
     "ChunkLayer", "DeChunkLayer", "chunk", "dechunk", "smooth_kept", "nearest_kept_index",
 ]

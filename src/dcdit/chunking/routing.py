@@ -37,6 +37,30 @@ def ste(x: torch.Tensor) -> torch.Tensor:
     return STE.apply(x)
 
 
+class _STEResidual(torch.autograd.Function):
+    """h * STE(p)[:, None] + residual in one pass: h + residual forward (STE(p) is exactly 1), and
+    the gradients h, residual <- g, p <- sum_d g * h (one vecdot instead of a product and a sum)."""
+
+    @staticmethod
+    def forward(ctx, h, p, residual):
+        ctx.save_for_backward(h)
+        return h + residual
+
+    @staticmethod
+    def backward(ctx, g):
+        (h,) = ctx.saved_tensors
+        gp = torch.linalg.vecdot(g, h, dim=-1) if ctx.needs_input_grad[1] else None
+        return g, gp, g
+
+
+def ste_residual(h: torch.Tensor, p: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``h * ste(p)[:, None] + residual`` for h, residual (T, D) of one dtype and p (T,): the same
+    forward bits and gradients (to rounding in the sum over D), fewer passes over (T, D)."""
+    if h.dtype != residual.dtype or h.shape != residual.shape or p.shape != h.shape[:1]:
+        return h * ste(p)[:, None] + residual
+    return _STEResidual.apply(h, p.to(h.dtype), residual)
+
+
 def check_tail_drop(tail_drop: TailDrop, batch: int, device: torch.device) -> TailDrop:
     """Validate a drop fraction (a number or one per sample) in [0, 1); tensors come back float32 (B,)."""
     if torch.is_tensor(tail_drop):

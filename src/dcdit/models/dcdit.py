@@ -47,6 +47,7 @@ from dcdit.chunking import (
     packed_conv1d,
     packed_group_norm,
     ste,
+    ste_residual,
 )
 from dcdit.models.config import DCDiTConfig, StagePlan
 from dcdit.models.layers import (
@@ -114,6 +115,13 @@ class ConvStem(nn.Module):
         return self.proj(x)
 
 
+def _amp_dtype(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype for a floating-point ``x`` when autocast is on for its device, else x's dtype."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class ConvResBlock(nn.Module):
     """Stable-Diffusion ResBlock on packed tokens: GN-SiLU-conv3 (+ cond) GN-SiLU-conv3, plus skip.
 
@@ -139,23 +147,45 @@ class ConvResBlock(nn.Module):
         self.skip_proj = Conv(in_dim, out_dim, kernel_size=1) if in_dim != out_dim else None
         self.cond_proj = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, inner))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """x (T, in_dim), c (B, cond_dim) -> (T, out_dim)."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor, layout: TokenLayout, on_grid: bool = False) -> torch.Tensor:
+        """x (T, in_dim), c (B, cond_dim) -> (T, out_dim).
+
+        ``on_grid`` (2D stage): x is already (B, in_dim, gh, gw) and so is the output,
+        (B, out_dim, gh, gw); :class:`BlockStack` hands consecutive blocks the grid so (in training).
+        """
         seqs = layout.seqs
         if self.spatial_dims == 2:
-            B, (gh, gw) = seqs.batch, layout.grid
-            h = x.reshape(B, gh, gw, self.in_dim).permute(0, 3, 1, 2)  # (B, C, gh, gw), a channels-last view
-            if torch.is_grad_enabled():  # training: one NCHW copy makes the CPU step 1.3-1.6x faster
-                h = h.contiguous()  # (GroupNorm and conv backward); inference is faster on the view
-            skip = h if self.skip_proj is None else self.skip_proj(h)
-            h = self.conv1(self.act(self.norm1(h)))
-            h = h + self.cond_proj(c)[:, :, None, None]
-            h = self.conv2(self.act(self.norm2(h)))
-            return (h + skip).permute(0, 2, 3, 1).reshape(seqs.total, self.out_dim)
+            if on_grid:
+                return self.grid_forward(x, c)
+            return self.from_grid(self.grid_forward(self.to_grid(x, layout), c), layout)
         skip = x if self.skip_proj is None else packed_conv1d(x, self.skip_proj, seqs)
         h = packed_conv1d(self.act(packed_group_norm(x, self.norm1, seqs)), self.conv1, seqs)
         h = h + seqs.per_token(self.cond_proj(c))
         h = packed_conv1d(self.act(packed_group_norm(h, self.norm2, seqs)), self.conv2, seqs)
+        return h + skip
+
+    def to_grid(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """2D stage: tokens (T, in_dim) -> (B, in_dim, gh, gw)."""
+        B, (gh, gw) = layout.seqs.batch, layout.grid
+        h = x.reshape(B, gh, gw, x.shape[-1]).permute(0, 3, 1, 2)  # (B, C, gh, gw), a channels-last view
+        if torch.is_grad_enabled():  # training: one NCHW copy makes the CPU step 1.3-1.6x faster
+            # (GroupNorm and conv backward); inference is faster on the view. Under autocast an fp32
+            # input (the decoder's, after the fp32 dechunk) is cast in that copy: its GroupNorm and
+            # SiLU then run in the autocast dtype like every other block's (the convs cast anyway)
+            h = h.to(dtype=_amp_dtype(h), memory_format=torch.contiguous_format)
+        return h
+
+    @staticmethod
+    def from_grid(h: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """2D stage: (B, C, gh, gw) -> tokens (T, C) in raster order."""
+        return h.permute(0, 2, 3, 1).reshape(layout.seqs.total, h.shape[1])
+
+    def grid_forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """2D stage on the grid: h (B, in_dim, gh, gw), c (B, cond_dim) -> (B, out_dim, gh, gw)."""
+        skip = h if self.skip_proj is None else self.skip_proj(h)
+        h = self.conv1(self.act(self.norm1(h)))
+        h = h + self.cond_proj(c)[:, :, None, None]
+        h = self.conv2(self.act(self.norm2(h)))
         return h + skip
 
 
@@ -211,10 +241,16 @@ class BlockStack(nn.Module):
         if pos is not None:
             x = x + pos
         seqs, attn_fn = layout.seqs, None
+        grid = None  # training: the NCHW grid handed from one 2D conv block straight to the next
         for layer in self.layers:
             if isinstance(layer, ConvResBlock):
-                x = layer(x, c, layout)
+                if layer.spatial_dims == 2 and torch.is_grad_enabled():
+                    grid = layer(layer.to_grid(x, layout) if grid is None else grid, c, layout, on_grid=True)
+                else:
+                    x = layer(x, c, layout)
                 continue
+            if grid is not None:
+                x, grid = ConvResBlock.from_grid(grid, layout), None
             if layout.compiled_block is not None and not torch.is_grad_enabled() and not self.attn_qkv_bf16:
                 a, mlp = layer.attn, layer.mlp
                 x = layout.compiled_block(
@@ -230,6 +266,8 @@ class BlockStack(nn.Module):
                     round_qkv=torch.bfloat16 if self.attn_qkv_bf16 else None,
                 )
             x = layer(x, c, attn_fn, seqs)
+        if grid is not None:
+            x = ConvResBlock.from_grid(grid, layout)
         return self.rmsnorm(x)
 
 
@@ -344,7 +382,7 @@ class DCStage(nn.Module):
         del hk
         # 11. h = dechunked * STE(max(p, 1 - p)) + residual
         if torch.is_grad_enabled():
-            out = out.float() * ste(seqs.unpad(routing.selected_prob))[:, None] + residual
+            out = ste_residual(out.float(), seqs.unpad(routing.selected_prob), residual)
         else:  # the STE is exactly 1 in the forward pass: the same sum without the multiply
             out = residual.add_(out) if residual.dtype == torch.float32 else out.float() + residual
         del residual
