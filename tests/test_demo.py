@@ -20,3 +20,23 @@ def test_demo_writes_report_with_class_accuracy_and_segmentation(tmp_path, monke
     for name in ("samples_per_class.png", "boundary_maps.png", "kept_share_vs_timestep.png", "flops_vs_dit.png",
                  "elastic_grid.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_demo_report_shows_the_shipped_router_beside_the_run(tmp_path, monkeypatch):
+    import dcdit.demo as demo
+
+    monkeypatch.setattr(demo, "CLASSIFIER_STEPS", 20)
+    report = demo.run_demo(tmp_path / "demo", steps=4, sample_steps=3, overrides=[
+        "train.global_batch_size=16", "train.ckpt_interval=1000", "train.progress=false", "train.num_threads=1"])
+    s = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert s["data"] == "mnist" and s["image_size"] == 16
+    shipped = s["shipped"]
+    assert shipped["name"] == "mnist16-dcdit-n4"
+    # The shipped router finds the strokes (its weights and the probe are fixed: 0.74 here).
+    assert shipped["segmentation_auc_late"] > 0.7  # chance: 0.5
+    assert len(shipped["elastic"]) == 3
+    assert shipped["elastic"][0]["gflops_run"] > shipped["elastic"][2]["gflops_run"]
+    assert "pretrained:mnist16-dcdit-n4" in report.read_text()
+    for name in ("shipped_boundary_maps.png", "shipped_elastic_grid.png"):
+        assert (tmp_path / "demo" / name).stat().st_size > 1000

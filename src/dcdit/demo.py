@@ -165,21 +165,8 @@ def run_demo(out: str | Path = "runs/demo", steps: Optional[int] = None, sample_
                                        title=f"DC-DiT over a DDIM-{sample_steps} run (mean +- std over {len(labels)} samples)").path
     # ---- 3. elastic inference: FLOPs per image over the run at several tail-drop fractions
     # (one sample per class, the same noise at every fraction: the grid shows what a budget costs in quality)
-    flops_rows, elastic_imgs = [], []
     probe = labels[: len(classes)]
-    fractions = (0.0, 0.3, 0.6)
-    for f in fractions:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            x_f, st = sample(model, diffusion, probe, seed=seed, cfg_scale=cfg_scale, tail_drop=f,
-                             measure_flops=True, clip_denoised=True)
-        elastic_imgs.append(to_uint8_images(x_f.float()))
-        flops_rows.append(dict(model=f"DC-DiT, tail drop {f:g}", gflops_run=st.gflops_per_image,
-                               kept_share=float(st.kept_share[:, 0].mean())))
-    figs["elastic"] = plot_class_grid(np.concatenate(elastic_imgs), np.repeat(np.arange(len(fractions)), len(probe)),
-                                      out / "elastic_grid.png", per_class=len(probe),
-                                      class_names=[f"drop {f:g}\n{r['gflops_run']:.1f} GFLOPs"
-                                                   for f, r in zip(fractions, flops_rows)],
-                                      title="One checkpoint, three compute budgets (same noise per column)").path
+    figs["elastic"], flops_rows = _elastic_grid(model, diffusion, probe, seed, cfg_scale, out / "elastic_grid.png")
     for which, patch in DIT_BASELINES.items():
         dcfg = _dit_baseline_config(mcfg, patch_size=patch)
         tokens = (dcfg["input_size"] // patch) ** 2
@@ -195,7 +182,10 @@ def run_demo(out: str | Path = "runs/demo", steps: Optional[int] = None, sample_
     seg = routing_vs_detail(model, create_diffusion(""), dataset, timesteps=(25, 100, 250, 500, 750, 950),
                             num_images=64)
 
-    # ---- 5. report
+    # ---- 5. what a trained router does: the shipped DC-DiT for this data, if there is one
+    shipped = _shipped_section(out, cfg, dataset, diffusion, seed, cfg_scale)
+
+    # ---- 6. report
     kept = stats.kept_share[:, 0]  # (steps, n)
     last_ckpt = find_checkpoint(run_dir)
     summary = dict(
@@ -206,14 +196,85 @@ def run_demo(out: str | Path = "runs/demo", steps: Optional[int] = None, sample_
         data=cfg.data.source, image_size=cfg.data.image_size, cfg_scale=cfg_scale, num_samples=int(len(labels)),
         sample_class_accuracy=accuracy, classifier_test_accuracy=clf_acc,
         segmentation_auc_late=max(r["auc"] for r in seg if r["t"] <= 100),
+        shipped=shipped["summary"] if shipped else None,
     )
     summary["minutes_total"] = round((time.time() - t0) / 60, 2)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     report = out / "report.md"
-    report.write_text(_report_markdown(summary, figs, out, mcfg, sample_steps))
+    report.write_text(_report_markdown(summary, figs, out, mcfg, sample_steps, shipped))
     print(f"[demo] done in {summary['minutes_total']:.1f} min: sample class accuracy {accuracy:.2f}, "
           f"router segmentation ROC-AUC {summary['segmentation_auc_late']:.2f} (t <= 100): {report}")
     return report
+
+
+# The shipped checkpoint whose data matches a demo run: (source, image size) -> pretrained name.
+SHIPPED_FOR = {("mnist", 16): "mnist16-dcdit-n4", ("mnist", 32): "mnist-dcdit-n4"}
+ELASTIC_FRACTIONS = (0.0, 0.3, 0.6)
+
+
+def _elastic_grid(model, diffusion, probe, seed: int, cfg_scale: float, path: Path):
+    """One sample per label in ``probe`` at each tail-drop fraction, the same noise throughout.
+
+    Returns the grid's path and one row per fraction (GFLOPs per image over the run, kept share).
+    """
+    import numpy as np
+    import torch
+
+    from dcdit.data.transforms import to_uint8_images
+    from dcdit.sampling import sample
+    from dcdit.viz import plot_class_grid
+
+    rows, imgs = [], []
+    for f in ELASTIC_FRACTIONS:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x_f, st = sample(model, diffusion, probe, seed=seed, cfg_scale=cfg_scale, tail_drop=f,
+                             measure_flops=True, clip_denoised=True)
+        imgs.append(to_uint8_images(x_f.float()))
+        rows.append(dict(model=f"DC-DiT, tail drop {f:g}", gflops_run=st.gflops_per_image,
+                         kept_share=float(st.kept_share[:, 0].mean())))
+    grid = plot_class_grid(np.concatenate(imgs), np.repeat(np.arange(len(ELASTIC_FRACTIONS)), len(probe)), path,
+                           per_class=len(probe),
+                           class_names=[f"drop {f:g}\n{r['gflops_run']:.1f} GFLOPs" for f, r in zip(ELASTIC_FRACTIONS, rows)],
+                           title="One checkpoint, three compute budgets (same noise per column)").path
+    return grid, rows
+
+
+def _shipped_section(out: Path, cfg, dataset, diffusion, seed: int, cfg_scale: float) -> Optional[dict]:
+    """Boundary maps, an elastic grid and the segmentation AUC of the shipped DC-DiT trained on this data.
+
+    The demo's own short run shows the mechanism starting to work; the shipped model (the same
+    architecture trained longer) shows what a trained router does. None when nothing shipped matches.
+    """
+    import numpy as np
+    import torch
+
+    from dcdit.analysis import routing_vs_detail
+    from dcdit.checkpoint import load_model
+    from dcdit.diffusion import create_diffusion
+    from dcdit.pretrained import list_pretrained
+    from dcdit.sampling import sample
+    from dcdit.viz import RoutingRecorder, plot_boundary_maps
+
+    name = SHIPPED_FOR.get((cfg.data.source, cfg.data.image_size))
+    if name is None or name not in list_pretrained():
+        return None
+    print(f"[demo] sampling the shipped pretrained:{name} beside the run")
+    model = load_model(f"pretrained:{name}", which="ema")
+    probe = np.arange(dataset.num_classes)
+    recorder = RoutingRecorder()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sample(model, diffusion, probe[:3], seed=seed, cfg_scale=cfg_scale, callback=recorder,
+               measure_flops=False, clip_denoised=True)
+    figs = {"boundary": plot_boundary_maps(recorder.record.stacked(), out / "shipped_boundary_maps.png",
+                                           samples=[0, 1, 2], max_steps=7,
+                                           title=f"pretrained:{name}").path}
+    figs["elastic"], rows = _elastic_grid(model, diffusion, probe, seed, cfg_scale, out / "shipped_elastic_grid.png")
+    seg = routing_vs_detail(model, create_diffusion(""), dataset, timesteps=(25, 100, 250, 500, 750, 950),
+                            num_images=64)
+    info = list_pretrained()[name]
+    summary = dict(name=name, trained=info.get("trained"), scores=info.get("scores"), elastic=rows,
+                   segmentation=seg, segmentation_auc_late=max(r["auc"] for r in seg if r["t"] <= 100))
+    return {"summary": summary, "figs": figs}
 
 
 def _class_names(source: str, classes: list[int]) -> list[str]:
@@ -226,7 +287,8 @@ def _class_names(source: str, classes: list[int]) -> list[str]:
     return [f"class {c}" for c in classes]
 
 
-def _report_markdown(s: dict, figs: dict, out: Path, mcfg: dict, sample_steps: int) -> str:
+def _report_markdown(s: dict, figs: dict, out: Path, mcfg: dict, sample_steps: int,
+                     shipped: Optional[dict] = None) -> str:
     rel = lambda p: Path(p).relative_to(out).as_posix()
     dit_all = next(r for r in s["flops"] if "all" in r["model"])
     lines = [
@@ -285,4 +347,23 @@ def _report_markdown(s: dict, figs: dict, out: Path, mcfg: dict, sample_steps: i
               "(tail dropping; the model trained multi-budget over its last third). GFLOPs per image over the "
               f"guided DDIM-{sample_steps} run (both halves of the guidance batch count).",
               "", f"![elastic]({rel(figs['elastic'])})", ""]
+    if shipped:
+        h = shipped["summary"]
+        lines += [
+            f"## A trained router: the shipped `pretrained:{h['name']}`",
+            f"The same architecture trained longer ({h['trained']}; measured: "
+            + ", ".join(f"{k} {v}" for k, v in (h["scores"] or {}).items())
+            + "), sampled with the same noise and settings as the run above. Boundary maps as above; "
+            f"router segmentation ROC-AUC {h['segmentation_auc_late']:.2f} at t <= 100 "
+            "(the run's own: {:.2f}).".format(s["segmentation_auc_late"]),
+            "",
+            f"![shipped boundary maps]({rel(shipped['figs']['boundary'])})",
+            "",
+            "| t | ROC-AUC | kept share |",
+            "|---:|---:|---:|",
+        ]
+        lines += [f"| {r['t']} | {r['auc']:.3f} | {r['kept_share']:.3f} |" for r in h["segmentation"]]
+        lines += ["", "Elastic inference with the shipped checkpoint (GFLOPs per image over the guided run): "
+                  + ", ".join(f"drop {f:g}: {r['gflops_run']:.2f}" for f, r in zip(ELASTIC_FRACTIONS, h["elastic"])) + ".",
+                  "", f"![shipped elastic]({rel(shipped['figs']['elastic'])})", ""]
     return "\n".join(lines)
