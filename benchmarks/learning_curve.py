@@ -181,18 +181,10 @@ def train_gflops_per_image(model, image_size: int, channels: int, n: int = 16) -
 
 
 def train_seconds(run: Path, upto: int) -> float:
-    """Training time to step ``upto`` from the run's own log: each record's steps / its steps per second.
+    """Training time to step ``upto`` from the run's own log (sampling and checkpointing excluded)."""
+    from dcdit.training.rundir import training_seconds
 
-    The trainer measures steps/s over each log interval with sampling and
-    checkpointing left out, so this counts training only, across resumes.
-    """
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    rows = sorted((r for r in rows if "steps_per_sec" in r and r["step"] <= upto), key=lambda r: r["step"])
-    total, prev = 0.0, 0
-    for r in rows:
-        total += (r["step"] - prev) / max(r["steps_per_sec"], 1e-9)
-        prev = r["step"]
-    return total
+    return training_seconds(run, upto)
 
 
 def save_curve(path: Path, curve: dict) -> None:

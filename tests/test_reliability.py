@@ -297,3 +297,15 @@ def test_dcdit_resume_with_same_config_passes_the_check(tmp_path):
     run = train(load_train_config(None, cfg), out=tmp_path / "r")
     train(load_train_config(None, TINY_DCDIT + ["train.steps=2"]), out=run, resume=True)
     assert (run / "latest").read_text().strip() == "ckpt-0000002"
+
+
+def test_training_seconds_sums_the_logged_intervals_across_a_resume(tmp_path):
+    from dcdit.training.rundir import training_seconds
+
+    rows = [{"step": 50, "steps_per_sec": 10.0, "loss": 1.0}, {"step": 100, "steps_per_sec": 5.0, "loss": 1.0},
+            {"step": 100, "samples": "grid.png"},  # not a training record
+            {"step": 150, "steps_per_sec": 25.0, "loss": 1.0}]  # after a resume at 100
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert training_seconds(tmp_path) == pytest.approx(5.0 + 10.0 + 2.0)
+    assert training_seconds(tmp_path, upto=100) == pytest.approx(15.0)
+    assert training_seconds(tmp_path / "missing") == 0.0

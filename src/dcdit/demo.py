@@ -102,6 +102,7 @@ def run_demo(out: str | Path = "runs/demo", steps: Optional[int] = None, sample_
     from dcdit.training import config_from_dict, train
     from dcdit.data.transforms import to_uint8_images
     from dcdit.training.config import apply_override
+    from dcdit.training.rundir import training_seconds
     from dcdit.training.state import find_checkpoint
     from dcdit.viz import RoutingRecorder, plot_boundary_maps, plot_class_grid, plot_cost_over_time
     from dcdit.viz.plots import plot_bars
@@ -125,9 +126,8 @@ def run_demo(out: str | Path = "runs/demo", steps: Optional[int] = None, sample_
     print(f"[demo] training a small DC-DiT on {cfg.data.source} for {cfg.train.steps} steps x "
           f"{cfg.train.global_batch_size} images -> {run_dir} (the bar's estimate is the training time left; "
           "sampling and the report add about 1-2 minutes)")
-    t_train = time.time()
     train(cfg, out=str(run_dir), resume=True if resume else None)
-    train_minutes = (time.time() - t_train) / 60
+    train_minutes = training_seconds(run_dir) / 60  # from the run's log: also right for a resumed or finished run
     last_ckpt = find_checkpoint(run_dir)
     if int(last_ckpt.name.split("-")[-1]) < cfg.train.steps:
         raise SystemExit(f"[demo] training stopped early; run `dcdit demo --out {out}` again to continue")
@@ -299,7 +299,7 @@ def _report_markdown(s: dict, figs: dict, out: Path, mcfg: dict, sample_steps: i
         f"({s['image_size']}x{s['image_size']}, 10 classes) for {s['steps']} steps ({s['minutes_train']:.1f} min on this machine). "
         + (f"Training loss {s['loss_first']:.3f} at the first log, {s['loss_last']:.3f} at the last. "
            if s["loss_first"] is not None else "")
-        + f"Everything below is made from this run ({s['minutes_total']:.1f} min in all).",
+        + f"Everything below is made from this run (this invocation of the demo: {s['minutes_total']:.1f} min).",
         "",
         f"## Samples per class (EMA, DDIM-{sample_steps}, guidance {s['cfg_scale']:g})",
         f"**Sample class accuracy {s['sample_class_accuracy']:.2f}**: the share of the {s['num_samples']} samples "

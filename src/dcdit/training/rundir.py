@@ -213,3 +213,20 @@ def truncate_metrics(run_dir: str | os.PathLike, step: int) -> int:
         text = "".join(line + "\n" for line in keep)
         atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return dropped
+
+
+def training_seconds(run_dir: str | os.PathLike, upto: Optional[int] = None) -> float:
+    """Training time to step ``upto`` (default: all) from the run's own log, across resumes.
+
+    Each log record covers the steps since the previous one at its measured steps/s; the trainer
+    times those intervals without sampling or checkpointing, so this counts training only.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = sorted((r for r in rows if "steps_per_sec" in r and (upto is None or r["step"] <= upto)),
+                  key=lambda r: r["step"])
+    total, prev = 0.0, 0
+    for r in rows:
+        total += (r["step"] - prev) / max(r["steps_per_sec"], 1e-9)
+        prev = r["step"]
+    return total
