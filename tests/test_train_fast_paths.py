@@ -10,6 +10,8 @@ import copy
 import pytest
 import torch
 
+from conftest import perturb_params_
+
 import dcdit.attention.backends as AB
 from dcdit.models import DCDiT, DCDiTConfig
 from dcdit.models.dit import DiT
@@ -32,10 +34,8 @@ def tiny_dcdit() -> DCDiT:
     cfg = DCDiTConfig(input_size=16, in_channels=1, num_classes=10, arch_layout=["c2", ["D2"], "c2"],
                       d_model=[64, 64], num_heads=[2, 2], enc_dec_dim_factor=[2, None], patch_size=2)
     model = DCDiT(cfg)
-    g = torch.Generator().manual_seed(0)
+    perturb_params_(model)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
         model.routing_module.residual_scorer[-1].bias.fill_(0.3)
     return model.train()
 
