@@ -88,14 +88,14 @@ def main(argv=None) -> int:
                                   **speckle_stats(x)}), flush=True)
         else:
             from dcdit.data.transforms import to_uint8_images
-            from dcdit.sampling import create_sampling_diffusion, sample
+            from dcdit.sampling import sample, sampling_diffusion_for
 
             labels = np.arange(a.n) % 10
             for v in a.variants:
                 sampler, steps, cfg = v.split(":")
                 t0 = time.time()
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                    x, _ = sample(model, create_sampling_diffusion(sampler, int(steps)), labels, seed=1234,
+                    x, _ = sample(model, sampling_diffusion_for(model, sampler, int(steps)), labels, seed=1234,
                                   sampler=sampler, cfg_scale=float(cfg), measure_flops=False, clip_denoised=True)
                 imgs = to_uint8_images(x.float())
                 print(json.dumps({"model": spec, "variant": v, "sample_s": round(time.time() - t0, 1),

@@ -144,9 +144,9 @@ class Scorer:
 def generate(model, n: int, cfg_scale: float, ddim_steps: int, seed: int = 1234, batch: int = 500):
     """n class-balanced DDIM samples (bf16 autocast, clipped x0), uint8 NHWC, and the labels."""
     from dcdit.data.transforms import to_uint8_images
-    from dcdit.sampling import create_sampling_diffusion, sample
+    from dcdit.sampling import sample, sampling_diffusion_for
 
-    diffusion = create_sampling_diffusion("ddim", ddim_steps)
+    diffusion = sampling_diffusion_for(model, "ddim", ddim_steps)
     labels = np.arange(n) % 10
     outs, kept = [], []
     for a in range(0, n, batch):

@@ -98,7 +98,7 @@ def run_demo(out: str | Path = "runs/demo", steps: Optional[int] = None, sample_
     from dcdit.diffusion import create_diffusion
     from dcdit.evaluation import classifier_accuracy
     from dcdit.flops import dit_macs
-    from dcdit.sampling import create_sampling_diffusion, sample
+    from dcdit.sampling import sample, sampling_diffusion_for
     from dcdit.training import config_from_dict, train
     from dcdit.data.transforms import to_uint8_images
     from dcdit.training.config import apply_override
@@ -139,7 +139,7 @@ def run_demo(out: str | Path = "runs/demo", steps: Optional[int] = None, sample_
     mcfg = model.config
     dataset = build_dataset(cfg.data)
     classes = list(range(dataset.num_classes))
-    diffusion = create_sampling_diffusion("ddim", sample_steps)
+    diffusion = sampling_diffusion_for(model, "ddim", sample_steps)
     torch.manual_seed(seed)
 
     per_class = 10

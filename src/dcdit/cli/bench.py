@@ -42,7 +42,7 @@ def run(args) -> int:
 
     from dcdit.checkpoint import load_model
     from dcdit.utils import save_json
-    from dcdit.sampling import create_sampling_diffusion, model_info, sample
+    from dcdit.sampling import model_info, sample, sampling_diffusion_for
     from dcdit.sampling.cost import build_named_model, calibrate_router_bias, measure_run_cost, time_interleaved
     from dcdit.sampling.seeds import labels_for_indices
 
@@ -75,14 +75,14 @@ def run(args) -> int:
     if not args.dcdit_ckpt and not args.no_calibrate:
         # Calibrate on the timed run itself, so the share in the label is the f = 0 row's kept share.
         target = args.keep_share if args.keep_share is not None else 1.0 / args.n
-        d0 = create_sampling_diffusion("ddim", args.steps, ci["learn_sigma"])
+        d0 = sampling_diffusion_for(dc, "ddim", args.steps)
         reached = calibrate_router_bias(dc, target, share_fn=lambda: sample(
             dc, d0, labels, tail_drop=0.0, measure_flops=False, **common)[1].mean_kept_share[0])
         dc_label += f" (router calibrated: keeps {reached:.3f} at f=0)"
 
     setups = []  # (label, arch, fraction, model, diffusion)
     for model, label, fractions in ((dit, dit_label, [0.0]), (dc, dc_label, args.tail_drop)):
-        diffusion = create_sampling_diffusion("ddim", args.steps, model_info(model)["learn_sigma"])
+        diffusion = sampling_diffusion_for(model, "ddim", args.steps)
         setups += [(label, type(model).__name__, f, model, diffusion) for f in fractions]
     rows = []
     for label, arch, f, model, diffusion in setups:

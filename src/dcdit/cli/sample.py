@@ -80,7 +80,7 @@ def run(args) -> int:
     from dcdit.utils import save_json
     from dcdit.sampling import (
         Budget,
-        create_sampling_diffusion,
+        sampling_diffusion_for,
         generate_local,
         is_latent_checkpoint,
         latent_decoder,
@@ -128,7 +128,7 @@ def run(args) -> int:
         dcfg = (train_cfg or {}).get("diffusion") or {}
         schedule = args.noise_schedule or dcfg.get("noise_schedule", "linear")
         T = args.diffusion_steps or int(dcfg.get("diffusion_steps", 1000))
-        diffusion = create_sampling_diffusion(args.sampler, args.steps, info["learn_sigma"], schedule, T)
+        diffusion = sampling_diffusion_for(model, args.sampler, args.steps, schedule, T)
         latent = args.space == "latent" or (args.space == "auto" and is_latent_checkpoint(train_cfg, info["in_channels"]))
         clip = {"yes": True, "no": False}.get(args.clip_denoised, not latent)
 

@@ -35,7 +35,7 @@ def run(args) -> int:
     from dcdit.checkpoint import load_model
     from dcdit.models import is_dcdit
     from dcdit.sampling import (
-        create_sampling_diffusion,
+        sampling_diffusion_for,
         is_latent_checkpoint,
         model_info,
         parse_classes,
@@ -66,8 +66,8 @@ def run(args) -> int:
     classes = parse_classes(args.classes, info["num_classes"]) or list(range(min(4, info["num_classes"])))
     train_cfg = read_train_config(args.ckpt)
     dcfg = (train_cfg or {}).get("diffusion") or {}
-    diffusion = create_sampling_diffusion("ddim", args.steps, info["learn_sigma"],
-                                          dcfg.get("noise_schedule", "linear"), int(dcfg.get("diffusion_steps", 1000)))
+    diffusion = sampling_diffusion_for(model, "ddim", args.steps,
+                                       dcfg.get("noise_schedule", "linear"), int(dcfg.get("diffusion_steps", 1000)))
     latent = args.space == "latent" or (args.space == "auto" and is_latent_checkpoint(train_cfg, info["in_channels"]))
     display = default_display
     if latent and args.vae:

@@ -10,6 +10,9 @@ from .schedules import get_named_beta_schedule
 
 __all__ = ["create_diffusion"]
 
+# What a model's output can mean (the model config's ``prediction``) -> the diffusion's mean type.
+MEAN_TYPES = {"epsilon": ModelMeanType.EPSILON, "x0": ModelMeanType.START_X, "v": ModelMeanType.VELOCITY}
+
 
 def create_diffusion(
     timestep_respacing: Optional[SectionCounts],
@@ -21,6 +24,7 @@ def create_diffusion(
     rescale_learned_sigmas: bool = False,
     diffusion_steps: int = 1000,
     min_snr_gamma: Optional[float] = None,
+    prediction: Optional[str] = None,
 ) -> SpacedDiffusion:
     """Build the Gaussian diffusion with DiT's defaults.
 
@@ -35,7 +39,13 @@ def create_diffusion(
         rescale_learned_sigmas: scale the VB term by ``diffusion_steps / 1000`` (RESCALED_MSE).
         diffusion_steps: T of the training process.
         min_snr_gamma: weight the MSE term by Min-SNR-gamma (e.g. 5.0); ``None`` (DiT) leaves it unweighted.
+        prediction: what the model's output means: ``"epsilon"`` (DiT), ``"x0"`` or ``"v"``;
+            ``None`` follows ``predict_xstart``.
     """
+    if prediction is None:
+        prediction = "x0" if predict_xstart else "epsilon"
+    if prediction not in MEAN_TYPES:
+        raise ValueError(f"prediction must be one of {', '.join(MEAN_TYPES)}, got {prediction!r}")
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
     if use_kl:
         loss_type = LossType.RESCALED_KL
@@ -52,7 +62,7 @@ def create_diffusion(
     return SpacedDiffusion(
         space_timesteps(diffusion_steps, timestep_respacing),
         betas=betas,
-        model_mean_type=ModelMeanType.START_X if predict_xstart else ModelMeanType.EPSILON,
+        model_mean_type=MEAN_TYPES[prediction],
         model_var_type=var_type,
         loss_type=loss_type,
         min_snr_gamma=min_snr_gamma,

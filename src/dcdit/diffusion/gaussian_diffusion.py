@@ -34,6 +34,7 @@ class ModelMeanType(str, enum.Enum):
 
     EPSILON = "epsilon"  # the noise added to x_0
     START_X = "start_x"  # x_0 itself
+    VELOCITY = "v"  # v = sqrt(abar_t) * eps - sqrt(1 - abar_t) * x_0 (Salimans & Ho 2022)
 
 
 class ModelVarType(str, enum.Enum):
@@ -244,6 +245,16 @@ class GaussianDiffusion:
             - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
         )
 
+    def predict_xstart_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``x_0 = sqrt(abar_t) * x_t - sqrt(1 - abar_t) * v``."""
+        return (self._extract("sqrt_alphas_cumprod", t, x_t) * x_t
+                - self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * v)
+
+    def velocity(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The v-prediction target ``sqrt(abar_t) * eps - sqrt(1 - abar_t) * x_0``."""
+        return (self._extract("sqrt_alphas_cumprod", t, x_start) * noise
+                - self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * x_start)
+
     def predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`predict_xstart_from_eps`."""
         return (
@@ -290,6 +301,8 @@ class GaussianDiffusion:
 
         if self.model_mean_type == ModelMeanType.START_X:
             pred_xstart = model_output
+        elif self.model_mean_type == ModelMeanType.VELOCITY:
+            pred_xstart = self.predict_xstart_from_v(x, t, model_output)
         else:
             pred_xstart = self.predict_xstart_from_eps(x, t, model_output)
         if denoised_fn is not None:
@@ -567,17 +580,17 @@ class GaussianDiffusion:
     def mse_weight(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) Min-SNR-gamma weights of the MSE term at timesteps ``t``.
 
-        With SNR(t) = abar / (1 - abar): ``min(SNR, gamma) / SNR`` for an
-        epsilon target (the x0 loss ``min(SNR, gamma) * |x0 - x0_hat|^2``
-        rewritten in epsilon), ``min(SNR, gamma)`` for an x0 target. Noisy
+        With SNR(t) = abar / (1 - abar): the x0 loss ``min(SNR, gamma) * |x0 - x0_hat|^2``
+        rewritten in the model's target: ``min(SNR, gamma) / SNR`` for epsilon,
+        ``min(SNR, gamma) / (SNR + 1)`` for v, ``min(SNR, gamma)`` for x0. Noisy
         steps keep weight 1 under epsilon prediction; the nearly clean steps,
         whose epsilon is hard to predict and worth little, are turned down.
         """
         if self._mse_weights is None:  # (T,), built once
             snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
             w = np.minimum(snr, self.min_snr_gamma)
-            self._mse_weights = torch.as_tensor(w / snr if self.model_mean_type == ModelMeanType.EPSILON else w,
-                                                dtype=torch.float32)
+            w = {ModelMeanType.EPSILON: w / snr, ModelMeanType.VELOCITY: w / (snr + 1)}.get(self.model_mean_type, w)
+            self._mse_weights = torch.as_tensor(w, dtype=torch.float32)
         if self._mse_weights.device != t.device:
             self._mse_weights = self._mse_weights.to(t.device)
         return self._mse_weights[t]  # indexed on t's device: no host sync
@@ -633,7 +646,8 @@ class GaussianDiffusion:
                     vb = vb * (self.num_timesteps / 1000.0)
                 terms["vb"] = vb
                 model_output = mean_output
-            target = x_start if self.model_mean_type == ModelMeanType.START_X else noise
+            target = {ModelMeanType.START_X: lambda: x_start, ModelMeanType.EPSILON: lambda: noise,
+                      ModelMeanType.VELOCITY: lambda: self.velocity(x_start, t, noise)}[self.model_mean_type]()
             if model_output.shape != target.shape:
                 raise ValueError(f"model output shape {tuple(model_output.shape)} != target {tuple(target.shape)}")
             terms["mse"] = mean_flat((target - model_output) ** 2)

@@ -25,6 +25,16 @@ from typing import Any, Optional, Union
 
 _LAYOUT_RE = re.compile(r"^(?:[cCdD]\d+)+$")
 
+# What a model's output can mean (config key ``prediction``); the sampler and the loss read it
+# (``dcdit.diffusion.create_diffusion(prediction=...)``): the noise (DiT), the clean image, or
+# v = sqrt(abar_t) * eps - sqrt(1 - abar_t) * x_0.
+PREDICTIONS = ("epsilon", "x0", "v")
+
+
+def check_prediction(prediction: Any) -> None:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+
 
 @dataclass
 class StagePlan:
@@ -68,6 +78,7 @@ class DCDiTConfig:
     #                      fp32 runs; True reproduces its numbers (set by dcdit.compat loaders)
     # ---- training target (not used by the forward pass) ----
     downsample_factor: Union[float, list] = 4.0  # ratio-loss target N (one per chunking stage, or one for all)
+    prediction: str = "epsilon"  # what the first C output channels mean: "epsilon" (DiT), "x0" or "v"
 
     def __post_init__(self) -> None:
         if isinstance(self.input_size, list):
@@ -110,6 +121,7 @@ class DCDiTConfig:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must lie in [0, 1), got {self.class_dropout_prob}")
+        check_prediction(self.prediction)
         if not self.mlp_ratio > 0 or not self.dechunk_kernel_sigma > 0:
             raise ValueError("mlp_ratio and dechunk_kernel_sigma must be positive")
 

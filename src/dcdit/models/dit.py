@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from dcdit.models.config import check_prediction
 from dcdit.models.layers import (
     xavier_linear_init,
     DiTBlock,
@@ -37,6 +38,7 @@ class DiT(nn.Module):
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
         learn_sigma: bool = True,
+        prediction: str = "epsilon",
     ):
         super().__init__()
         for name, v in (("input_size", input_size), ("patch_size", patch_size), ("in_channels", in_channels),
@@ -51,10 +53,11 @@ class DiT(nn.Module):
             raise ValueError(f"class_dropout_prob must lie in [0, 1), got {class_dropout_prob!r}")
         if not isinstance(learn_sigma, bool):
             raise ValueError(f"learn_sigma must be true or false, got {learn_sigma!r}")
+        check_prediction(prediction)
         self.config = dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes, learn_sigma=learn_sigma,
+            num_classes=num_classes, learn_sigma=learn_sigma, prediction=prediction,
         )
         self.input_size = input_size
         self.learn_sigma = learn_sigma

@@ -28,11 +28,11 @@ from dcdit.sampling.generate import (
     save_outputs,
 )
 from dcdit.sampling.guidance import make_model_fn, model_info
-from dcdit.sampling.sampler import SAMPLERS, SampleStats, create_sampling_diffusion, sample
+from dcdit.sampling.sampler import SAMPLERS, SampleStats, create_sampling_diffusion, sample, sampling_diffusion_for
 from dcdit.sampling.seeds import SampleNoise, derive_seed, labels_for_indices, parse_classes, shard_indices
 
 __all__ = [
-    "sample", "SampleStats", "SAMPLERS", "create_sampling_diffusion",
+    "sample", "SampleStats", "SAMPLERS", "create_sampling_diffusion", "sampling_diffusion_for",
     "Budget", "BudgetSolution", "BUDGET_KINDS", "bisect_fraction", "probe_diffusion", "solve_budget",
     "resolve_tail_drop",
     "LocalSamples", "generate_local", "merge_ranks", "save_outputs", "read_train_config", "is_latent_checkpoint",

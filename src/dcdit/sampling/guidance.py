@@ -18,7 +18,7 @@ __all__ = ["model_info", "make_model_fn", "check_fraction"]
 
 
 def model_info(model: nn.Module) -> dict:
-    """``in_channels``, ``input_hw`` (H, W), ``num_classes``, ``learn_sigma`` of a dcdit model."""
+    """``in_channels``, ``input_hw`` (H, W), ``num_classes``, ``learn_sigma``, ``prediction`` of a dcdit model."""
     m = unwrap(model)
     cfg = dict(getattr(m, "config", {}) or {})
     info: dict = {}
@@ -31,6 +31,7 @@ def model_info(model: nn.Module) -> dict:
     info["input_hw"] = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
     info["in_channels"], info["num_classes"] = int(info["in_channels"]), int(info["num_classes"])
     info["learn_sigma"] = bool(cfg.get("learn_sigma", getattr(m, "learn_sigma", True)))
+    info["prediction"] = str(cfg.get("prediction", "epsilon"))  # configs written before it existed: epsilon
     return info
 
 

@@ -24,14 +24,18 @@ from dcdit.sampling.guidance import make_model_fn, model_info
 from dcdit.sampling.seeds import SampleNoise
 from dcdit.utils import unwrap
 
-__all__ = ["SAMPLERS", "SampleStats", "sample", "create_sampling_diffusion"]
+__all__ = ["SAMPLERS", "SampleStats", "sample", "create_sampling_diffusion", "sampling_diffusion_for"]
 
 SAMPLERS = ("ddpm", "ddim")
 
 
 def create_sampling_diffusion(sampler: str, steps: int, learn_sigma: bool = True,
-                              noise_schedule: str = "linear", diffusion_steps: int = 1000):
-    """The respaced diffusion for ``steps`` sampling steps ("ddimN" spacing for DDIM when realisable)."""
+                              noise_schedule: str = "linear", diffusion_steps: int = 1000,
+                              prediction: str = "epsilon"):
+    """The respaced diffusion for ``steps`` sampling steps ("ddimN" spacing for DDIM when realisable).
+
+    ``learn_sigma`` and ``prediction`` describe the model's output (``model_info(model)`` has both).
+    """
     from dcdit.diffusion import create_diffusion, space_timesteps
 
     if sampler not in SAMPLERS:
@@ -46,7 +50,15 @@ def create_sampling_diffusion(sampler: str, steps: int, learn_sigma: bool = True
         except ValueError:
             pass  # no integer stride gives exactly `steps`: use even spacing
     return create_diffusion(spacing, noise_schedule=noise_schedule, learn_sigma=learn_sigma,
-                            diffusion_steps=diffusion_steps)
+                            diffusion_steps=diffusion_steps, prediction=prediction)
+
+
+def sampling_diffusion_for(model: nn.Module, sampler: str, steps: int, noise_schedule: str = "linear",
+                           diffusion_steps: int = 1000):
+    """:func:`create_sampling_diffusion` for ``model``'s output (its ``learn_sigma`` and ``prediction``)."""
+    info = model_info(model)
+    return create_sampling_diffusion(sampler, steps, info["learn_sigma"], noise_schedule, diffusion_steps,
+                                     prediction=info["prediction"])
 
 
 @dataclass

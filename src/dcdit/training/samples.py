@@ -17,10 +17,9 @@ def sample_images(model: nn.Module, cfg: SamplesConfig, num_classes: int, diffus
 
     A short deterministic DDIM run of :func:`dcdit.sampling.sample` (the library's one sampling loop).
     """
-    from dcdit.sampling import create_sampling_diffusion, sample
+    from dcdit.sampling import sample, sampling_diffusion_for
 
-    diffusion = create_sampling_diffusion("ddim", cfg.steps, bool(dict(model.config).get("learn_sigma", True)),
-                                          noise_schedule, diffusion_steps)
+    diffusion = sampling_diffusion_for(model, "ddim", cfg.steps, noise_schedule, diffusion_steps)
     labels = torch.arange(cfg.num) % num_classes
     was_training = model.training
     model.eval()

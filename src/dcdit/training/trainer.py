@@ -178,13 +178,14 @@ def build_train_model(cfg: TrainConfig, dataset) -> nn.Module:
     m = cfg.model
     data_keys = {"input_size": dataset.image_size, "in_channels": dataset.channels,
                  "num_classes": dataset.num_classes}
+    objective = {"prediction": cfg.diffusion.prediction}  # how the loss and the sampler read the output
     if m.init_from:
         from dcdit.checkpoint import load_model
 
         init = load_model(m.init_from, which=m.init_which)
         init_cfg = model_config(init)
         try:
-            model = build_model({**init_cfg, **m.overrides})
+            model = build_model({**init_cfg, **objective, **m.overrides})
         except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as e:
             raise ValueError(f"model.overrides {m.overrides} do not fit model.init_from ({m.init_from}): "
                              f"{str(e).splitlines()[0]}") from None
@@ -201,7 +202,7 @@ def build_train_model(cfg: TrainConfig, dataset) -> nn.Module:
         else:
             from dcdit.models.dcdit import build_dcdit as build
         try:
-            model = build(m.preset, **{**data_keys, **m.overrides})
+            model = build(m.preset, **{**data_keys, **objective, **m.overrides})
         except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as e:
             if str(e).startswith(("unknown DiT model", "unknown DC-DiT preset")):
                 raise ValueError(f"model.preset: {str(e).splitlines()[0]}") from None
@@ -305,7 +306,8 @@ def build_run(cfg: TrainConfig, dataset, ckpt_dir: Optional[Path], info) -> RunS
     diffusion = create_diffusion("", noise_schedule=cfg.diffusion.noise_schedule,
                                  learn_sigma=bool(model.config.get("learn_sigma", True)),
                                  diffusion_steps=cfg.diffusion.diffusion_steps,
-                                 min_snr_gamma=cfg.diffusion.min_snr_gamma)
+                                 min_snr_gamma=cfg.diffusion.min_snr_gamma,
+                                 prediction=model.config.get("prediction", "epsilon"))
     train_model = ddp_model = model
     if info.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
