@@ -102,6 +102,7 @@ CASES = {
                                                  ["model.overrides", "d_model"]),
     "unknown preset": lambda c: (c.new_run("model.preset=DiT-M/2"), ["model.preset", "DiT-M/2"]),
     "num_workers=-1": lambda c: (c.new_run("train.num_workers=-1"), ["train.num_workers", "-1"]),
+    "prediction=noise": lambda c: (c.new_run("diffusion.prediction=noise"), ["diffusion.prediction", "'noise'"]),
     # ---- train: labels
     "npz float labels": lambda c: (c.new_run("data.source=npz", f"data.path={c.npz([0, 1.5])}"),
                                    ["data.npz", "arr_1", "1.5"]),

@@ -77,3 +77,75 @@ def test_label_init_std_redraws_only_the_label_table(arch):
     assert 0.8 < float(table.detach().std()) < 1.2 and float(before["y_embedder.embedding_table.weight"].std()) < 0.05
     changed = [k for k, v in before.items() if not torch.equal(v, model.state_dict()[k])]
     assert changed == ["y_embedder.embedding_table.weight"]
+
+
+# ------------------------------------------------------------- what the network predicts
+
+
+def _target_for(d, prediction, x_t, t, x0_hat):
+    """The output a model of ``prediction`` gives when its estimate of the clean image is ``x0_hat``."""
+    a = torch.from_numpy(d.sqrt_alphas_cumprod).float()[t].view(-1, 1, 1, 1)
+    s = torch.from_numpy(d.sqrt_one_minus_alphas_cumprod).float()[t].view(-1, 1, 1, 1)
+    return {"epsilon": (x_t - a * x0_hat) / s, "x0": x0_hat, "v": (a * x_t - x0_hat) / s}[prediction]
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "x0", "v"])
+def test_min_snr_loss_is_one_x0_loss_whatever_the_network_predicts(prediction):
+    """Min-SNR-gamma weights each target so the loss is min(SNR, gamma) * |x0 - x0_hat|^2 in every
+    parameterisation, and the diffusion reads the output back to the same x0_hat."""
+    d = create_diffusion("", learn_sigma=False, min_snr_gamma=5.0, prediction=prediction)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(6, 1, 4, 4, generator=g), torch.randn(6, 1, 4, 4, generator=g)
+    x0_hat = x0 + 0.3 * torch.randn(6, 1, 4, 4, generator=g)
+    t = torch.tensor([3, 40, 150, 400, 700, 990])
+    x_t = d.q_sample(x0, t, noise=noise)
+    out = _target_for(d, prediction, x_t, t, x0_hat)
+    loss = d.training_losses(lambda x, tt: out, x0, t, noise=noise)["loss"]
+    snr = torch.from_numpy(d.alphas_cumprod / (1 - d.alphas_cumprod)).float()[t]
+    want = snr.clamp(max=5.0) * ((x0 - x0_hat) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(loss, want, rtol=2e-4, atol=1e-6)
+    read_back = d.p_mean_variance(lambda x, tt: out, x_t, t, clip_denoised=False)["pred_xstart"]
+    torch.testing.assert_close(read_back, x0_hat, rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "x0", "v"])
+def test_every_sampler_recovers_the_data_from_a_perfect_model_of_each_kind(prediction):
+    """A model that knows the one data point answers in its own parameterisation; DDPM and DDIM must
+    both land on the point, so the sampler reads the output as the model's config says."""
+    from dcdit.sampling import sample, sampling_diffusion_for
+
+    x0 = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(1)) * 1.6 - 0.8
+    full = create_diffusion("")
+
+    class Oracle(torch.nn.Module):
+        config = {"in_channels": 1, "input_size": 4, "num_classes": 2, "learn_sigma": True,
+                  "prediction": prediction}
+
+        def forward(self, x, t, y):
+            out = _target_for(full, prediction, x, t, x0.expand(x.shape[0], -1, -1, -1))
+            return torch.cat([out, torch.zeros_like(out)], dim=1)
+
+    for sampler in ("ddpm", "ddim"):
+        d = sampling_diffusion_for(Oracle(), sampler, 20)
+        seen = []  # every step's x0 estimate, from the noisiest on: all of them the data point
+        x, _ = sample(Oracle(), d, [0, 1], seed=0, measure_flops=False, clip_denoised=False, device="cpu",
+                      callback=lambda info: seen.append(info["pred_xstart"]))
+        torch.testing.assert_close(x, x0.expand(2, -1, -1, -1), rtol=0, atol=1e-3)
+        assert len(seen) == 20
+        for pred in seen:
+            torch.testing.assert_close(pred, x0.expand(2, -1, -1, -1), rtol=0, atol=2e-3)
+
+
+def test_prediction_is_stored_with_the_model_and_drives_loss_and_sampler(tmp_path):
+    from dcdit.checkpoint import load_model
+    from dcdit.sampling import sampling_diffusion_for
+    from dcdit.training import load_train_config, train
+    from test_training import TINY_DIT
+
+    run = train(load_train_config(None, TINY_DIT + ["train.steps=2", "diffusion.prediction=v"]), out=tmp_path / "run")
+    model = load_model(run, which="ema")
+    assert model.config["prediction"] == "v"
+    assert sampling_diffusion_for(model, "ddim", 5).model_mean_type.value == "v"
+    assert create_diffusion("").model_mean_type.value == "epsilon"  # DiT's default unchanged
+    with pytest.raises(ValueError, match="prediction"):
+        create_diffusion("", prediction="noise")
