@@ -43,20 +43,24 @@ def speckle_stats(imgs: np.ndarray) -> dict:
 
 def eps_error(specs: list[str], n: int) -> None:
     from dcdit.diffusion import create_diffusion
+    from dcdit.sampling import model_info
 
     imgs, labels = dataset_uint8(mnist("test"), n)
     x0 = torch.as_tensor(imgs).float().permute(0, 3, 1, 2) / 127.5 - 1.0  # (n, 1, 32, 32) in [-1, 1]
     y = torch.as_tensor(labels).long()
-    diffusion = create_diffusion("")
     for spec in specs:
         model, row = load(spec), {"model": spec}
+        # Read the output as the model predicts it (epsilon, x0 or v), then compare in epsilon.
+        diffusion = create_diffusion("", prediction=model_info(model)["prediction"])
         for t in TIMESTEPS:
             eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(t))
             tt = torch.full((n,), t)
+            x_t = diffusion.q_sample(x0, tt, noise=eps)
             with torch.no_grad():
-                out = model(diffusion.q_sample(x0, tt, noise=eps), tt, y)
-            out = out[0] if isinstance(out, tuple) else out
-            row[f"t{t}"] = round(float(((out[:, : x0.shape[1]] - eps) ** 2).mean()), 4)
+                x0_hat = diffusion.p_mean_variance(lambda x, t_: model(x, t_, y), x_t, tt,
+                                                   clip_denoised=False)["pred_xstart"]
+            eps_hat = diffusion.predict_eps_from_xstart(x_t, tt, x0_hat)
+            row[f"t{t}"] = round(float(((eps_hat - eps) ** 2).mean()), 4)
         print(json.dumps(row), flush=True)
 
 
