@@ -147,5 +147,11 @@ def test_prediction_is_stored_with_the_model_and_drives_loss_and_sampler(tmp_pat
     assert model.config["prediction"] == "v"
     assert sampling_diffusion_for(model, "ddim", 5).model_mean_type.value == "v"
     assert create_diffusion("").model_mean_type.value == "epsilon"  # DiT's default unchanged
+    # Upcycling a v-model keeps v unless the config says otherwise.
+    child = train(load_train_config(None, TINY_DIT + ["train.steps=1", f"model.init_from={run}"]), out=tmp_path / "c")
+    assert load_model(child, which="ema").config["prediction"] == "v"
+    from dcdit.diffusion.factory import MEAN_TYPES
+    from dcdit.models.config import PREDICTIONS
+    assert tuple(MEAN_TYPES) == PREDICTIONS  # the model's names and the diffusion's agree
     with pytest.raises(ValueError, match="prediction"):
         create_diffusion("", prediction="noise")

@@ -64,8 +64,8 @@ class DiffusionSection:
     min_snr_gamma: Optional[float] = None
     # What the network predicts: "epsilon" (DiT: the noise), "x0" (the clean image) or
     # "v" (sqrt(abar) * eps - sqrt(1 - abar) * x0). Stored in the model's config, so
-    # `dcdit sample` reads the output the same way. With model.init_from it replaces the source's.
-    prediction: str = "epsilon"
+    # `dcdit sample` reads the output the same way. null: model.init_from's, else epsilon.
+    prediction: Optional[str] = None
 
 
 @dataclass
@@ -232,7 +232,7 @@ def validate(cfg: TrainConfig) -> None:
         raise _err("optim.min_lr_ratio", f"must lie in [0, 1], got {o.min_lr_ratio}")
     if m.label_init_std is not None and not m.label_init_std > 0:
         raise _err("model.label_init_std", f"must be positive or null, got {m.label_init_std}")
-    if cfg.diffusion.prediction not in PREDICTIONS:
+    if cfg.diffusion.prediction is not None and cfg.diffusion.prediction not in PREDICTIONS:
         raise _err("diffusion.prediction", f"expected one of {', '.join(PREDICTIONS)}, got {cfg.diffusion.prediction!r}")
     g = cfg.diffusion.min_snr_gamma
     if g is not None and not g > 0:

@@ -178,7 +178,8 @@ def build_train_model(cfg: TrainConfig, dataset) -> nn.Module:
     m = cfg.model
     data_keys = {"input_size": dataset.image_size, "in_channels": dataset.channels,
                  "num_classes": dataset.num_classes}
-    objective = {"prediction": cfg.diffusion.prediction}  # how the loss and the sampler read the output
+    # How the loss and the sampler read the output (null: init_from's own, or the model's default).
+    objective = {} if cfg.diffusion.prediction is None else {"prediction": cfg.diffusion.prediction}
     if m.init_from:
         from dcdit.checkpoint import load_model
 
