@@ -282,9 +282,9 @@ def channels_last(extractor) -> None:
 def generate(model, n: int, s: Settings, seed: int, tail_drop: float = 0.0):
     """n class-balanced DDIM samples (bf16 autocast), FLOPs counted on the first ``s.flop_images``."""
     from dcdit.data.transforms import to_uint8_images
-    from dcdit.sampling import SampleStats, create_sampling_diffusion, sample
+    from dcdit.sampling import SampleStats, sample, sampling_diffusion_for
 
-    diffusion = create_sampling_diffusion("ddim", s.ddim_steps)
+    diffusion = sampling_diffusion_for(model, "ddim", s.ddim_steps)
     labels = np.arange(n) % 10
     outs, stats = [], []
     t0 = time.time()
@@ -405,17 +405,17 @@ def stage_eval(ctx: Ctx, name: str, seed: int) -> dict:
 
 def stage_speed(ctx: Ctx, seed: int) -> dict:
     def run():
-        from dcdit.sampling import create_sampling_diffusion, sample
+        from dcdit.sampling import sample, sampling_diffusion_for
 
         models = {n: load(ctx.out / "runs" / f"{n}_s{seed}") for n in MODELS}
-        diffusion = create_sampling_diffusion("ddim", ctx.s.ddim_steps)
+        diffusions = {n: sampling_diffusion_for(m, "ddim", ctx.s.ddim_steps) for n, m in models.items()}
         labels = np.arange(ctx.s.speed_batch) % 10
         times: dict[str, list] = {n: [] for n in MODELS}
         for rnd in range(2):
             for n in (MODELS if rnd == 0 else MODELS[::-1]):
                 t0 = time.time()
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    sample(models[n], diffusion, labels, seed=seed, measure_flops=False, clip_denoised=True)
+                    sample(models[n], diffusions[n], labels, seed=seed, measure_flops=False, clip_denoised=True)
                 times[n].append(time.time() - t0)
         return {"batch": ctx.s.speed_batch, "ddim_steps": ctx.s.ddim_steps, "precision": "bf16 autocast",
                 "threads": torch.get_num_threads(), "round_seconds": {n: t for n, t in times.items()},

@@ -37,7 +37,7 @@ DEMO_CONFIG: dict = {
         "label_init_std": 1.0,
     },
     "data": {"source": "mnist", "image_size": 16},
-    "diffusion": {"min_snr_gamma": 5.0},
+    "diffusion": {"min_snr_gamma": 5.0, "prediction": "v"},
     "optim": {"lr": 1.0e-3, "warmup_steps": 200},
     "train": {
         "steps": 3500, "global_batch_size": 64,
