@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     step, batch = state["step"], tc["train"]["global_batch_size"]
     entry = {"description": a.description,
              "trained": f"{tc['data']['source']} {tc['data']['image_size']}x{tc['data']['image_size']}, "
-                        f"{step} steps x {batch} images, lr {tc['optim']['lr']:g}, seed {tc['train']['seed']}",
+                        f"{step} steps x {batch} images, lr {tc['optim']['lr']:g}, seed {tc['train']['seed']}, "
+                        f"predicts {json.loads((ckpt / 'config.json').read_text()).get('prediction', 'epsilon')}",
              "scores": {}}
     if a.curve:
         p = json.loads(Path(a.curve).read_text())["points"][-1]
