@@ -646,8 +646,12 @@ class GaussianDiffusion:
                     vb = vb * (self.num_timesteps / 1000.0)
                 terms["vb"] = vb
                 model_output = mean_output
-            target = {ModelMeanType.START_X: lambda: x_start, ModelMeanType.EPSILON: lambda: noise,
-                      ModelMeanType.VELOCITY: lambda: self.velocity(x_start, t, noise)}[self.model_mean_type]()
+            if self.model_mean_type == ModelMeanType.START_X:
+                target = x_start
+            elif self.model_mean_type == ModelMeanType.VELOCITY:
+                target = self.velocity(x_start, t, noise)
+            else:
+                target = noise
             if model_output.shape != target.shape:
                 raise ValueError(f"model output shape {tuple(model_output.shape)} != target {tuple(target.shape)}")
             terms["mse"] = mean_flat((target - model_output) ** 2)
