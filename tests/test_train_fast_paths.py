@@ -220,3 +220,25 @@ def test_packed_dit_block_training_equals_per_sequence_blocks(bf16):
             assert rel(a, b) < 3e-2
         else:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile unavailable")
+def test_compiled_training_gelu_is_the_tanh_gelu():
+    """gelu_tanh's compiled bf16-training form (x * sigmoid(2u)) is the same function as aten's
+    tanh GELU: values and gradients to fp32 rounding, on inputs across its range."""
+    from dcdit.models.layers import gelu_tanh
+
+    x = torch.linspace(-8, 8, 4001).reshape(1, -1)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+
+    def value_and_grad(fn):
+        xr = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the fast path's condition; fp32 inputs stay fp32
+            y = fn(xr)
+        y.backward(g)
+        return y.detach(), xr.grad
+
+    y_fast, g_fast = value_and_grad(torch.compile(gelu_tanh, fullgraph=True))
+    y_ref, g_ref = value_and_grad(lambda v: torch.nn.functional.gelu(v, approximate="tanh"))
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-5, atol=1e-5)  # |g| up to ~4

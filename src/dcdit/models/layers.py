@@ -51,6 +51,22 @@ def _modulate_amp(h: torch.Tensor, shift: torch.Tensor, scale1: torch.Tensor) ->
     return torch.addcmul(shift, h.to(shift.dtype), scale1)
 
 
+_GELU_2C = 2.0 * math.sqrt(2.0 / math.pi)  # tanh(u) = 2 sigmoid(2u) - 1, u = sqrt(2/pi) (x + 0.044715 x^3)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation (DiT's activation).
+
+    Compiled into a bf16 training step on CPU it is written as ``x * sigmoid(2u)``, the same
+    function (``0.5 (1 + tanh u) = sigmoid(2u)``): Inductor's CPU code computes sigmoid ~2x faster
+    than tanh, forward and backward (~9 % of a compiled DiT/4 training step). Everywhere else
+    (eager, fp32, inference, GPU) it is aten's ``gelu``, bit for bit.
+    """
+    if x.device.type == "cpu" and torch.compiler.is_compiling() and _amp_training(x):
+        return x * torch.sigmoid(_GELU_2C * (x + 0.044715 * x * x * x))
+    return F.gelu(x, approximate="tanh")
+
+
 # --------------------------------------------------------------------------- #
 #                     Positional embeddings (fixed, sin-cos)                  #
 # --------------------------------------------------------------------------- #
@@ -203,11 +219,10 @@ class Mlp(nn.Module):
     def __init__(self, in_features: int, hidden_features: int):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden_features, in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class DiTBlock(nn.Module):
