@@ -1,24 +1,37 @@
 #!/usr/bin/env python
-"""Reproduce the DC-DiT paper's claims at CPU scale (MNIST 32x32 and the built-in shapes data).
+"""Reproduce the DC-DiT paper's claims at CPU scale, v2 (MNIST 32x32 and the built-in shapes data).
 
-    python benchmarks/reproduce.py --out runs/repro                # the full run (< 90 min on 2 CPU cores)
-    python benchmarks/reproduce.py --out /tmp/repro --smoke         # tiny everything (the test)
-    python benchmarks/reproduce.py --only report                    # rebuild table/plots from cached stages
+    python benchmarks/reproduce.py --out runs/repro2 --seeds 0          # one seed (~1.5 h on 2 quiet cores)
+    python benchmarks/reproduce.py --out runs/repro2 --seeds 0,1        # the second seed on top (cached stages skip)
+    python benchmarks/reproduce.py --out /tmp/repro --smoke             # tiny everything (the test)
+    python benchmarks/reproduce.py --out runs/repro2 --seeds 0,1 --only report   # table/plots from cached stages
 
-Stages (each caches its result as JSON in --out; re-running skips what is done):
+The layout puts the cost where the paper has it: a 2x2 patchify stem to a 16x16
+grid (256 tokens), a narrow one-ResBlock conv encoder and decoder (width 16),
+the router and dechunk at the main width, and a main network of 8 DiT blocks at
+width 128 that sees ~64 tokens at N = 4. The scaffold (stem, encoder, router,
+dechunk, decoder, final layer) is ~17 % of DC-DiT's sampling FLOPs (the paper:
+~7 % at XL, where the main network is far wider); DiT/2 (256 tokens) and DiT/4
+(64 tokens) have the same main network. Every model trains with the
+learning-speed recipe (v-prediction, Min-SNR-5, label table at N(0, 1),
+lr 1e-3, EMA 0.999 with warm-up; BENCHMARKS.md "Learning speed").
+
+Stages (each caches its result as JSON in --out; re-running skips what is done, a
+training run interrupted mid-way resumes from its last checkpoint):
 
   classifier  in-domain MNIST classifier (dcdit.evaluation.train_classifier), its test accuracy
   reference   Inception statistics of held-out MNIST test images (the stats cache keeps them)
+  train       DiT/4, DC-DiT N=4 (multi-budget from mid-run), DiT/2 on MNIST: same steps, batch,
+              data, optimizer and seed for every model; training seconds from each run's log
+  eval        per model: DDIM samples -> FID (Inception), class accuracy, GFLOPs/image (by
+              component), kept-token share per sampling step
+  upcycle     DC-DiT N=4 started from the trained DiT/4 (the same ~64 main-network tokens, as the
+              paper upcycles at matched token counts) vs the same model from scratch (its main run's
+              checkpoints), FID against steps up to a quarter of the scratch run
+  speed       sampling images/s, every trained model in one process, same batch, back to back
+  elastic     DC-DiT N=4 at tail-drop fractions 0.2, 0.4, 0.6 (and 0 from eval)
   shapes      a DC-DiT on the shapes data set; ROC-AUC of the router's p vs the detail map per t
-  train       DiT/2, DiT/4, DC-DiT N=4 (multi-budget from mid-run), DC-DiT N=16 on MNIST:
-              same steps, batch, data, optimizer and seed for every model
-  eval        per model: DDIM samples -> FID (Inception), class accuracy, GFLOPs/image,
-              kept-token share per sampling step
-  speed       sampling images/s, every model in one process, same batch, back to back (2 rounds)
-  elastic     DC-DiT N=4 at tail-drop fractions 0.2, 0.4, 0.6
-  upcycle     DC-DiT N=16 started from the trained DiT/2 vs from scratch (the N=16 run's own
-              checkpoints), FID against steps
-  report      results.json, table.md, PNGs
+  report      results.json, table.md (with each claim: held or not), PNGs
 
 All numbers come from this process's own measurements; nothing is tuned per model.
 """
@@ -36,10 +49,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-STAGES = ("classifier", "reference", "shapes", "train", "eval", "speed", "elastic", "upcycle", "report")
-MODELS = ("dit2", "dit4", "dcdit_n4", "dcdit_n16")
-LABEL = {"dit2": "DiT/2", "dit4": "DiT/4", "dcdit_n4": "DC-DiT N=4", "dcdit_n16": "DC-DiT N=16",
-         "dcdit_n4_upcycled": "DC-DiT N=4 (upcycled)", "dcdit_n16_upcycled": "DC-DiT N=16 (upcycled)"}
+STAGES = ("classifier", "reference", "train", "eval", "upcycle", "speed", "elastic", "shapes", "report")
+MODELS = ("dit4", "dcdit_n4", "dit2")  # training order: the cheap models (and what upcycling needs) first
+LABEL = {"dit2": "DiT/2", "dit4": "DiT/4", "dcdit_n4": "DC-DiT N=4", "dcdit_n4_upcycled": "DC-DiT N=4 (upcycled)"}
 
 
 # --------------------------------------------------------------------------- settings
@@ -49,16 +61,29 @@ LABEL = {"dit2": "DiT/2", "dit4": "DiT/4", "dcdit_n4": "DC-DiT N=4", "dcdit_n16"
 class Settings:
     """Everything sized in one place (full run vs --smoke)."""
 
+    # main network, shared by DiT/2, DiT/4 and DC-DiT's main stage
     hidden: int = 128
-    depth: int = 4
+    depth: int = 8
     heads: int = 4
-    steps: int = 1200                 # training steps, identical for every MNIST model (0.77 MNIST epoch)
-    batch: int = 32                   # global batch, identical for every MNIST model
-    lr: float = 5e-4
-    warmup: int = 100
-    ema_decay: float = 0.995
+    # DC-DiT scaffold: 2x2 stem -> 16x16 grid; one conv ResBlock each side at width hidden / enc_factor
+    patch: int = 2
+    enc_layout: str = "c1"
+    enc_factor: int = 8
+    norm_groups: int = 8
+    # training, identical for every MNIST model (the learning-speed recipe)
+    steps: int = 4000                 # 5.1 MNIST epochs at batch 64
+    batch: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    label_init_std: float = 1.0
+    min_snr_gamma: float = 5.0
+    prediction: str = "v"
+    compile_dit: bool = True          # torch.compile the DiTs' training step (~1.3x; DC-DiT routes, so eager)
     multibudget_start: float = 0.5    # share of the run after which DC-DiT N=4 trains multi-budget
     fractions: list = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    upcycle_share: float = 0.25       # the upcycled run trains this share of the scratch run's steps
     ddim_steps: int = 25
     n_fid: int = 2000                 # samples per model for the main FID
     n_ref: int = 2000                 # held-out real MNIST test images
@@ -68,19 +93,17 @@ class Settings:
     speed_batch: int = 100
     elastic: list = field(default_factory=lambda: [0.2, 0.4, 0.6])
     classifier_steps: int = 600
-    shapes_steps: int = 600
+    shapes_steps: int = 2000
     shapes_images: int = 128          # held-out images for the routing analysis
     shapes_train_images: int = 10000
     shapes_timesteps: list = field(default_factory=lambda: [25, 50, 100, 150, 250, 500, 750, 950])
-    extractor: str = "inception"
-    point_extractor: str = "inception"  # features for the elastic / upcycling points ("classifier": in-domain)
-    upcycle_target: str = "dcdit_n16"  # DC-DiT upcycled from DiT/2 (N=16 trains ~2x faster than N=4)
+    extractor: str = "inception"      # FID features ("classifier": the in-domain classifier's, for --smoke)
 
 
 def smoke_settings() -> Settings:
-    return Settings(depth=2, steps=4, batch=8, warmup=1, ddim_steps=2, n_fid=24, n_ref=24, n_small=12,
-                    sample_batch=12, speed_batch=4, classifier_steps=10, shapes_steps=4, shapes_images=8, shapes_train_images=256,
-                    shapes_timesteps=[50, 500], extractor="classifier", point_extractor="classifier", flop_images=6)
+    return Settings(depth=2, steps=8, batch=8, warmup=1, ddim_steps=2, n_fid=24, n_ref=24, n_small=12,
+                    sample_batch=12, speed_batch=4, classifier_steps=10, shapes_steps=4, shapes_images=8,
+                    shapes_train_images=256, shapes_timesteps=[50, 500], extractor="classifier", flop_images=6, compile_dit=False)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -134,37 +157,48 @@ def dataset_uint8(ds, n: int) -> tuple[np.ndarray, np.ndarray]:
 def model_section(s: Settings, name: str) -> dict:
     if name in ("dit2", "dit4"):
         return {"arch": "dit", "preset": "DiT-S/2" if name == "dit2" else "DiT-S/4",
-                "overrides": {"hidden_size": s.hidden, "depth": s.depth, "num_heads": s.heads}}
-    return {"arch": "dcdit", "preset": "DC-DiT-S-N4" if name == "dcdit_n4" else "DC-DiT-S-N16",
-            "overrides": dcdit_overrides(s)}
+                "overrides": {"hidden_size": s.hidden, "depth": s.depth, "num_heads": s.heads},
+                "label_init_std": s.label_init_std}
+    return {"arch": "dcdit", "preset": "DC-DiT-S-N4", "overrides": dcdit_overrides(s),
+            "label_init_std": s.label_init_std}
 
 
 def dcdit_overrides(s: Settings) -> dict:
-    # patch-1 stem on the 32x32 grid (1024 tokens) as the reference; encoder/decoder c2/c2 at width D/4
-    return {"patch_size": 1, "d_model": [s.hidden, s.hidden], "num_heads": [s.heads, s.heads],
-            "arch_layout": ["c2", [f"D{s.depth}"], "c2"]}
+    return {"patch_size": s.patch, "d_model": [s.hidden, s.hidden], "num_heads": [s.heads, s.heads],
+            "arch_layout": [s.enc_layout, [f"D{s.depth}"], s.enc_layout], "enc_dec_dim_factor": [s.enc_factor, None],
+            "norm_groups": s.norm_groups}
+
+
+def upcycle_steps(s: Settings) -> int:
+    return max(1, int(s.steps * s.upcycle_share))
+
+
+def checkpoint_steps(s: Settings) -> list[int]:
+    """Steps whose checkpoints the upcycling comparison scores: 1/4, 1/2 and all of the upcycled run."""
+    u = upcycle_steps(s)
+    return sorted({max(1, u // 4), max(1, u // 2), u})
 
 
 def train_dict(s: Settings, name: str, seed: int, steps: int | None = None) -> dict:
     steps = steps or s.steps
     dc = name.startswith("dcdit")
-    n_target = 16.0 if name.startswith("dcdit_n16") else 4.0
     d = {
         "name": name,
         "model": model_section(s, name.removesuffix("_upcycled")),
         "data": {"source": "mnist", "split": "train", "image_size": 32},
+        "diffusion": {"min_snr_gamma": s.min_snr_gamma, "prediction": s.prediction},
         "optim": {"lr": s.lr, "warmup_steps": s.warmup},
         "train": {"steps": steps, "global_batch_size": s.batch, "seed": seed, "ema_decay": s.ema_decay,
-                  "precision": "bf16", "device": "cpu", "log_interval": max(1, min(20, steps)),
-                  "ckpt_interval": max(1, s.steps // 4), "keep_last_k": 0, "progress": False,
+                  "ema_warmup": s.ema_warmup, "precision": "bf16", "device": "cpu",
+                  "compile": s.compile_dit and not dc, "log_interval": max(1, min(50, steps)),
+                  "ckpt_interval": max(1, upcycle_steps(s) // 4), "keep_last_k": 0, "progress": False,
                   "tensorboard": False},
         "samples": {"interval": 0},
     }
     if dc:
-        d["ratio"] = {"weight": 0.03, "target_N": n_target, "group_size": min(16, s.batch)}
-        if name in ("dcdit_n4", "dcdit_n4_upcycled"):
-            d["multibudget"] = {"enabled": True, "start_step": int(s.steps * s.multibudget_start),
-                                "fractions": list(s.fractions)}
+        d["ratio"] = {"weight": 0.03, "target_N": 4.0, "group_size": min(16, s.batch)}
+        d["multibudget"] = {"enabled": True, "start_step": int(s.steps * s.multibudget_start),
+                            "fractions": list(s.fractions)}
     return d
 
 
@@ -181,7 +215,7 @@ def shapes_dict(s: Settings, seed: int) -> dict:
     d["ratio"]["group_size"] = min(16, s.batch)
     d["multibudget"]["start_step"] = s.shapes_steps // 2
     d["samples"] = {"interval": 0}
-    if s.depth != 4:
+    if s.depth < 4:  # --smoke
         d["model"]["overrides"]["arch_layout"] = ["c2", [f"D{s.depth}"], "c2"]
     return d
 
@@ -207,9 +241,14 @@ def train_run(d: dict, run_dir: Path, steps: int) -> dict:
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     rows = [r for r in rows if "loss" in r]
     last = rows[-1] if rows else {}
+    from dcdit.training.rundir import training_seconds
+
+    secs = training_seconds(run_dir, upto=steps)
     return {"run_dir": str(run_dir), "steps": steps, "batch": d["train"]["global_batch_size"],
             "final_loss": last.get("loss"), "final_mse": last.get("mse"),
-            "compression_natural": last.get("compression_natural")}
+            "compression_natural": last.get("compression_natural"), "train_seconds": round(secs, 1),
+            "train_images_per_s": steps * d["train"]["global_batch_size"] / secs if secs else None,
+            "threads": torch.get_num_threads()}
 
 
 # --------------------------------------------------------------------------- sampling + scoring
@@ -407,81 +446,78 @@ def stage_speed(ctx: Ctx, seed: int) -> dict:
     def run():
         from dcdit.sampling import sample, sampling_diffusion_for
 
-        models = {n: load(ctx.out / "runs" / f"{n}_s{seed}") for n in MODELS}
+        names = [n for n in MODELS if run_step(ctx.out / "runs" / f"{n}_s{seed}") >= ctx.s.steps]
+        models = {n: load(ctx.out / "runs" / f"{n}_s{seed}") for n in names}
         diffusions = {n: sampling_diffusion_for(m, "ddim", ctx.s.ddim_steps) for n, m in models.items()}
         labels = np.arange(ctx.s.speed_batch) % 10
-        times: dict[str, list] = {n: [] for n in MODELS}
-        for rnd in range(2):
-            for n in (MODELS if rnd == 0 else MODELS[::-1]):
+        times: dict[str, list] = {n: [] for n in names}
+        for rnd in range(3):
+            for n in (names if rnd % 2 == 0 else names[::-1]):
                 t0 = time.time()
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     sample(models[n], diffusions[n], labels, seed=seed, measure_flops=False, clip_denoised=True)
                 times[n].append(time.time() - t0)
         return {"batch": ctx.s.speed_batch, "ddim_steps": ctx.s.ddim_steps, "precision": "bf16 autocast",
                 "threads": torch.get_num_threads(), "round_seconds": {n: t for n, t in times.items()},
-                "images_per_sec": {n: ctx.s.speed_batch / min(t) for n, t in times.items()}}
+                "images_per_sec": {n: ctx.s.speed_batch / float(np.median(t)) for n, t in times.items()}}
 
+    if any(run_step(ctx.out / "runs" / f"{n}_s{seed}") < ctx.s.steps for n in MODELS):
+        log(f"speed: not every model of seed {seed} is trained yet: stage skipped")
+        return {}
     return cached(ctx.out / f"speed_s{seed}.json", run)
 
 
 def stage_elastic(ctx: Ctx, seed: int) -> dict:
-    out = {}
-    model = None
-    kind = ctx.s.point_extractor
-    tag = "" if kind == ctx.s.extractor else f"_{kind}"
-    for f in ([0.0] if tag else []) + list(ctx.s.elastic):
+    """The trained DC-DiT N=4 at each tail-drop fraction (f = 0 is the eval stage's first n_small samples)."""
+    out, model = {}, None
+    for f in ctx.s.elastic:
         def run(f=f):
             nonlocal model
             model = model or load(ctx.out / "runs" / f"dcdit_n4_s{seed}")
-            return score(ctx, model, ctx.s.n_small, seed, f, f"dcdit_n4_s{seed}_f{f:g}{tag}", kind=kind)
+            return score(ctx, model, ctx.s.n_small, seed, f, f"dcdit_n4_s{seed}_f{f:g}")
 
-        out[f"{f:g}"] = cached(ctx.out / f"elastic{tag}_f{f:g}_s{seed}.json", run)
+        out[f"{f:g}"] = cached(ctx.out / f"elastic_f{f:g}_s{seed}.json", run)
     return out
 
 
 def stage_upcycle(ctx: Ctx, seed: int) -> dict:
-    """``s.upcycle_target`` started from the trained DiT/2 vs the same model from scratch (its main run)."""
+    """DC-DiT N=4 started from the trained DiT/4 vs the same model from scratch (its main run's checkpoints)."""
     s = ctx.s
-    tgt = s.upcycle_target
-    half, quarter = max(1, s.steps // 2), max(1, s.steps // 4)
-    init_dir = ctx.out / "runs" / f"{tgt}_upcycled_init_s{seed}"
-    run_dir = ctx.out / "runs" / f"{tgt}_upcycled_s{seed}"
+    steps = upcycle_steps(s)
+    init_dir = ctx.out / "runs" / f"dcdit_n4_upcycled_init_s{seed}"
+    run_dir = ctx.out / "runs" / f"dcdit_n4_upcycled_s{seed}"
 
     def make_init():
         from dcdit.checkpoint import save_model_dir
         from dcdit.training.upcycle import upcycle
 
-        model, summary = upcycle(ctx.out / "runs" / f"dit2_s{seed}", model_section(s, tgt)["preset"],
+        model, summary = upcycle(ctx.out / "runs" / f"dit4_s{seed}", model_section(s, "dcdit_n4")["preset"],
                                  dcdit_overrides(s))
         save_model_dir(init_dir, model, model)
         return {k: v for k, v in summary.items() if k != "dit"}
 
-    info = cached(ctx.out / f"upcycle_{tgt}_init_s{seed}.json", make_init)
+    info = cached(ctx.out / f"upcycle_init_s{seed}.json", make_init)
 
     def train_up():
-        d = train_dict(s, f"{tgt}_upcycled", seed, steps=half)
+        d = train_dict(s, "dcdit_n4_upcycled", seed, steps=steps)
         d["model"] = {"arch": "dcdit", "init_from": str(init_dir), "init_which": "ema"}
-        return train_run(d, run_dir, half)
+        return train_run(d, run_dir, steps)
 
-    tr = cached(ctx.out / f"train_{tgt}_upcycled_s{seed}.json", train_up)
+    tr = cached(ctx.out / f"train_dcdit_n4_upcycled_s{seed}.json", train_up)
     points = []
-    for init, rdir in (("scratch", ctx.out / "runs" / f"{tgt}_s{seed}"), ("upcycled", run_dir)):
-        for step in sorted({quarter, half}):
-            if not (rdir / f"ckpt-{step:07d}").is_dir():
-                log(f"upcycle: no {init} checkpoint at step {step}: point skipped")
-                continue
-
+    for init, rdir in (("scratch", ctx.out / "runs" / f"dcdit_n4_s{seed}"), ("upcycled", run_dir)):
+        for step in checkpoint_steps(s):
             def run(rdir=rdir, step=step, init=init):
                 model = load(rdir, f"ckpt-{step:07d}")
-                return score(ctx, model, s.n_small, seed, 0.0, f"{tgt}_{init}_step{step}_s{seed}")
+                return score(ctx, model, s.n_small, seed, 0.0, f"dcdit_n4_{init}_step{step}_s{seed}")
 
-            r = cached(ctx.out / f"upcycle_{tgt}_{init}_step{step}_s{seed}.json", run)
+            r = cached(ctx.out / f"upcycle_{init}_step{step}_s{seed}.json", run)
             points.append({"init": init, "steps": step, **{k: r[k] for k in ("fid", "class_acc", "n")}})
-    final = read_json(ctx.out / f"eval_{tgt}_s{seed}.json")
+    final = read_json(ctx.out / f"eval_dcdit_n4_s{seed}.json")
     if final is not None and small(final, s.n_small) is not None:
         points.append({"init": "scratch", "steps": s.steps, "fid": small(final, s.n_small),
                        "class_acc": final["class_acc"], "n": s.n_small})
-    return {"target": tgt, "init": info, "train": tr, "points": points}
+    return {"source": "dit4", "target": "dcdit_n4", "init": info, "train": tr, "points": points}
 
 
 # --------------------------------------------------------------------------- report
@@ -512,6 +548,60 @@ def small(e: dict, n: int):
     return (e.get("fid_at") or {}).get(str(n), e.get("fid_small"))
 
 
+def scaffold_share(e: dict) -> float | None:
+    """Share of a DC-DiT's sampling FLOPs outside its main network (stem, encoder, router, dechunk, decoder)."""
+    comp = e.get("gflops_by_component") or {}
+    total = sum(comp.values())
+    return 1.0 - comp["main network"] / total if "main network" in comp and total else None
+
+
+def claims(R: dict, s: Settings, seeds: list[int]) -> list[dict]:
+    """Issue 14's goals, each measured per seed: {claim, per_seed values, mean, held}."""
+    def per_seed(fn):
+        vals = []
+        for i in range(len(seeds)):
+            try:
+                vals.append(fn(i))
+            except (KeyError, TypeError, IndexError, ZeroDivisionError, StopIteration):
+                vals.append(None)
+        return vals
+
+    ev = lambda n, i: R["eval"][n][i]
+    ips = lambda n, i: R["speed"][i]["images_per_sec"][n]
+    rows = []
+
+    def add(name, goal, fn, test):
+        vals = per_seed(fn)
+        got = [v for v in vals if v is not None]
+        m = float(np.mean(got, axis=0)) if got and not isinstance(got[0], (list, tuple)) else None
+        rows.append({"claim": name, "goal": goal, "per_seed": vals, "mean": m,
+                     "held": (all(test(v) for v in got) if got else None)})
+
+    add("DC-DiT N=4 FID / DiT/2 FID", "<= 0.8", lambda i: ev("dcdit_n4", i)["fid"] / ev("dit2", i)["fid"],
+        lambda v: v <= 0.8)
+    add("DC-DiT N=4 sampling GFLOPs / DiT/2's", "<= 0.6",
+        lambda i: ev("dcdit_n4", i)["gflops_per_image"] / ev("dit2", i)["gflops_per_image"], lambda v: v <= 0.6)
+    add("DC-DiT N=4 sampling time / DiT/2's", "<= 0.6", lambda i: ips("dit2", i) / ips("dcdit_n4", i),
+        lambda v: v <= 0.6)
+    add(f"FID@{s.n_small} at tail drop 0.2 / at 0", "<= 1.1",
+        lambda i: R["elastic"]["0.2"][i]["fid"] / small(ev("dcdit_n4", i), s.n_small), lambda v: v <= 1.1)
+    add("kept share at the noisiest step / at the cleanest", "<= 0.6",
+        lambda i: ev("dcdit_n4", i)["kept_share_noisiest"] / ev("dcdit_n4", i)["kept_share_cleanest"],
+        lambda v: v <= 0.6)
+    add("segmentation ROC-AUC, shapes, t <= 250", ">= 0.85", lambda i: R["shapes"][i]["auc_late_mean"],
+        lambda v: v >= 0.85)
+
+    def upcycle_steps_to_scratch(i):
+        pts = R["upcycle"][i]["points"]
+        final = next(p["fid"] for p in pts if p["init"] == "scratch" and p["steps"] == s.steps)
+        reach = [p["steps"] for p in sorted(pts, key=lambda p: p["steps"]) if p["init"] == "upcycled" and p["fid"] <= final]
+        return reach[0] / s.steps if reach else float("inf")
+
+    add(f"upcycled: steps to scratch's final FID@{s.n_small} / scratch's steps", "<= 0.25",
+        upcycle_steps_to_scratch, lambda v: v <= 0.25)
+    return rows
+
+
 def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
     from dcdit.viz.plots import plot_cost_over_time, plot_quality_vs_compute
 
@@ -522,68 +612,58 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
     R["train"] = {n: [read_json(out / f"train_{n}_s{sd}.json") for sd in seeds] for n in MODELS}
     R["eval"] = {n: [read_json(out / f"eval_{n}_s{sd}.json") for sd in seeds] for n in MODELS}
     R["speed"] = [read_json(out / f"speed_s{sd}.json") for sd in seeds]
-    ptag = "" if s.point_extractor == s.extractor else f"_{s.point_extractor}"
-    R["elastic"] = {f"{f:g}": [read_json(out / f"elastic{ptag}_f{f:g}_s{sd}.json") for sd in seeds]
-                    for f in ([0.0] if ptag else []) + list(s.elastic)}
+    R["elastic"] = {f"{f:g}": [read_json(out / f"elastic_f{f:g}_s{sd}.json") for sd in seeds]
+                    for f in s.elastic}
     R["shapes"] = [read_json(out / f"shapes_s{sd}.json") for sd in seeds]
     R["upcycle"] = [read_json(out / f"upcycle_result_s{sd}.json") for sd in seeds]
-    secs = 0.0
-    for p in out.glob("*.json"):
-        if p.name != "results.json":
-            secs += float((read_json(p) or {}).get("seconds", 0.0) or 0.0)
-    R["total_stage_seconds"] = round(secs, 1)
+    R["claims"] = claims(R, s, seeds)
+    R["total_stage_seconds"] = round(sum(float((read_json(p) or {}).get("seconds", 0.0) or 0.0)
+                                         for p in out.glob("*.json") if p.name != "results.json"), 1)
 
-    tokens = {"dit2": "256", "dit4": "64", "dcdit_n4": "~256 (target 1024/4)", "dcdit_n16": "~64 (target 1024/16)"}
-    L = []
-    L.append(f"MNIST 32x32, {s.steps} steps x batch {s.batch} (bf16) per model, seed(s) {seeds}; "
-             f"DDIM {s.ddim_steps} steps, no guidance; FID: {s.extractor} features, {s.n_fid} samples vs "
-             f"{s.n_ref} MNIST test images (FID@{s.n_small}: first {s.n_small} of the same samples); "
-             f"GFLOPs = 2 x MACs per image over the whole sampling run.\n")
-    L.append(f"| model | main-net tokens | params (M) | FID@{s.n_fid} | FID@{s.n_small} | class acc | "
-             f"GFLOPs/img | img/s | kept share t={'{noisy}'}→t={'{clean}'} | train MSE (last 20 steps) |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    tokens = {"dit2": "256", "dit4": "64", "dcdit_n4": "~64 of 256 (N = 4)"}
+    L = [f"MNIST 32x32, {s.steps} steps x batch {s.batch} (bf16) per model, seed(s) {seeds}; main network "
+         f"{s.depth} DiT blocks at width {s.hidden}; DDIM {s.ddim_steps} steps, no guidance; FID: {s.extractor} "
+         f"features, {s.n_fid} samples vs {s.n_ref} MNIST test images (FID@{s.n_small}: the first {s.n_small} of "
+         f"the same samples); GFLOPs = 2 x MACs per image over the whole sampling run; training minutes from "
+         f"each run's log ({R['train']['dit4'][0]['threads'] if R['train']['dit4'][0] else '?'} threads).\n",
+         f"| model | main-net tokens | params (M) | train min | FID@{s.n_fid} | FID@{s.n_small} | class acc | "
+         "GFLOPs/img | scaffold share | img/s | kept share noisiest → cleanest |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for n in MODELS:
         ev = [e for e in R["eval"][n] if e]
         if not ev:
-            L.append(f"| {LABEL[n]} | {tokens[n]} | not run | | | | | | | |")
+            L.append(f"| {LABEL[n]} | {tokens[n]} | not run | | | | | | | | |")
             continue
-        ips = [sp["images_per_sec"][n] for sp in R["speed"] if sp]
-        kept = (f"{ms([e.get('kept_share_noisiest') for e in ev])} → {ms([e.get('kept_share_cleanest') for e in ev])}"
-                if ev[0].get("kept_share_noisiest") is not None else "1 → 1 (fixed)")
-        tl = [t.get("final_mse") for t in R["train"][n] if t]
-        L.append(f"| {LABEL[n]} | {tokens[n]} | {ev[0]['params_m']:.2f} | {ms([e['fid'] for e in ev], 1)} | "
-                 f"{ms([small(e, s.n_small) for e in ev], 1)} | {ms([e['class_acc'] for e in ev], 3)} | "
-                 f"{ms([e['gflops_per_image'] for e in ev], 2)} | {ms(ips, 1) if ips else '-'} | {kept} | "
-                 f"{ms(tl, 4)} |")
-    e0 = next((e for e in R["eval"]["dcdit_n4"] if e), None)
-    if e0 and e0.get("t_noisiest") is not None:
-        L[1] = L[1].replace("{noisy}", str(e0["t_noisiest"])).replace("{clean}", str(e0["t_cleanest"]))
+        sp = [x["images_per_sec"][n] for x in R["speed"] if x]
+        tm = [t["train_seconds"] / 60 for t in R["train"][n] if t and t.get("train_seconds")]
+        kept = (f"{ms([e.get('kept_share_noisiest') for e in ev], 3)} → {ms([e.get('kept_share_cleanest') for e in ev], 3)}"
+                f" (t={ev[0]['t_noisiest']} → {ev[0]['t_cleanest']})" if ev[0].get("kept_share_noisiest") is not None
+                else "1 (fixed)")
+        sc = [scaffold_share(e) for e in ev]
+        L.append(f"| {LABEL[n]} | {tokens[n]} | {ev[0]['params_m']:.2f} | {ms(tm, 1) if tm else '-'} | "
+                 f"{ms([e['fid'] for e in ev], 1)} | {ms([small(e, s.n_small) for e in ev], 1)} | "
+                 f"{ms([e['class_acc'] for e in ev], 3)} | {ms([e['gflops_per_image'] for e in ev], 2)} | "
+                 f"{ms(sc, 3) if sc[0] is not None else '-'} | {ms(sp, 1) if sp else '-'} | {kept} |")
     L.append("")
     if R["classifier"]:
         L.append(f"Classifier (SmallCNN, {R['classifier']['steps']} steps x 128 on MNIST train): "
                  f"test accuracy {R['classifier']['test_accuracy']:.4f}.\n")
     # elastic
-    L.append(f"Elastic inference, DC-DiT N=4 (multi-budget from step {int(s.steps * s.multibudget_start)}), "
-             f"{s.n_small} samples per point, FID with {s.point_extractor} features"
-             + (" (the in-domain MNIST classifier's 256-d features, not Inception: comparable between rows only)"
-                if ptag else "") + ":\n")
-    L.append(f"| tail-drop f | FID@{s.n_small} | class acc | GFLOPs/img | kept share (mean over steps) |")
-    L.append("|---|---|---|---|---|")
-    records = []
     ev4 = [e for e in R["eval"]["dcdit_n4"] if e]
-    if ev4 and not ptag:
-        L.append(f"| 0 | {ms([small(e, s.n_small) for e in ev4], 1)} | {ms([e['class_acc'] for e in ev4], 3)} | "
-                 f"{ms([e['gflops_per_image'] for e in ev4])} | {ms([e.get('kept_share_mean') for e in ev4], 3)} |")
-        records.append({"model": "DC-DiT N=4 elastic", "gflops": np.mean([e["gflops_per_image"] for e in ev4]),
-                        "fid": np.mean([small(e, s.n_small) for e in ev4]), "tail_drop": 0.0})
-    for f in ([0.0] if ptag else []) + list(s.elastic):
-        el = [e for e in R["elastic"][f"{f:g}"] if e]
+    records = []
+    L.append(f"Elastic inference, one DC-DiT N=4 checkpoint (multi-budget from step {int(s.steps * s.multibudget_start)}), "
+             f"the same {s.n_small} labels and noise per point:\n")
+    L.append(f"| tail-drop f | FID@{s.n_small} | class acc | GFLOPs/img | kept share (mean over steps) |")
+    L.append("|---|---:|---:|---:|---:|")
+    rows = ([(0.0, [dict(e, fid=small(e, s.n_small)) for e in ev4])] if ev4 else []) + \
+        [(f, [e for e in R["elastic"][f"{f:g}"] if e]) for f in s.elastic]
+    for f, el in rows:
         if not el:
             L.append(f"| {f:g} | not run | | | |")
             continue
         L.append(f"| {f:g} | {ms([e['fid'] for e in el], 1)} | {ms([e['class_acc'] for e in el], 3)} | "
                  f"{ms([e['gflops_per_image'] for e in el])} | {ms([e.get('kept_share_mean') for e in el], 3)} |")
-        records.append({"model": "DC-DiT N=4 elastic", "gflops": np.mean([e["gflops_per_image"] for e in el]),
+        records.append({"model": "DC-DiT N=4, tail drop f", "gflops": np.mean([e["gflops_per_image"] for e in el]),
                         "fid": np.mean([e["fid"] for e in el]), "tail_drop": f})
     for n in MODELS:
         ev = [e for e in R["eval"][n] if e]
@@ -591,70 +671,59 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
             records.append({"model": LABEL[n], "gflops": np.mean([e["gflops_per_image"] for e in ev]),
                             "fid": np.mean([small(e, s.n_small) for e in ev]), "tail_drop": None})
     L.append("")
-    # shapes
-    sh = [x for x in R["shapes"] if x]
-    if sh:
-        L.append(f"Emergent segmentation (shapes, DC-DiT {s.shapes_steps} steps x batch {s.batch}; "
-                 f"{s.shapes_images} held-out images): ROC-AUC of the router's boundary probability vs the "
-                 "ground-truth detail map (0.5 = chance), and the kept share, per noising timestep t:\n")
-        L.append("| t | " + " | ".join(str(r["t"]) for r in sh[0]["per_t"]) + " |")
-        L.append("|---|" + "---|" * len(sh[0]["per_t"]))
-        L.append("| ROC-AUC | " + " | ".join(ms([x["per_t"][i]["auc"] for x in sh], 3)
-                                            for i in range(len(sh[0]["per_t"]))) + " |")
-        L.append("| kept share | " + " | ".join(ms([x["per_t"][i]["kept_share"] for x in sh], 3)
-                                               for i in range(len(sh[0]["per_t"]))) + " |")
-        L.append("| detail share | " + " | ".join(ms([x["per_t"][i]["detail_share"] for x in sh], 3)
-                                                 for i in range(len(sh[0]["per_t"]))) + " |")
-        L.append("")
     # upcycling
     up = [x for x in R["upcycle"] if x]
     if up:
-        L.append(f"Upcycling: {LABEL[s.upcycle_target]} from the trained DiT/2 (blocks + t/y embedders copied) vs "
-                 f"from scratch, same config and data order; FID@{s.n_small} against training steps:\n")
+        L.append(f"Upcycling: DC-DiT N=4 from the trained DiT/4 (its {s.depth} blocks and t/y embedders copied; both "
+                 f"main networks see ~64 tokens) vs from scratch, same config and data order; FID@{s.n_small} "
+                 "against training steps:\n")
         L.append(f"| init | steps | FID@{s.n_small} | class acc |")
-        L.append("|---|---|---|---|")
+        L.append("|---|---:|---:|---:|")
         for p in sorted(up[0]["points"], key=lambda p: (p["init"], p["steps"])):
             same = [q for u in up for q in u["points"] if q["init"] == p["init"] and q["steps"] == p["steps"]]
             L.append(f"| {p['init']} | {p['steps']} | {ms([q['fid'] for q in same], 1)} | "
                      f"{ms([q['class_acc'] for q in same], 3)} |")
         L.append("")
+    # shapes
+    sh = [x for x in R["shapes"] if x]
+    if sh:
+        L.append(f"Emergent segmentation (shapes, the shapes_dcdit_cpu.yaml DC-DiT, {s.shapes_steps} steps x batch "
+                 f"{s.batch}; {s.shapes_images} held-out images): ROC-AUC of the router's boundary probability vs "
+                 "the ground-truth detail map (0.5 = chance), and the kept share, per noising timestep t:\n")
+        L.append("| t | " + " | ".join(str(r["t"]) for r in sh[0]["per_t"]) + " |")
+        L.append("|---|" + "---:|" * len(sh[0]["per_t"]))
+        for key, label in (("auc", "ROC-AUC"), ("kept_share", "kept share"), ("detail_share", "detail share")):
+            L.append(f"| {label} | " + " | ".join(ms([x["per_t"][i][key] for x in sh], 3)
+                                                  for i in range(len(sh[0]["per_t"]))) + " |")
+        L.append("")
+    # claims
+    L.append("The paper's claims at this scale (each measured per seed; held = held for every seed measured):\n")
+    L.append("| claim | goal | per seed | held |")
+    L.append("|---|---|---|---|")
+    for c in R["claims"]:
+        vals = ", ".join("-" if v is None else f"{v:.3g}" for v in c["per_seed"])
+        L.append(f"| {c['claim']} | {c['goal']} | {vals} | "
+                 f"{'not measured' if c['held'] is None else ('yes' if c['held'] else 'no')} |")
     table = "\n".join(L)
     (out / "table.md").write_text(table + "\n")
     R["table_md"] = table
 
     plots = {}
-    if ptag:  # elastic points are on another FID scale: their own plot; main models on the Inception one
-        el_recs = [r for r in records if r["model"] == "DC-DiT N=4 elastic"]
-        records = [{"model": LABEL[n], "gflops": np.mean([e["gflops_per_image"] for e in R["eval"][n] if e]),
-                    "fid": np.mean([e["fid"] for e in R["eval"][n] if e]), "tail_drop": None}
-                   for n in MODELS if any(R["eval"][n])]
-        if el_recs:
-            plots["elastic"] = str(plot_quality_vs_compute(
-                el_recs, out / "elastic.png", ylabel=f"FID@{s.n_small} ({s.point_extractor} features)",
-                title=f"DC-DiT N=4 on MNIST, one checkpoint: FID vs GFLOPs (DDIM {s.ddim_steps})").path)
-        if records:
-            plots["fid_vs_gflops"] = str(plot_quality_vs_compute(
-                records, out / "fid_vs_gflops.png", ylabel=f"FID@{s.n_fid} (Inception)", annotate=None,
-                title=f"MNIST: FID@{s.n_fid} vs GFLOPs/image (DDIM {s.ddim_steps})").path)
-        records = []
     if records:
         plots["fid_vs_gflops"] = str(plot_quality_vs_compute(
-            records, out / "fid_vs_gflops.png", ylabel=f"FID@{s.n_small} (Inception)" if s.extractor == "inception"
-            else f"FID@{s.n_small} ({s.extractor})",
-            title=f"MNIST: FID@{s.n_small} vs GFLOPs/image (DDIM {s.ddim_steps}); f = tail-drop fraction").path)
+            records, out / "fid_vs_gflops.png", ylabel=f"FID@{s.n_small} ({s.extractor})",
+            title=f"MNIST: FID@{s.n_small} vs sampling GFLOPs/image (DDIM {s.ddim_steps}); f = tail drop").path)
     if up:
         recs = [{"init": p["init"], "steps": p["steps"], "fid": p["fid"]} for p in up[0]["points"]]
         plots["upcycling"] = str(plot_quality_vs_compute(
             recs, out / "upcycling.png", x="steps", group="init", annotate=None, xlabel="training steps",
-            ylabel=f"FID@{s.n_small}", title=f"{LABEL[s.upcycle_target]} on MNIST: upcycled from DiT/2 vs from scratch").path)
-    for n in ("dcdit_n4", "dcdit_n16"):
-        p = out / f"cost_{n}_s{seeds[0]}.npz"
-        if p.is_file():
-            z = np.load(p)
-            fl = z["flops"] if z["flops"].size else None
-            plots[f"cost_{n}"] = str(plot_cost_over_time(z["timesteps"], out / f"cost_over_time_{n}.png",
-                                                         kept_share=z["kept_share"], flops=fl,
-                                                         title=f"{LABEL[n]} on MNIST: cost per sampling step").path)
+            ylabel=f"FID@{s.n_small}", title="DC-DiT N=4 on MNIST: upcycled from DiT/4 vs from scratch").path)
+    p = out / f"cost_dcdit_n4_s{seeds[0]}.npz"
+    if p.is_file():
+        z = np.load(p)
+        plots["cost_dcdit_n4"] = str(plot_cost_over_time(
+            z["timesteps"], out / "cost_over_time_dcdit_n4.png", kept_share=z["kept_share"],
+            flops=z["flops"] if z["flops"].size else None, title="DC-DiT N=4 on MNIST: cost per sampling step").path)
     R["plots"] = plots
     write_json(out / "results.json", R)
     return R
@@ -665,15 +734,13 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/repro", help="output directory (stage JSONs, runs, table, plots)")
+    ap.add_argument("--out", default="runs/repro2", help="output directory (stage JSONs, runs, table, plots)")
     ap.add_argument("--smoke", action="store_true", help="tiny everything: checks the plumbing in well under a minute")
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds (e.g. 0,1)")
     ap.add_argument("--only", default=None, choices=STAGES, help="run one stage (its prerequisites must be cached)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--n-small", type=int, default=None,
-                    help="samples per elastic / upcycling point (default 250; --smoke 12)")
-    ap.add_argument("--point-extractor", default=None, choices=["inception", "classifier"],
-                    help="features for the elastic / upcycling points (default: the main FID's)")
+                    help="samples per elastic / upcycling point (default 500; --smoke 12)")
     ap.add_argument("--speed-batch", type=int, default=None, help="batch of the images/s measurement (default 100)")
     ap.add_argument("--models", default=",".join(MODELS),
                     help="train/eval only these MNIST models (e.g. to run stages in parallel processes)")
@@ -686,14 +753,12 @@ def main(argv=None) -> int:
     s = smoke_settings() if args.smoke else Settings()
     if args.n_small:
         s.n_small = args.n_small
-    if args.point_extractor:
-        s.point_extractor = args.point_extractor
     if args.speed_batch:
         s.speed_batch = args.speed_batch
     saved = out / "settings.json"
     # n_small and ddim_steps (evaluation sizes) may change between invocations: each evaluation's JSON
     # records its own n and step count. Everything else must match what the cached stages were produced with.
-    free = ("n_small", "ddim_steps", "n_fid", "point_extractor", "speed_batch", "flop_images", "upcycle_target")
+    free = ("n_small", "ddim_steps", "n_fid", "speed_batch", "flop_images")
     if saved.is_file():
         old = {k: v for k, v in read_json(saved).items() if k not in free}
         if old != {k: v for k, v in json.loads(json.dumps(asdict(s))).items() if k not in free}:
@@ -708,23 +773,27 @@ def main(argv=None) -> int:
         stage_classifier(ctx, 0)
     if want("reference"):
         stage_reference(ctx)
+    models = [n for n in MODELS if n in args.models.split(",")]
     for seed in seeds:
-        models = [n for n in MODELS if n in args.models.split(",")]
-        for n in models:
+        # what later stages need comes first: DiT/4 and DC-DiT (upcycling, elastic), then DiT/2, then speed
+        for n in [m for m in models if m != "dit2"]:
             if want("train"):
                 stage_train(ctx, n, seed)
-        for n in models:
             if want("eval"):
                 stage_eval(ctx, n, seed)
-        if want("speed"):
-            stage_speed(ctx, seed)
+        if want("upcycle") and {"dit4", "dcdit_n4"} <= set(models):
+            write_json(out / f"upcycle_result_s{seed}.json", stage_upcycle(ctx, seed))
+        if want("elastic") and "dcdit_n4" in models:
+            stage_elastic(ctx, seed)
         if want("shapes"):
             stage_shapes(ctx, seed)
-        if want("elastic"):
-            stage_elastic(ctx, seed)
-        if want("upcycle"):
-            res = stage_upcycle(ctx, seed)
-            write_json(out / f"upcycle_result_s{seed}.json", {k: v for k, v in res.items()})
+        if "dit2" in models:
+            if want("train"):
+                stage_train(ctx, "dit2", seed)
+            if want("eval"):
+                stage_eval(ctx, "dit2", seed)
+        if want("speed"):
+            stage_speed(ctx, seed)
     meta = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
             "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "this_invocation_seconds": round(time.time() - t0, 1)}

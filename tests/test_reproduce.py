@@ -32,7 +32,13 @@ def test_reproduce_smoke(tmp_path, capsys):
     assert set(res["elastic"]) == {"0.2", "0.4", "0.6"}
     assert res["shapes"][0]["per_t"][0]["auc"] is not None
     assert {p["init"] for p in res["upcycle"][0]["points"]} == {"scratch", "upcycled"}
-    assert (out / "table.md").read_text().count("| DC-DiT N=4 |") == 1
+    assert res["upcycle"][0]["init"]["params_copied"] > 0  # the DiT/4's blocks went into the DC-DiT
+    assert set(res["speed"][0]["images_per_sec"]) == set(repro.MODELS)
+    # every claim of the issue is measured on the smoke run (held or not is the toy run's business)
+    assert len(res["claims"]) == 7 and all(c["held"] is not None for c in res["claims"])
+    assert 0 < repro.scaffold_share(res["eval"]["dcdit_n4"][0]) < 1
+    table = (out / "table.md").read_text()
+    assert table.count("| DC-DiT N=4 |") == 1 and table.count("| yes |") + table.count("| no |") == 7
     assert (out / "fid_vs_gflops.png").is_file() and (out / "upcycling.png").is_file()
     # a second run finds every stage cached and only rebuilds the report
     t0 = time.time()
