@@ -32,6 +32,7 @@ training run interrupted mid-way resumes from its last checkpoint):
   speed       sampling images/s, every trained model in one process, same batch, back to back
   elastic     DC-DiT N=4 at tail-drop fractions 0.2, 0.4, 0.6 (and 0 from eval)
   shapes      a DC-DiT on the shapes data set; ROC-AUC of the router's p vs the detail map per t
+  curve       every model's checkpoints at 1/4 and 1/2 of the run: FID against training GFLOPs
   report      results.json, table.md (with each claim: held or not), PNGs
 
 All numbers come from this process's own measurements; nothing is tuned per model.
@@ -50,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-STAGES = ("classifier", "reference", "train", "eval", "upcycle", "speed", "elastic", "shapes", "report")
+STAGES = ("classifier", "reference", "train", "eval", "upcycle", "speed", "elastic", "shapes", "curve", "report")
 MODELS = ("dit4", "dcdit_n4", "dit2")  # training order: the cheap models (and what upcycling needs) first
 LABEL = {"dit2": "DiT/2", "dit4": "DiT/4", "dcdit_n4": "DC-DiT N=4", "dcdit_n4_upcycled": "DC-DiT N=4 (upcycled)"}
 
@@ -481,6 +482,38 @@ def stage_elastic(ctx: Ctx, seed: int) -> dict:
     return out
 
 
+def train_gflops_per_image(e: dict) -> float:
+    """Training FLOPs per image: 3x a forward at an average timestep (the sampling run's GFLOPs per step)."""
+    return 3.0 * e["gflops_per_image"] / e["ddim_steps"]
+
+
+def stage_curve(ctx: Ctx, seed: int) -> dict:
+    """FID@n_small of each model at 1/4, 1/2 and all of its run, against training GFLOPs per image seen."""
+    s, out = ctx.s, {}
+    for n in MODELS:
+        final = read_json(ctx.out / f"eval_{n}_s{seed}.json")
+        if final is None:
+            continue
+        pts = []
+        for step in sorted({max(1, s.steps // 4), max(1, s.steps // 2)}):
+            def run(n=n, step=step):
+                model = load(ctx.out / "runs" / f"{n}_s{seed}", f"ckpt-{step:07d}")
+                return score(ctx, model, s.n_small, seed, 0.0, f"{n}_step{step}_s{seed}")
+
+            # DC-DiT's early checkpoints are the upcycling comparison's scratch points
+            path = ctx.out / (f"upcycle_scratch_step{step}_s{seed}.json" if n == "dcdit_n4" and
+                              step in checkpoint_steps(s) else f"curve_{n}_step{step}_s{seed}.json")
+            r = cached(path, run)
+            pts.append({"steps": step, "fid": r["fid"], "class_acc": r["class_acc"]})
+        pts.append({"steps": s.steps, "fid": small(final, s.n_small), "class_acc": final["class_acc"]})
+        g = train_gflops_per_image(final)
+        for p in pts:
+            p["train_gflops"] = p["steps"] * s.batch * g
+        out[n] = {"train_gflops_per_image": g, "points": pts}
+    write_json(ctx.out / f"curve_s{seed}.json", out)
+    return out
+
+
 def stage_upcycle(ctx: Ctx, seed: int) -> dict:
     """DC-DiT N=4 started from the trained DiT/4 vs the same model from scratch (its main run's checkpoints)."""
     s = ctx.s
@@ -617,6 +650,7 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
                     for f in s.elastic}
     R["shapes"] = [read_json(out / f"shapes_s{sd}.json") for sd in seeds]
     R["upcycle"] = [read_json(out / f"upcycle_result_s{sd}.json") for sd in seeds]
+    R["curve"] = [read_json(out / f"curve_s{sd}.json") for sd in seeds]
     R["claims"] = claims(R, s, seeds)
     R["total_stage_seconds"] = round(sum(float((read_json(p) or {}).get("seconds", 0.0) or 0.0)
                                          for p in out.glob("*.json") if p.name != "results.json"), 1)
@@ -685,6 +719,20 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
             L.append(f"| {p['init']} | {p['steps']} | {ms([q['fid'] for q in same], 1)} | "
                      f"{ms([q['class_acc'] for q in same], 3)} |")
         L.append("")
+    # training-compute curves
+    cv = [c for c in R["curve"] if c]
+    if cv:
+        L.append(f"Quality against training compute (FID@{s.n_small} of each model's EMA at 1/4, 1/2 and all of "
+                 "its run; training FLOPs = 3 x the forward FLOPs per image at the model's own routing x images):\n")
+        L.append("| model | train GFLOPs/img | " + " | ".join(f"step {p['steps']}" for p in next(iter(cv[0].values()))["points"])
+                 + " |")
+        L.append("|---|---:|" + "---:|" * len(next(iter(cv[0].values()))["points"]))
+        for n in cv[0]:
+            pts = cv[0][n]["points"]
+            cells = [f"{ms([c[n]['points'][i]['fid'] for c in cv if n in c], 1)} "
+                     f"({pts[i]['train_gflops'] / 1e3:.0f} TF)" for i in range(len(pts))]
+            L.append(f"| {LABEL[n]} | {cv[0][n]['train_gflops_per_image']:.2f} | " + " | ".join(cells) + " |")
+        L.append("")
     # shapes
     sh = [x for x in R["shapes"] if x]
     if sh:
@@ -719,6 +767,15 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
         plots["upcycling"] = str(plot_quality_vs_compute(
             recs, out / "upcycling.png", x="steps", group="init", annotate=None, xlabel="training steps",
             ylabel=f"FID@{s.n_small}", title="DC-DiT N=4 on MNIST: upcycled from DiT/4 vs from scratch").path)
+    cv = [c for c in R["curve"] if c]
+    if cv:
+        recs = [{"model": LABEL[n], "train_gflops": p["train_gflops"] / 1e3, "fid": float(np.mean(
+                    [q["fid"] for c in cv if n in c for q in c[n]["points"] if q["steps"] == p["steps"]]))}
+                for n in cv[0] for p in cv[0][n]["points"]]
+        plots["fid_vs_train_flops"] = str(plot_quality_vs_compute(
+            recs, out / "fid_vs_train_flops.png", x="train_gflops", annotate=None,
+            xlabel="training TFLOPs (3 x forward, per image seen, x images)", ylabel=f"FID@{s.n_small}",
+            title=f"MNIST: FID@{s.n_small} against training compute ({s.batch} images per step)").path)
     p = out / f"cost_dcdit_n4_s{seeds[0]}.npz"
     if p.is_file():
         z = np.load(p)
@@ -795,6 +852,8 @@ def main(argv=None) -> int:
                 stage_eval(ctx, "dit2", seed)
         if want("speed"):
             stage_speed(ctx, seed)
+        if want("curve"):
+            stage_curve(ctx, seed)
     meta = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
             "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "this_invocation_seconds": round(time.time() - t0, 1)}

@@ -37,8 +37,13 @@ def test_reproduce_smoke(tmp_path, capsys):
     # every claim of the issue is measured on the smoke run (held or not is the toy run's business)
     assert len(res["claims"]) == 7 and all(c["held"] is not None for c in res["claims"])
     assert 0 < repro.scaffold_share(res["eval"]["dcdit_n4"][0]) < 1
+    # FID against training compute: three points per model, compute growing with the steps
+    for n in repro.MODELS:
+        pts = res["curve"][0][n]["points"]
+        assert [p["steps"] for p in pts] == [2, 4, 8] and pts[0]["train_gflops"] < pts[-1]["train_gflops"]
+    assert (out / "fid_vs_train_flops.png").is_file()
     table = (out / "table.md").read_text()
-    assert table.count("| DC-DiT N=4 |") == 1 and table.count("| yes |") + table.count("| no |") == 7
+    assert table.count("| DC-DiT N=4 | ~64 of 256") == 1 and table.count("| yes |") + table.count("| no |") == 7
     assert (out / "fid_vs_gflops.png").is_file() and (out / "upcycling.png").is_file()
     # a second run finds every stage cached and only rebuilds the report
     t0 = time.time()
