@@ -56,14 +56,14 @@ def test_shipped_mnist_models_sample_their_class(name):
     from dcdit.data import DataConfig, build_dataset
     from dcdit.data.transforms import to_uint8_images
     from dcdit.evaluation import classifier_accuracy, train_classifier
-    from dcdit.sampling import create_sampling_diffusion, sample
+    from dcdit.sampling import sample, sampling_diffusion_for
 
     model = load_model(f"pretrained:{name}")
     size = model.config["input_size"]
     clf = train_classifier(build_dataset(DataConfig(source="mnist", image_size=size)), steps=400, seed=0)
     labels = np.arange(100) % 10
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        x, _ = sample(model, create_sampling_diffusion("ddim", 25), labels, seed=1, cfg_scale=3.0,
+        x, _ = sample(model, sampling_diffusion_for(model, "ddim", 25), labels, seed=1, cfg_scale=3.0,
                       measure_flops=False, clip_denoised=True)
     acc = classifier_accuracy(clf, to_uint8_images(x.float()), labels)
     print(name, acc)

@@ -155,3 +155,7 @@ def test_prediction_is_stored_with_the_model_and_drives_loss_and_sampler(tmp_pat
     assert tuple(MEAN_TYPES) == PREDICTIONS  # the model's names and the diffusion's agree
     with pytest.raises(ValueError, match="prediction"):
         create_diffusion("", prediction="noise")
+    # A diffusion that reads the output as something else is refused, not sampled into noise.
+    from dcdit.sampling import create_sampling_diffusion, sample
+    with pytest.raises(ValueError, match=r"^the model predicts v but the diffusion reads its output as epsilon"):
+        sample(model, create_sampling_diffusion("ddim", 5), [0, 1], measure_flops=False)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dcdit.diffusion.factory import MEAN_TYPES
 from dcdit.flops import count_flops
 from dcdit.models import is_dcdit
 from dcdit.sampling.guidance import make_model_fn, model_info
@@ -208,6 +209,10 @@ def sample(
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     info = model_info(model)
+    reads = getattr(diffusion, "model_mean_type", None)
+    if reads is not None and reads != MEAN_TYPES[info["prediction"]]:
+        raise ValueError(f"the model predicts {info['prediction']} but the diffusion reads its output as "
+                         f"{reads.value}: build it with sampling_diffusion_for(model, sampler, steps)")
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
     n = labels.numel()
     if n == 0:
