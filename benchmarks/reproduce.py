@@ -674,7 +674,7 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
         kept = (f"{ms([e.get('kept_share_noisiest') for e in ev], 3)} → {ms([e.get('kept_share_cleanest') for e in ev], 3)}"
                 f" (t={ev[0]['t_noisiest']} → {ev[0]['t_cleanest']})" if ev[0].get("kept_share_noisiest") is not None
                 else "1 (fixed)")
-        sc = [scaffold_share(e) for e in ev]
+        sc = [scaffold_share(e) for e in ev] if n.startswith("dcdit") else [None]
         L.append(f"| {LABEL[n]} | {tokens[n]} | {ev[0]['params_m']:.2f} | {ms(tm, 1) if tm else '-'} | "
                  f"{ms([e['fid'] for e in ev], 1)} | {ms([small(e, s.n_small) for e in ev], 1)} | "
                  f"{ms([e['class_acc'] for e in ev], 3)} | {ms([e['gflops_per_image'] for e in ev], 2)} | "
