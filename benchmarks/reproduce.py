@@ -636,31 +636,14 @@ def claims(R: dict, s: Settings, seeds: list[int]) -> list[dict]:
     return rows
 
 
-def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
-    from dcdit.viz.plots import plot_cost_over_time, plot_quality_vs_compute
-
-    s, out = ctx.s, ctx.out
-    R = {"settings": asdict(s), "seeds": seeds, "meta": meta}
-    R["classifier"] = read_json(out / "classifier.json")
-    R["reference"] = read_json(out / "reference.json")
-    R["train"] = {n: [read_json(out / f"train_{n}_s{sd}.json") for sd in seeds] for n in MODELS}
-    R["eval"] = {n: [read_json(out / f"eval_{n}_s{sd}.json") for sd in seeds] for n in MODELS}
-    R["speed"] = [read_json(out / f"speed_s{sd}.json") for sd in seeds]
-    R["elastic"] = {f"{f:g}": [read_json(out / f"elastic_f{f:g}_s{sd}.json") for sd in seeds]
-                    for f in s.elastic}
-    R["shapes"] = [read_json(out / f"shapes_s{sd}.json") for sd in seeds]
-    R["upcycle"] = [read_json(out / f"upcycle_result_s{sd}.json") for sd in seeds]
-    R["curve"] = [read_json(out / f"curve_s{sd}.json") for sd in seeds]
-    R["claims"] = claims(R, s, seeds)
-    R["total_stage_seconds"] = round(sum(float((read_json(p) or {}).get("seconds", 0.0) or 0.0)
-                                         for p in out.glob("*.json") if p.name != "results.json"), 1)
-
+def section_models(R: dict, s: Settings) -> list[str]:
     tokens = {"dit2": "256", "dit4": "64", "dcdit_n4": "~64 of 256 (N = 4)"}
-    L = [f"MNIST 32x32, {s.steps} steps x batch {s.batch} (bf16) per model, seed(s) {seeds}; main network "
+    t0 = R["train"]["dit4"][0]
+    L = [f"MNIST 32x32, {s.steps} steps x batch {s.batch} (bf16) per model, seed(s) {R['seeds']}; main network "
          f"{s.depth} DiT blocks at width {s.hidden}; DDIM {s.ddim_steps} steps, no guidance; FID: {s.extractor} "
          f"features, {s.n_fid} samples vs {s.n_ref} MNIST test images (FID@{s.n_small}: the first {s.n_small} of "
          f"the same samples); GFLOPs = 2 x MACs per image over the whole sampling run; training minutes from "
-         f"each run's log ({R['train']['dit4'][0]['threads'] if R['train']['dit4'][0] else '?'} threads).\n",
+         f"each run's log ({t0['threads'] if t0 else '?'} threads).\n",
          f"| model | main-net tokens | params (M) | train min | FID@{s.n_fid} | FID@{s.n_small} | class acc | "
          "GFLOPs/img | scaffold share | img/s | kept share noisiest → cleanest |",
          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -683,13 +666,17 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
     if R["classifier"]:
         L.append(f"Classifier (SmallCNN, {R['classifier']['steps']} steps x 128 on MNIST train): "
                  f"test accuracy {R['classifier']['test_accuracy']:.4f}.\n")
-    # elastic
+    return L
+
+
+def section_elastic(R: dict, s: Settings) -> tuple[list[str], list[dict]]:
+    """The tail-drop table, and the FID-vs-GFLOPs records of it and of the other models."""
     ev4 = [e for e in R["eval"]["dcdit_n4"] if e]
+    L = [f"Elastic inference, one DC-DiT N=4 checkpoint (multi-budget from step {int(s.steps * s.multibudget_start)}), "
+         f"the same {s.n_small} labels and noise per point:\n",
+         f"| tail-drop f | FID@{s.n_small} | class acc | GFLOPs/img | kept share (mean over steps) |",
+         "|---|---:|---:|---:|---:|"]
     records = []
-    L.append(f"Elastic inference, one DC-DiT N=4 checkpoint (multi-budget from step {int(s.steps * s.multibudget_start)}), "
-             f"the same {s.n_small} labels and noise per point:\n")
-    L.append(f"| tail-drop f | FID@{s.n_small} | class acc | GFLOPs/img | kept share (mean over steps) |")
-    L.append("|---|---:|---:|---:|---:|")
     rows = ([(0.0, [dict(e, fid=small(e, s.n_small)) for e in ev4])] if ev4 else []) + \
         [(f, [e for e in R["elastic"][f"{f:g}"] if e]) for f in s.elastic]
     for f, el in rows:
@@ -705,63 +692,74 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
         if ev and n != "dcdit_n4":
             records.append({"model": LABEL[n], "gflops": np.mean([e["gflops_per_image"] for e in ev]),
                             "fid": np.mean([small(e, s.n_small) for e in ev]), "tail_drop": None})
-    L.append("")
-    # upcycling
+    return L + [""], records
+
+
+def section_upcycle(R: dict, s: Settings) -> list[str]:
     up = [x for x in R["upcycle"] if x]
-    if up:
-        L.append(f"Upcycling: DC-DiT N=4 from the trained DiT/4 (its {s.depth} blocks and t/y embedders copied; both "
-                 f"main networks see ~64 tokens) vs from scratch, same config and data order; FID@{s.n_small} "
-                 "against training steps:\n")
-        L.append(f"| init | steps | FID@{s.n_small} | class acc |")
-        L.append("|---|---:|---:|---:|")
-        for p in sorted(up[0]["points"], key=lambda p: (p["init"], p["steps"])):
-            same = [q for u in up for q in u["points"] if q["init"] == p["init"] and q["steps"] == p["steps"]]
-            L.append(f"| {p['init']} | {p['steps']} | {ms([q['fid'] for q in same], 1)} | "
-                     f"{ms([q['class_acc'] for q in same], 3)} |")
-        L.append("")
-    # training-compute curves
+    if not up:
+        return []
+    L = [f"Upcycling: DC-DiT N=4 from the trained DiT/4 (its {s.depth} blocks and t/y embedders copied; both "
+         f"main networks see ~64 tokens) vs from scratch, same config and data order; FID@{s.n_small} "
+         "against training steps:\n",
+         f"| init | steps | FID@{s.n_small} | class acc |", "|---|---:|---:|---:|"]
+    for p in sorted(up[0]["points"], key=lambda p: (p["init"], p["steps"])):
+        same = [q for u in up for q in u["points"] if q["init"] == p["init"] and q["steps"] == p["steps"]]
+        L.append(f"| {p['init']} | {p['steps']} | {ms([q['fid'] for q in same], 1)} | "
+                 f"{ms([q['class_acc'] for q in same], 3)} |")
+    return L + [""]
+
+
+def section_curve(R: dict, s: Settings) -> list[str]:
     cv = [c for c in R["curve"] if c]
-    if cv:
-        L.append(f"Quality against training compute (FID@{s.n_small} of each model's EMA at 1/4, 1/2 and all of "
-                 "its run; training FLOPs = 3 x the forward FLOPs per image at the model's own routing x images):\n")
-        L.append("| model | train GFLOPs/img | " + " | ".join(f"step {p['steps']}" for p in next(iter(cv[0].values()))["points"])
-                 + " |")
-        L.append("|---|---:|" + "---:|" * len(next(iter(cv[0].values()))["points"]))
-        for n in cv[0]:
-            pts = cv[0][n]["points"]
-            cells = [f"{ms([c[n]['points'][i]['fid'] for c in cv if n in c], 1)} "
-                     f"({pts[i]['train_gflops'] / 1e3:.0f} TF)" for i in range(len(pts))]
-            L.append(f"| {LABEL[n]} | {cv[0][n]['train_gflops_per_image']:.2f} | " + " | ".join(cells) + " |")
-        L.append("")
-    # shapes
+    if not cv:
+        return []
+    steps = [p["steps"] for p in next(iter(cv[0].values()))["points"]]
+    L = [f"Quality against training compute (FID@{s.n_small} of each model's EMA at 1/4, 1/2 and all of "
+         "its run; training FLOPs = 3 x the forward FLOPs per image at the model's own routing x images):\n",
+         "| model | train GFLOPs/img | " + " | ".join(f"step {k}" for k in steps) + " |",
+         "|---|---:|" + "---:|" * len(steps)]
+    for n in cv[0]:
+        pts = cv[0][n]["points"]
+        cells = [f"{ms([c[n]['points'][i]['fid'] for c in cv if n in c], 1)} ({pts[i]['train_gflops'] / 1e3:.0f} TF)"
+                 for i in range(len(pts))]
+        L.append(f"| {LABEL[n]} | {cv[0][n]['train_gflops_per_image']:.2f} | " + " | ".join(cells) + " |")
+    return L + [""]
+
+
+def section_shapes(R: dict, s: Settings) -> list[str]:
     sh = [x for x in R["shapes"] if x]
-    if sh:
-        L.append(f"Emergent segmentation (shapes, the shapes_dcdit_cpu.yaml DC-DiT, {s.shapes_steps} steps x batch "
-                 f"{s.batch}; {s.shapes_images} held-out images): ROC-AUC of the router's boundary probability vs "
-                 "the ground-truth detail map (0.5 = chance), and the kept share, per noising timestep t:\n")
-        L.append("| t | " + " | ".join(str(r["t"]) for r in sh[0]["per_t"]) + " |")
-        L.append("|---|" + "---:|" * len(sh[0]["per_t"]))
-        for key, label in (("auc", "ROC-AUC"), ("kept_share", "kept share"), ("detail_share", "detail share")):
-            L.append(f"| {label} | " + " | ".join(ms([x["per_t"][i][key] for x in sh], 3)
-                                                  for i in range(len(sh[0]["per_t"]))) + " |")
-        L.append("")
-    # claims
-    L.append("The paper's claims at this scale (each measured per seed; held = held for every seed measured):\n")
-    L.append("| claim | goal | per seed | held |")
-    L.append("|---|---|---|---|")
+    if not sh:
+        return []
+    per_t = sh[0]["per_t"]
+    L = [f"Emergent segmentation (shapes, the shapes_dcdit_cpu.yaml DC-DiT, {s.shapes_steps} steps x batch "
+         f"{s.batch}; {s.shapes_images} held-out images): ROC-AUC of the router's boundary probability vs "
+         "the ground-truth detail map (0.5 = chance), and the kept share, per noising timestep t:\n",
+         "| t | " + " | ".join(str(r["t"]) for r in per_t) + " |", "|---|" + "---:|" * len(per_t)]
+    for key, label in (("auc", "ROC-AUC"), ("kept_share", "kept share"), ("detail_share", "detail share")):
+        L.append(f"| {label} | " + " | ".join(ms([x["per_t"][i][key] for x in sh], 3) for i in range(len(per_t))) + " |")
+    return L + [""]
+
+
+def section_claims(R: dict) -> list[str]:
+    L = ["The paper's claims at this scale (each measured per seed; held = held for every seed measured):\n",
+         "| claim | goal | per seed | held |", "|---|---|---|---|"]
     for c in R["claims"]:
         vals = ", ".join("-" if v is None else f"{v:.3g}" for v in c["per_seed"])
         L.append(f"| {c['claim']} | {c['goal']} | {vals} | "
                  f"{'not measured' if c['held'] is None else ('yes' if c['held'] else 'no')} |")
-    table = "\n".join(L)
-    (out / "table.md").write_text(table + "\n")
-    R["table_md"] = table
+    return L
+
+
+def report_plots(R: dict, s: Settings, out: Path, records: list[dict]) -> dict:
+    from dcdit.viz.plots import plot_cost_over_time, plot_quality_vs_compute
 
     plots = {}
     if records:
         plots["fid_vs_gflops"] = str(plot_quality_vs_compute(
             records, out / "fid_vs_gflops.png", ylabel=f"FID@{s.n_small} ({s.extractor})",
             title=f"MNIST: FID@{s.n_small} vs sampling GFLOPs/image (DDIM {s.ddim_steps}); f = tail drop").path)
+    up = [x for x in R["upcycle"] if x]
     if up:
         recs = [{"init": p["init"], "steps": p["steps"], "fid": p["fid"]} for p in up[0]["points"]]
         plots["upcycling"] = str(plot_quality_vs_compute(
@@ -776,13 +774,38 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
             recs, out / "fid_vs_train_flops.png", x="train_gflops", annotate=None,
             xlabel="training TFLOPs (3 x forward, per image seen, x images)", ylabel=f"FID@{s.n_small}",
             title=f"MNIST: FID@{s.n_small} against training compute ({s.batch} images per step)").path)
-    p = out / f"cost_dcdit_n4_s{seeds[0]}.npz"
+    p = out / f"cost_dcdit_n4_s{R['seeds'][0]}.npz"
     if p.is_file():
         z = np.load(p)
         plots["cost_dcdit_n4"] = str(plot_cost_over_time(
             z["timesteps"], out / "cost_over_time_dcdit_n4.png", kept_share=z["kept_share"],
             flops=z["flops"] if z["flops"].size else None, title="DC-DiT N=4 on MNIST: cost per sampling step").path)
-    R["plots"] = plots
+    return plots
+
+
+def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
+    """Everything cached in ``ctx.out`` for ``seeds`` -> results.json, table.md and the plots."""
+    s, out = ctx.s, ctx.out
+    R = {"settings": asdict(s), "seeds": seeds, "meta": meta}
+    R["classifier"] = read_json(out / "classifier.json")
+    R["reference"] = read_json(out / "reference.json")
+    R["train"] = {n: [read_json(out / f"train_{n}_s{sd}.json") for sd in seeds] for n in MODELS}
+    R["eval"] = {n: [read_json(out / f"eval_{n}_s{sd}.json") for sd in seeds] for n in MODELS}
+    R["speed"] = [read_json(out / f"speed_s{sd}.json") for sd in seeds]
+    R["elastic"] = {f"{f:g}": [read_json(out / f"elastic_f{f:g}_s{sd}.json") for sd in seeds]
+                    for f in s.elastic}
+    R["shapes"] = [read_json(out / f"shapes_s{sd}.json") for sd in seeds]
+    R["upcycle"] = [read_json(out / f"upcycle_result_s{sd}.json") for sd in seeds]
+    R["curve"] = [read_json(out / f"curve_s{sd}.json") for sd in seeds]
+    R["claims"] = claims(R, s, seeds)
+    R["total_stage_seconds"] = round(sum(float((read_json(p) or {}).get("seconds", 0.0) or 0.0)
+                                         for p in out.glob("*.json") if p.name != "results.json"), 1)
+    elastic, records = section_elastic(R, s)
+    L = (section_models(R, s) + elastic + section_upcycle(R, s) + section_curve(R, s) + section_shapes(R, s)
+         + section_claims(R))
+    R["table_md"] = "\n".join(L)
+    (out / "table.md").write_text(R["table_md"] + "\n")
+    R["plots"] = report_plots(R, s, out, records)
     write_json(out / "results.json", R)
     return R
 
