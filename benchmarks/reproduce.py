@@ -53,7 +53,7 @@ import torch
 
 STAGES = ("classifier", "reference", "train", "eval", "upcycle", "speed", "elastic", "shapes", "curve", "report")
 MODELS = ("dit4", "dcdit_n4", "dit2")  # training order: the cheap models (and what upcycling needs) first
-LABEL = {"dit2": "DiT/2", "dit4": "DiT/4", "dcdit_n4": "DC-DiT N=4", "dcdit_n4_upcycled": "DC-DiT N=4 (upcycled)"}
+LABEL = {"dit2": "DiT/2", "dit4": "DiT/4", "dcdit_n4": "DC-DiT N=4"}
 
 
 # --------------------------------------------------------------------------- settings
@@ -231,6 +231,7 @@ def run_step(run_dir: Path) -> int:
 
 def train_run(d: dict, run_dir: Path, steps: int) -> dict:
     from dcdit.training import config_from_dict, train
+    from dcdit.training.rundir import training_seconds
 
     cfg = config_from_dict(d)
     done = run_step(run_dir)
@@ -243,8 +244,6 @@ def train_run(d: dict, run_dir: Path, steps: int) -> dict:
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     rows = [r for r in rows if "loss" in r]
     last = rows[-1] if rows else {}
-    from dcdit.training.rundir import training_seconds
-
     secs = training_seconds(run_dir, upto=steps)
     return {"run_dir": str(run_dir), "steps": steps, "batch": d["train"]["global_batch_size"],
             "final_loss": last.get("loss"), "final_mse": last.get("mse"),
@@ -448,7 +447,7 @@ def stage_speed(ctx: Ctx, seed: int) -> dict:
     def run():
         from dcdit.sampling import sample, sampling_diffusion_for
 
-        names = [n for n in MODELS if run_step(ctx.out / "runs" / f"{n}_s{seed}") >= ctx.s.steps]
+        names = list(MODELS)
         models = {n: load(ctx.out / "runs" / f"{n}_s{seed}") for n in names}
         diffusions = {n: sampling_diffusion_for(m, "ddim", ctx.s.ddim_steps) for n, m in models.items()}
         labels = np.arange(ctx.s.speed_batch) % 10
@@ -482,8 +481,10 @@ def stage_elastic(ctx: Ctx, seed: int) -> dict:
     return out
 
 
-def train_gflops_per_image(e: dict) -> float:
-    """Training FLOPs per image: 3x a forward at an average timestep (the sampling run's GFLOPs per step)."""
+def train_gflops_from_sampling(e: dict) -> float:
+    """Training FLOPs per image: 3x a forward at an average timestep, from an evaluation's sampling run
+    (GFLOPs per step on real trajectories; learning_curve.train_gflops_per_image counts a forward on
+    pure noise instead, which routes a trained DC-DiT differently)."""
     return 3.0 * e["gflops_per_image"] / e["ddim_steps"]
 
 
@@ -506,7 +507,7 @@ def stage_curve(ctx: Ctx, seed: int) -> dict:
             r = cached(path, run)
             pts.append({"steps": step, "fid": r["fid"], "class_acc": r["class_acc"]})
         pts.append({"steps": s.steps, "fid": small(final, s.n_small), "class_acc": final["class_acc"]})
-        g = train_gflops_per_image(final)
+        g = train_gflops_from_sampling(final)
         for p in pts:
             p["train_gflops"] = p["steps"] * s.batch * g
         out[n] = {"train_gflops_per_image": g, "points": pts}

@@ -57,6 +57,7 @@ from dcdit.models.layers import (
     LabelEmbedder,
     RMSNorm,
     TimestepEmbedder,
+    gelu_tanh,
     get_2d_sincos_pos_embed,
     guided_combine,
 )
@@ -295,7 +296,7 @@ def functional_dit_block(
     if fc1_w is None:
         return x
     h = F.layer_norm(x, (D,), eps=1e-6) * (1 + scale_mlp) + shift_mlp
-    return x + gate_mlp * F.linear(F.gelu(F.linear(h, fc1_w, fc1_b), approximate="tanh"), fc2_w, fc2_b)
+    return x + gate_mlp * F.linear(gelu_tanh(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
 
 
 # --------------------------------------------------------------------------- #
