@@ -744,10 +744,12 @@ def section_shapes(R: dict, s: Settings) -> list[str]:
 
 def section_claims(R: dict) -> list[str]:
     L = ["The paper's claims at this scale (each measured per seed; held = held for every seed measured):\n",
-         "| claim | goal | per seed | held |", "|---|---|---|---|"]
+         "| claim | goal | per seed | mean ± sd | held |", "|---|---|---|---|---|"]
     for c in R["claims"]:
         vals = ", ".join("-" if v is None else f"{v:.3g}" for v in c["per_seed"])
-        L.append(f"| {c['claim']} | {c['goal']} | {vals} | "
+        got = [v for v in c["per_seed"] if v is not None]
+        spread = "inf" if any(math.isinf(v) for v in got) else ms(got, 3)
+        L.append(f"| {c['claim']} | {c['goal']} | {vals} | {spread} | "
                  f"{'not measured' if c['held'] is None else ('yes' if c['held'] else 'no')} |")
     return L
 
