@@ -35,6 +35,9 @@ training run interrupted mid-way resumes from its last checkpoint):
   curve       every model's checkpoints at 1/4 and 1/2 of the run: FID against training GFLOPs
   report      results.json, table.md (with each claim: held or not), PNGs
 
+On request only (--only shapes-ablation): the shapes DC-DiT again with one change each (epsilon
+instead of v; no multi-budget), to see which sets the cells its router marks.
+
 All numbers come from this process's own measurements; nothing is tuned per model.
 """
 from __future__ import annotations
@@ -51,7 +54,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-STAGES = ("classifier", "reference", "train", "eval", "upcycle", "speed", "elastic", "shapes", "curve", "report")
+STAGES = ("classifier", "reference", "train", "eval", "upcycle", "speed", "elastic", "shapes", "curve", "report",
+          "shapes-ablation")
 MODELS = ("dit4", "dcdit_n4", "dit2")  # training order: the cheap models (and what upcycling needs) first
 LABEL = {"dit2": "DiT/2", "dit4": "DiT/4", "dcdit_n4": "DC-DiT N=4"}
 
@@ -407,25 +411,39 @@ def stage_reference(ctx: Ctx) -> dict:
     return cached(ctx.out / "reference.json", run)
 
 
-def stage_shapes(ctx: Ctx, seed: int) -> dict:
+# One change at a time to the shapes DC-DiT, to find what sets which cells its router marks
+# (v1's 600-step epsilon run: AUC 0.86 at t = 25; v2's 2000-step v run: 0.37). Run on request only.
+SHAPES_VARIANTS = {
+    "epsilon": ("predicts epsilon (DiT's objective) instead of v", {"diffusion": {"prediction": "epsilon"}}),
+    "no_multibudget": ("no multi-budget (tail-drop) training", {"multibudget": {"enabled": False}}),
+}
+
+
+def stage_shapes(ctx: Ctx, seed: int, variant: str | None = None) -> dict:
+    """A DC-DiT trained on shapes; ROC-AUC of its router's p against the detail map, per timestep t."""
+    tag = f"shapes_{variant}" if variant else "shapes"
+
     def run():
         from dcdit.analysis import routing_vs_detail
         from dcdit.data import DataConfig, build_dataset
         from dcdit.diffusion import create_diffusion
 
         d = shapes_dict(ctx.s, seed)
-        tr = train_run(d, ctx.out / "runs" / f"shapes_dcdit_s{seed}", ctx.s.shapes_steps)
-        model = load(ctx.out / "runs" / f"shapes_dcdit_s{seed}")
+        for section, changes in (SHAPES_VARIANTS[variant][1] if variant else {}).items():
+            d[section].update(changes)
+        run_dir = ctx.out / "runs" / f"{tag}_dcdit_s{seed}"
+        tr = train_run(d, run_dir, ctx.s.shapes_steps)
         held_out = build_dataset(DataConfig(source="shapes", num_samples=max(ctx.s.shapes_images, 64),
                                             seed=12345, image_size=32))
-        rows = routing_vs_detail(model, create_diffusion(""), held_out, ctx.s.shapes_timesteps,
+        rows = routing_vs_detail(load(run_dir), create_diffusion(""), held_out, ctx.s.shapes_timesteps,
                                  ctx.s.shapes_images, seed=seed)
         late = [r["auc"] for r in rows if r["t"] <= 250]
         noisy = [r["auc"] for r in rows if r["t"] >= 500]
-        return {"train": tr, "per_t": rows, "auc_late_mean": float(np.mean(late)) if late else None,
+        return {"train": tr, "variant": variant, "per_t": rows,
+                "auc_late_mean": float(np.mean(late)) if late else None,
                 "auc_noisy_mean": float(np.mean(noisy)) if noisy else None}
 
-    return cached(ctx.out / f"shapes_s{seed}.json", run)
+    return cached(ctx.out / f"{tag}_s{seed}.json", run)
 
 
 def stage_train(ctx: Ctx, name: str, seed: int) -> dict:
@@ -739,6 +757,14 @@ def section_shapes(R: dict, s: Settings) -> list[str]:
          "| t | " + " | ".join(str(r["t"]) for r in per_t) + " |", "|---|" + "---:|" * len(per_t)]
     for key, label in (("auc", "ROC-AUC"), ("kept_share", "kept share"), ("detail_share", "detail share")):
         L.append(f"| {label} | " + " | ".join(ms([x["per_t"][i][key] for x in sh], 3) for i in range(len(per_t))) + " |")
+    ab = {v: [x for x in R["shapes_ablation"][v] if x] for v in SHAPES_VARIANTS}
+    if any(ab.values()):
+        L += ["", "The same shapes DC-DiT with one change (ROC-AUC per t; `--only shapes-ablation`):\n",
+              "| change | " + " | ".join(str(r["t"]) for r in per_t) + " |", "|---|" + "---:|" * len(per_t)]
+        for v, runs in ab.items():
+            if runs:
+                L.append(f"| {SHAPES_VARIANTS[v][0]} | " +
+                         " | ".join(ms([x["per_t"][i]["auc"] for x in runs], 3) for i in range(len(per_t))) + " |")
     return L + [""]
 
 
@@ -798,6 +824,7 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
     R["elastic"] = {f"{f:g}": [read_json(out / f"elastic_f{f:g}_s{sd}.json") for sd in seeds]
                     for f in s.elastic}
     R["shapes"] = [read_json(out / f"shapes_s{sd}.json") for sd in seeds]
+    R["shapes_ablation"] = {v: [read_json(out / f"shapes_{v}_s{sd}.json") for sd in seeds] for v in SHAPES_VARIANTS}
     R["upcycle"] = [read_json(out / f"upcycle_result_s{sd}.json") for sd in seeds]
     R["curve"] = [read_json(out / f"curve_s{sd}.json") for sd in seeds]
     R["claims"] = claims(R, s, seeds)
@@ -828,6 +855,8 @@ def main(argv=None) -> int:
     ap.add_argument("--speed-batch", type=int, default=None, help="batch of the images/s measurement (default 100)")
     ap.add_argument("--models", default=",".join(MODELS),
                     help="train/eval only these MNIST models (e.g. to run stages in parallel processes)")
+    ap.add_argument("--variants", default=",".join(SHAPES_VARIANTS),
+                    help=f"with --only shapes-ablation: which of {', '.join(SHAPES_VARIANTS)}")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -871,6 +900,11 @@ def main(argv=None) -> int:
             stage_elastic(ctx, seed)
         if want("shapes"):
             stage_shapes(ctx, seed)
+        if args.only == "shapes-ablation":  # not part of the default run
+            for v in args.variants.split(","):
+                if v not in SHAPES_VARIANTS:
+                    raise SystemExit(f"error: unknown shapes variant {v!r} (known: {', '.join(SHAPES_VARIANTS)})")
+                stage_shapes(ctx, seed, v)
         if "dit2" in models:
             if want("train"):
                 stage_train(ctx, "dit2", seed)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +55,15 @@ def test_reproduce_smoke(tmp_path, capsys):
     assert repro.main(["--out", str(out), "--smoke"]) == 0
     assert {p: p.stat().st_mtime_ns for p in cached} == cached
     assert not [p for p in out.rglob("*") if p.is_file() and not rebuilt(p) and p not in cached]
+    # the on-request shapes ablation: one run per variant, its own table in the report
+    assert repro.main(["--out", str(out), "--smoke", "--only", "shapes-ablation"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["shapes_ablation"]) == set(repro.SHAPES_VARIANTS)
+    for v, (label, _) in repro.SHAPES_VARIANTS.items():
+        assert res["shapes_ablation"][v][0]["per_t"][0]["auc"] is not None
+        assert f"| {label} |" in (out / "table.md").read_text()
+    cfg = yaml.safe_load((out / "runs" / "shapes_epsilon_dcdit_s0" / "config.yaml").read_text())
+    assert cfg["diffusion"]["prediction"] == "epsilon" and cfg["multibudget"]["enabled"]
     # other settings in the same directory are refused
     with pytest.raises(SystemExit):
         repro.main(["--out", str(out)])
