@@ -253,7 +253,19 @@ def train_run(d: dict, run_dir: Path, steps: int) -> dict:
             "final_loss": last.get("loss"), "final_mse": last.get("mse"),
             "compression_natural": last.get("compression_natural"), "train_seconds": round(secs, 1),
             "train_images_per_s": steps * d["train"]["global_batch_size"] / secs if secs else None,
+            "train_seconds_at_median_rate": round(training_seconds(run_dir, upto=steps, at_median_rate=True), 1),
             "threads": torch.get_num_threads()}
+
+
+def train_minutes(t: dict | None) -> float | None:
+    """A training run's minutes at its median logged rate: a paused or shared log interval (or the one
+    holding torch.compile's ~15 s) does not move it. The plain sum of the intervals is ``train_seconds``."""
+    from dcdit.training.rundir import training_seconds
+
+    if not t:
+        return None
+    secs = t.get("train_seconds_at_median_rate") or training_seconds(t["run_dir"], upto=t["steps"], at_median_rate=True)
+    return secs / 60 if secs else None
 
 
 # --------------------------------------------------------------------------- sampling + scoring
@@ -661,8 +673,9 @@ def section_models(R: dict, s: Settings) -> list[str]:
     L = [f"MNIST 32x32, {s.steps} steps x batch {s.batch} (bf16) per model, seed(s) {R['seeds']}; main network "
          f"{s.depth} DiT blocks at width {s.hidden}; DDIM {s.ddim_steps} steps, no guidance; FID: {s.extractor} "
          f"features, {s.n_fid} samples vs {s.n_ref} MNIST test images (FID@{s.n_small}: the first {s.n_small} of "
-         f"the same samples); GFLOPs = 2 x MACs per image over the whole sampling run; training minutes from "
-         f"each run's log ({t0['threads'] if t0 else '?'} threads).\n",
+         f"the same samples); GFLOPs = 2 x MACs per image over the whole sampling run; training minutes: "
+         f"each run's steps at the median of its logged rates ({t0['threads'] if t0 else '?'} threads; the "
+         "plain sum of its logged intervals, pauses included, is train_seconds in results.json).\n",
          f"| model | main-net tokens | params (M) | train min | FID@{s.n_fid} | FID@{s.n_small} | class acc | "
          "GFLOPs/img | scaffold share | img/s | kept share noisiest → cleanest |",
          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -672,7 +685,7 @@ def section_models(R: dict, s: Settings) -> list[str]:
             L.append(f"| {LABEL[n]} | {tokens[n]} | not run | | | | | | | | |")
             continue
         sp = [x["images_per_sec"][n] for x in R["speed"] if x]
-        tm = [t["train_seconds"] / 60 for t in R["train"][n] if t and t.get("train_seconds")]
+        tm = [m for m in map(train_minutes, R["train"][n]) if m]
         kept = (f"{ms([e.get('kept_share_noisiest') for e in ev], 3)} → {ms([e.get('kept_share_cleanest') for e in ev], 3)}"
                 f" (t={ev[0]['t_noisiest']} → {ev[0]['t_cleanest']})" if ev[0].get("kept_share_noisiest") is not None
                 else "1 (fixed)")

@@ -309,3 +309,10 @@ def test_training_seconds_sums_the_logged_intervals_across_a_resume(tmp_path):
     assert training_seconds(tmp_path) == pytest.approx(5.0 + 10.0 + 2.0)
     assert training_seconds(tmp_path, upto=100) == pytest.approx(15.0)
     assert training_seconds(tmp_path / "missing") == 0.0
+    # at the median rate (10 steps/s): 150 steps in 15 s, whatever one slow interval took
+    assert training_seconds(tmp_path, at_median_rate=True) == pytest.approx(15.0)
+    rows[0]["steps_per_sec"] = 0.01  # a paused interval
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert training_seconds(tmp_path, at_median_rate=True) == pytest.approx(150 / 5.0)  # median of 0.01, 5, 25
+    assert training_seconds(tmp_path) > 5000  # the plain sum counts the pause
+    assert training_seconds(tmp_path / "missing", at_median_rate=True) == 0.0

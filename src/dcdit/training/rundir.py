@@ -215,16 +215,25 @@ def truncate_metrics(run_dir: str | os.PathLike, step: int) -> int:
     return dropped
 
 
-def training_seconds(run_dir: str | os.PathLike, upto: Optional[int] = None) -> float:
+def training_seconds(run_dir: str | os.PathLike, upto: Optional[int] = None, at_median_rate: bool = False) -> float:
     """Training time to step ``upto`` (default: all) from the run's own log, across resumes.
 
     Each log record covers the steps since the previous one at its measured steps/s; the trainer
     times those intervals without sampling or checkpointing, so this counts training only.
+    ``at_median_rate``: the steps at the median of the logged rates instead, which a paused or
+    briefly shared interval (or the one holding a compile) does not move.
     """
     path = Path(run_dir) / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     rows = sorted((r for r in rows if "steps_per_sec" in r and (upto is None or r["step"] <= upto)),
                   key=lambda r: r["step"])
+    if at_median_rate:
+        rates = sorted(r["steps_per_sec"] for r in rows)
+        if not rates:
+            return 0.0
+        mid = len(rates) // 2
+        median = rates[mid] if len(rates) % 2 else 0.5 * (rates[mid - 1] + rates[mid])
+        return rows[-1]["step"] / max(median, 1e-9)
     total, prev = 0.0, 0
     for r in rows:
         total += (r["step"] - prev) / max(r["steps_per_sec"], 1e-9)
