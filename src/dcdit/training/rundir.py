@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import statistics
 import socket
 import time
 from pathlib import Path
@@ -228,12 +229,7 @@ def training_seconds(run_dir: str | os.PathLike, upto: Optional[int] = None, at_
     rows = sorted((r for r in rows if "steps_per_sec" in r and (upto is None or r["step"] <= upto)),
                   key=lambda r: r["step"])
     if at_median_rate:
-        rates = sorted(r["steps_per_sec"] for r in rows)
-        if not rates:
-            return 0.0
-        mid = len(rates) // 2
-        median = rates[mid] if len(rates) % 2 else 0.5 * (rates[mid - 1] + rates[mid])
-        return rows[-1]["step"] / max(median, 1e-9)
+        return rows[-1]["step"] / max(statistics.median(r["steps_per_sec"] for r in rows), 1e-9) if rows else 0.0
     total, prev = 0.0, 0
     for r in rows:
         total += (r["step"] - prev) / max(r["steps_per_sec"], 1e-9)
