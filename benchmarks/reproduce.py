@@ -803,7 +803,9 @@ def report_plots(R: dict, s: Settings, out: Path, records: list[dict]) -> dict:
             title=f"MNIST: FID@{s.n_small} vs sampling GFLOPs/image (DDIM {s.ddim_steps}); f = tail drop").path)
     up = [x for x in R["upcycle"] if x]
     if up:
-        recs = [{"init": p["init"], "steps": p["steps"], "fid": p["fid"]} for p in up[0]["points"]]
+        recs = [{"init": p["init"], "steps": p["steps"], "fid": float(np.mean(  # mean over the seeds run
+                    [q["fid"] for u in up for q in u["points"] if (q["init"], q["steps"]) == (p["init"], p["steps"])]))}
+                for p in up[0]["points"]]
         plots["upcycling"] = str(plot_quality_vs_compute(
             recs, out / "upcycling.png", x="steps", group="init", annotate=None, xlabel="training steps",
             ylabel=f"FID@{s.n_small}", title="DC-DiT N=4 on MNIST: upcycled from DiT/4 vs from scratch").path)
