@@ -727,6 +727,11 @@ def section_elastic(R: dict, s: Settings) -> tuple[list[str], list[dict]]:
     return L + [""], records
 
 
+def same_point(up: list[dict], p: dict) -> list[dict]:
+    """The upcycling point ``p`` (same init, same steps) of every seed run."""
+    return [q for u in up for q in u["points"] if (q["init"], q["steps"]) == (p["init"], p["steps"])]
+
+
 def section_upcycle(R: dict, s: Settings) -> list[str]:
     up = [x for x in R["upcycle"] if x]
     if not up:
@@ -736,7 +741,7 @@ def section_upcycle(R: dict, s: Settings) -> list[str]:
          "against training steps:\n",
          f"| init | steps | FID@{s.n_small} | class acc |", "|---|---:|---:|---:|"]
     for p in sorted(up[0]["points"], key=lambda p: (p["init"], p["steps"])):
-        same = [q for u in up for q in u["points"] if q["init"] == p["init"] and q["steps"] == p["steps"]]
+        same = same_point(up, p)
         L.append(f"| {p['init']} | {p['steps']} | {ms([q['fid'] for q in same], 1)} | "
                  f"{ms([q['class_acc'] for q in same], 3)} |")
     return L + [""]
@@ -803,8 +808,7 @@ def report_plots(R: dict, s: Settings, out: Path, records: list[dict]) -> dict:
             title=f"MNIST: FID@{s.n_small} vs sampling GFLOPs/image (DDIM {s.ddim_steps}); f = tail drop").path)
     up = [x for x in R["upcycle"] if x]
     if up:
-        recs = [{"init": p["init"], "steps": p["steps"], "fid": float(np.mean(  # mean over the seeds run
-                    [q["fid"] for u in up for q in u["points"] if (q["init"], q["steps"]) == (p["init"], p["steps"])]))}
+        recs = [{"init": p["init"], "steps": p["steps"], "fid": float(np.mean([q["fid"] for q in same_point(up, p)]))}
                 for p in up[0]["points"]]
         plots["upcycling"] = str(plot_quality_vs_compute(
             recs, out / "upcycling.png", x="steps", group="init", annotate=None, xlabel="training steps",
