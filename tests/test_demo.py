@@ -1,4 +1,8 @@
-"""The main job end to end, at toy size (slow: trains a classifier and a DC-DiT)."""
+"""The main job end to end, at toy size.
+
+The MNIST one runs in the default suite (CI): it is ``make demo`` with a few steps, the shipped-model
+section included (~15 s); the shapes variant is slow.
+"""
 import json
 
 import pytest
@@ -22,15 +26,16 @@ def test_demo_writes_report_with_class_accuracy_and_segmentation(tmp_path, monke
         assert (tmp_path / "demo" / name).stat().st_size > 1000
 
 
-@pytest.mark.slow
 def test_demo_report_shows_the_shipped_router_beside_the_run(tmp_path, monkeypatch):
+    """The main job as `make demo` runs it (MNIST 16x16, the shipped epsilon model beside a v run), toy size."""
     import dcdit.demo as demo
 
     monkeypatch.setattr(demo, "CLASSIFIER_STEPS", 20)
     report = demo.run_demo(tmp_path / "demo", steps=4, sample_steps=3, overrides=[
         "train.global_batch_size=16", "train.ckpt_interval=1000", "train.progress=false", "train.num_threads=1"])
     s = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert s["data"] == "mnist" and s["image_size"] == 16
+    assert s["data"] == "mnist" and s["image_size"] == 16 and s["steps"] == 4
+    assert 0.0 <= s["sample_class_accuracy"] <= 1.0 and s["num_samples"] == 100
     shipped = s["shipped"]
     assert shipped["name"] == "mnist16-dcdit-n4"
     # The shipped router finds the strokes (its weights and the probe are fixed: 0.74 here).

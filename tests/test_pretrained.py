@@ -32,6 +32,55 @@ def test_each_shipped_model_loads_and_samples(name, tmp_path):
     assert np.load(out)["arr_0"].shape[:3] == (2, size, size)
 
 
+def _command_args(command: str, name: str, model, tmp_path) -> list[str]:
+    """A toy-size invocation of ``command`` on ``pretrained:name`` (every command that takes a checkpoint)."""
+    from dcdit.models import is_dcdit
+
+    ckpt = f"pretrained:{name}"
+    size, channels = str(model.config["input_size"]), str(model.config["in_channels"])
+    if command == "flops":
+        return ["flops", "--ckpt", ckpt, "--steps", "2", "--batch-size", "1", "--json", str(tmp_path / "f.json")]
+    if command == "visualize":
+        return ["visualize", "--ckpt", ckpt, "--out", str(tmp_path / "viz"), "--steps", "2", "--classes", "0",
+                "--per-class", "1", "--rows", "1", "--columns", "2"]
+    if command == "sample-guided":  # guidance (and, for a DC-DiT, Lite-CFG and a tail drop)
+        extra = ["--cond-drop", "0.2", "--uncond-drop", "0.5"] if is_dcdit(model) else []
+        return ["sample", "--ckpt", ckpt, "--num-samples", "2", "--batch-size", "2", "--steps", "2", "--cfg-scale",
+                "3", "--no-progress", "--npz", str(tmp_path / "g.npz"), *extra]
+    assert command == "bench"  # the shipped model against a small random partner of the other kind
+    own = "--dcdit-ckpt" if is_dcdit(model) else "--dit-ckpt"
+    return ["bench", own, ckpt, "--size", "S", "--patch", "8", "--no-calibrate", "--image-size", size,
+            "--in-channels", channels, "--batch-size", "1", "--steps", "2", "--repeats", "1", "--warmup", "0",
+            "--tail-drop", "0", "--json", str(tmp_path / "b.json")]
+
+
+@pytest.mark.parametrize("command", ["sample-guided", "flops", "visualize", "bench"])
+@pytest.mark.parametrize("name", NAMES)
+def test_each_shipped_model_runs_through_every_command_that_takes_a_checkpoint(name, command, tmp_path):
+    """The main job's guard: a shipped model sampled by any command gets its own diffusion (prediction type)."""
+    from dcdit.checkpoint import load_model
+
+    model = load_model(f"pretrained:{name}")
+    assert main(_command_args(command, name, model, tmp_path)) == 0
+
+
+def test_diffusion_for_checkpoint_follows_the_checkpoint_not_the_caller():
+    """Shipped models predict different things (epsilon for mnist16-dcdit-n4, v for the 32x32 ones):
+    each one's sampling diffusion reads its own output that way."""
+    from dcdit.checkpoint import load_model
+    from dcdit.diffusion.factory import MEAN_TYPES
+    from dcdit.sampling import diffusion_for_checkpoint, model_info
+
+    seen = set()
+    for name in NAMES:
+        model = load_model(f"pretrained:{name}")
+        diffusion = diffusion_for_checkpoint(f"pretrained:{name}", model, "ddim", 5)
+        prediction = model_info(model)["prediction"]
+        assert diffusion.model_mean_type == MEAN_TYPES[prediction]
+        seen.add(prediction)
+    assert seen == {"epsilon", "v"}  # the guard covers both kinds
+
+
 def test_unknown_name_is_one_line_naming_it_and_the_choices(capsys):
     with pytest.raises(ValueError, match="unknown pretrained model 'nope'; shipped: "):
         resolve_pretrained("pretrained:nope")

@@ -98,7 +98,7 @@ def run_demo(out: str | Path = "runs/demo", steps: Optional[int] = None, sample_
     from dcdit.diffusion import create_diffusion
     from dcdit.evaluation import classifier_accuracy
     from dcdit.flops import dit_macs
-    from dcdit.sampling import sample, sampling_diffusion_for
+    from dcdit.sampling import diffusion_for_checkpoint, sample
     from dcdit.training import config_from_dict, train
     from dcdit.data.transforms import to_uint8_images
     from dcdit.training.config import apply_override
@@ -139,7 +139,7 @@ def run_demo(out: str | Path = "runs/demo", steps: Optional[int] = None, sample_
     mcfg = model.config
     dataset = build_dataset(cfg.data)
     classes = list(range(dataset.num_classes))
-    diffusion = sampling_diffusion_for(model, "ddim", sample_steps)
+    diffusion = diffusion_for_checkpoint(run_dir, model, "ddim", sample_steps)
     torch.manual_seed(seed)
 
     per_class = 10
@@ -183,7 +183,7 @@ def run_demo(out: str | Path = "runs/demo", steps: Optional[int] = None, sample_
                             num_images=64)
 
     # ---- 5. what a trained router does: the shipped DC-DiT for this data, if there is one
-    shipped = _shipped_section(out, cfg, dataset, diffusion, seed, cfg_scale)
+    shipped = _shipped_section(out, cfg, dataset, sample_steps, seed, cfg_scale)
 
     # ---- 6. report
     kept = stats.kept_share[:, 0]  # (steps, n)
@@ -239,11 +239,12 @@ def _elastic_grid(model, diffusion, probe, seed: int, cfg_scale: float, path: Pa
     return grid, rows
 
 
-def _shipped_section(out: Path, cfg, dataset, diffusion, seed: int, cfg_scale: float) -> Optional[dict]:
+def _shipped_section(out: Path, cfg, dataset, sample_steps: int, seed: int, cfg_scale: float) -> Optional[dict]:
     """Boundary maps, an elastic grid and the segmentation AUC of the shipped DC-DiT trained on this data.
 
     The demo's own short run shows the mechanism starting to work; the shipped model (the same
     architecture trained longer) shows what a trained router does. None when nothing shipped matches.
+    The shipped model is sampled with its own diffusion (its prediction type may differ from the run's).
     """
     import numpy as np
     import torch
@@ -252,7 +253,7 @@ def _shipped_section(out: Path, cfg, dataset, diffusion, seed: int, cfg_scale: f
     from dcdit.checkpoint import load_model
     from dcdit.diffusion import create_diffusion
     from dcdit.pretrained import list_pretrained
-    from dcdit.sampling import sample
+    from dcdit.sampling import diffusion_for_checkpoint, sample
     from dcdit.viz import RoutingRecorder, plot_boundary_maps
 
     name = SHIPPED_FOR.get((cfg.data.source, cfg.data.image_size))
@@ -260,6 +261,7 @@ def _shipped_section(out: Path, cfg, dataset, diffusion, seed: int, cfg_scale: f
         return None
     print(f"[demo] sampling the shipped pretrained:{name} beside the run")
     model = load_model(f"pretrained:{name}", which="ema")
+    diffusion = diffusion_for_checkpoint(f"pretrained:{name}", model, "ddim", sample_steps)
     probe = np.arange(dataset.num_classes)
     recorder = RoutingRecorder()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -42,7 +42,7 @@ def run(args) -> int:
 
     from dcdit.checkpoint import load_model
     from dcdit.utils import save_json
-    from dcdit.sampling import model_info, sample, sampling_diffusion_for
+    from dcdit.sampling import diffusion_for_checkpoint, model_info, sample
     from dcdit.sampling.cost import build_named_model, calibrate_router_bias, measure_run_cost, time_interleaved
     from dcdit.sampling.seeds import labels_for_indices
 
@@ -75,14 +75,15 @@ def run(args) -> int:
     if not args.dcdit_ckpt and not args.no_calibrate:
         # Calibrate on the timed run itself, so the share in the label is the f = 0 row's kept share.
         target = args.keep_share if args.keep_share is not None else 1.0 / args.n
-        d0 = sampling_diffusion_for(dc, "ddim", args.steps)
+        d0 = diffusion_for_checkpoint(None, dc, "ddim", args.steps)  # an untrained, built model
         reached = calibrate_router_bias(dc, target, share_fn=lambda: sample(
             dc, d0, labels, tail_drop=0.0, measure_flops=False, **common)[1].mean_kept_share[0])
         dc_label += f" (router calibrated: keeps {reached:.3f} at f=0)"
 
     setups = []  # (label, arch, fraction, model, diffusion)
-    for model, label, fractions in ((dit, dit_label, [0.0]), (dc, dc_label, args.tail_drop)):
-        diffusion = sampling_diffusion_for(model, "ddim", args.steps)
+    for model, ckpt, label, fractions in ((dit, args.dit_ckpt, dit_label, [0.0]),
+                                          (dc, args.dcdit_ckpt, dc_label, args.tail_drop)):
+        diffusion = diffusion_for_checkpoint(ckpt, model, "ddim", args.steps)
         setups += [(label, type(model).__name__, f, model, diffusion) for f in fractions]
     rows = []
     for label, arch, f, model, diffusion in setups:

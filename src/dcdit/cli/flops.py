@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from dcdit.utils import save_json
     from dcdit.models import is_dcdit
-    from dcdit.sampling import model_info, sample, sampling_diffusion_for
+    from dcdit.sampling import diffusion_for_checkpoint, model_info, sample
     from dcdit.sampling.cost import measure_run_cost
     from dcdit.sampling.seeds import labels_for_indices
 
@@ -79,7 +79,7 @@ def run(args) -> int:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     def run_kwargs(model):
         info = model_info(model)
-        diffusion = sampling_diffusion_for(model, args.sampler, args.steps)
+        diffusion = diffusion_for_checkpoint(args.ckpt, model, args.sampler, args.steps)
         labels = labels_for_indices(range(args.batch_size), info["num_classes"])
         return diffusion, labels, dict(seed=args.seed, sampler=args.sampler, cfg_scale=args.cfg_scale,
                                        clip_denoised=False)

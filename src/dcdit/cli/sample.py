@@ -80,7 +80,7 @@ def run(args) -> int:
     from dcdit.utils import save_json
     from dcdit.sampling import (
         Budget,
-        sampling_diffusion_for,
+        diffusion_for_checkpoint,
         generate_local,
         is_latent_checkpoint,
         latent_decoder,
@@ -125,10 +125,8 @@ def run(args) -> int:
                                  f"{type(model).__name__}")
         classes = parse_classes(args.classes, info["num_classes"])
         train_cfg = read_train_config(args.ckpt)
-        dcfg = (train_cfg or {}).get("diffusion") or {}
-        schedule = args.noise_schedule or dcfg.get("noise_schedule", "linear")
-        T = args.diffusion_steps or int(dcfg.get("diffusion_steps", 1000))
-        diffusion = sampling_diffusion_for(model, args.sampler, args.steps, schedule, T)
+        diffusion = diffusion_for_checkpoint(args.ckpt, model, args.sampler, args.steps,
+                                             noise_schedule=args.noise_schedule, diffusion_steps=args.diffusion_steps)
         latent = args.space == "latent" or (args.space == "auto" and is_latent_checkpoint(train_cfg, info["in_channels"]))
         clip = {"yes": True, "no": False}.get(args.clip_denoised, not latent)
 

@@ -35,7 +35,7 @@ def run(args) -> int:
     from dcdit.checkpoint import load_model
     from dcdit.models import is_dcdit
     from dcdit.sampling import (
-        sampling_diffusion_for,
+        diffusion_for_checkpoint,
         is_latent_checkpoint,
         model_info,
         parse_classes,
@@ -65,9 +65,7 @@ def run(args) -> int:
         raise ValueError("--tail-drop needs a DC-DiT checkpoint")
     classes = parse_classes(args.classes, info["num_classes"]) or list(range(min(4, info["num_classes"])))
     train_cfg = read_train_config(args.ckpt)
-    dcfg = (train_cfg or {}).get("diffusion") or {}
-    diffusion = sampling_diffusion_for(model, "ddim", args.steps,
-                                       dcfg.get("noise_schedule", "linear"), int(dcfg.get("diffusion_steps", 1000)))
+    diffusion = diffusion_for_checkpoint(args.ckpt, model, "ddim", args.steps)
     latent = args.space == "latent" or (args.space == "auto" and is_latent_checkpoint(train_cfg, info["in_channels"]))
     display = default_display
     if latent and args.vae:

@@ -20,6 +20,7 @@ from dcdit.sampling.budget import (
 )
 from dcdit.sampling.generate import (
     LocalSamples,
+    diffusion_for_checkpoint,
     generate_local,
     is_latent_checkpoint,
     latent_decoder,
@@ -33,6 +34,7 @@ from dcdit.sampling.seeds import SampleNoise, derive_seed, labels_for_indices, p
 
 __all__ = [
     "sample", "SampleStats", "SAMPLERS", "create_sampling_diffusion", "sampling_diffusion_for",
+    "diffusion_for_checkpoint",
     "Budget", "BudgetSolution", "BUDGET_KINDS", "bisect_fraction", "probe_diffusion", "solve_budget",
     "resolve_tail_drop",
     "LocalSamples", "generate_local", "merge_ranks", "save_outputs", "read_train_config", "is_latent_checkpoint",

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dcdit.sampling.sampler import SampleStats, sample
+from dcdit.sampling.sampler import SampleStats, sample, sampling_diffusion_for
 from dcdit.sampling.seeds import labels_for_indices, shard_indices
 
 __all__ = ["LocalSamples", "generate_local", "merge_ranks", "save_outputs", "read_train_config", "is_latent_checkpoint",
-           "latent_decoder"]
+           "latent_decoder", "diffusion_for_checkpoint"]
 
 FLOP_MODES = ("first", "all", "none")
 
@@ -211,6 +211,24 @@ def read_train_config(ckpt: str | Path) -> Optional[dict]:
             if isinstance(cfg, dict) and ("data" in cfg or "diffusion" in cfg):
                 return cfg
     return None
+
+
+def diffusion_for_checkpoint(ckpt: Optional[str | Path], model: nn.Module, sampler: str, steps: int, *,
+                             noise_schedule: Optional[str] = None, diffusion_steps: Optional[int] = None):
+    """The sampling diffusion that matches a loaded checkpoint: use it whenever you sample a model you load.
+
+    What the network's output means (``prediction``: epsilon / v / x0, and ``learn_sigma``) comes
+    from the model's own config; the noise schedule and the number of training timesteps from the
+    training config saved beside the checkpoint (linear / 1000 when there is none, as for
+    ``pretrained:`` models and released DiT weights). ``noise_schedule`` / ``diffusion_steps``
+    override the latter; ``ckpt=None`` (a model built, not loaded) means the defaults. A diffusion built for another run (say the demo's v-prediction run) would
+    be refused by :func:`sample` for an epsilon model: building it here keeps the pair matched.
+    """
+    train_cfg = read_train_config(ckpt) if ckpt is not None else None
+    dcfg = (train_cfg or {}).get("diffusion") or {}
+    schedule = noise_schedule or dcfg.get("noise_schedule", "linear")
+    T = diffusion_steps or int(dcfg.get("diffusion_steps", 1000))
+    return sampling_diffusion_for(model, sampler, steps, schedule, T)
 
 
 def is_latent_checkpoint(train_config: Optional[dict], in_channels: int) -> bool:

@@ -212,7 +212,8 @@ def sample(
     reads = getattr(diffusion, "model_mean_type", None)
     if reads is not None and reads != MEAN_TYPES[info["prediction"]]:
         raise ValueError(f"the model predicts {info['prediction']} but the diffusion reads its output as "
-                         f"{reads.value}: build it with sampling_diffusion_for(model, sampler, steps)")
+                         f"{reads.value}: build it with sampling_diffusion_for(model, sampler, steps) "
+                         "(diffusion_for_checkpoint(ckpt, model, sampler, steps) for a loaded checkpoint)")
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
     n = labels.numel()
     if n == 0:
