@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Does adaptive compute pay? One change at a time to the v2 reproduction's DC-DiT N=4 on MNIST 32x32.
+
+    python benchmarks/adaptive.py --out runs/adaptive --variants no_mb,eps --threads 1      # train + score
+    python benchmarks/adaptive.py --out runs/adaptive --report docs/adaptive                # table from cache
+
+Every variant is the reproduction's DC-DiT (``benchmarks/reproduce.py``: 2x2 stem -> 16x16 grid,
+c1 scaffold at width 16, 10 DiT blocks at 128 on ~64 kept tokens, v-prediction, Min-SNR-5,
+multi-budget from mid-run, 4000 steps x 64, seed 0) with one change (``VARIANTS``), scored with
+the reproduction's protocol: 2000 DDIM-25 samples -> FID against 2000 held-out MNIST test images
+and class accuracy by the in-domain classifier. Each run adds what the router does:
+
+* kept share against t over the sampling run (noisiest / cleanest step),
+* segmentation ROC-AUC of the router's boundary probability against the digit-edge map
+  (``dcdit.analysis.routing_vs_detail``; a grid token is positive when its cell holds an edge
+  pixel) and against the digit's ink (positive when its cell holds a pixel > 0.5), per t,
+  on 128 held-out test digits noised to t.
+
+Stages cache their JSON in --out and training resumes, so an interrupted invocation continues.
+The DiT/4 of the reproduction (same main network, the FLOP-matched baseline) is a variant too
+(``dit4``), so every number in the table comes from this harness.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reproduce import (  # noqa: E402  (the reproduction's training and scoring protocol)
+    Ctx, Settings, cached, load, log, mnist, read_json, score, stage_classifier, stage_reference, train_dict,
+    train_run, write_json,
+)
+
+# name -> (what changes, dotted config keys set on top of the reproduction's DC-DiT N=4)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "base": ("the v2 reproduction's DC-DiT N=4 as it was", {}),
+    "no_mb": ("no multi-budget training", {"multibudget.enabled": False}),
+    "mb_late": ("multi-budget from 3/4 of the run, fractions up to 0.3",
+                {"multibudget.start_step": 3000, "multibudget.fractions": [0.0, 0.1, 0.2, 0.3]}),
+    "eps": ("epsilon prediction instead of v", {"diffusion.prediction": "epsilon"}),
+    "eps_no_mb": ("epsilon prediction, no multi-budget",
+                  {"diffusion.prediction": "epsilon", "multibudget.enabled": False}),
+    "ratio_0.1": ("ratio-loss weight 0.1 (from 0.03)", {"ratio.weight": 0.1}),
+    "grid": ("control: a fixed router keeping a regular grid at 1/N", {"model.overrides.router_mode": "grid"}),
+    "random": ("control: a random router keeping 1/N", {"model.overrides.router_mode": "random"}),
+    "dit4": ("the FLOP-matched DiT/4 (same main network on a 4x4-patch grid)", {}),
+}
+SEG_TIMESTEPS = (25, 100, 250, 500, 750, 950)
+
+
+def set_dotted(d: dict, key: str, value) -> None:
+    *path, last = key.split(".")
+    for p in path:
+        d = d.setdefault(p, {})
+    d[last] = value
+
+
+def variant_config(s: Settings, name: str, seed: int, extra: dict | None = None) -> dict:
+    d = train_dict(s, "dit4" if name.startswith("dit4") else "dcdit_n4", seed)
+    d["name"] = name
+    for key, value in {**VARIANTS[name][1], **(extra or {})}.items():
+        set_dotted(d, key, value)
+    return d
+
+
+class InkMaps:
+    """A dataset view whose ``get_with_detail`` is the digit's ink (pixel > 0.5 in [0, 1]) instead of its edges."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def get_with_detail(self, i):
+        x, y = self.ds[i]
+        return x, y, (x[0] > 0.0).float()  # images live in [-1, 1]: 0 is mid-gray
+
+
+def segmentation(model, seed: int, n: int = 128) -> dict:
+    """Router p against the digit-edge map and against the ink, per t (ROC-AUC; kept share)."""
+    from dcdit.analysis import routing_vs_detail
+    from dcdit.diffusion import create_diffusion
+
+    test = mnist("test")
+    edges = routing_vs_detail(model, create_diffusion(""), test, SEG_TIMESTEPS, n, seed=seed)
+    ink = routing_vs_detail(model, create_diffusion(""), InkMaps(test), SEG_TIMESTEPS, n, seed=seed)
+    return {"edges": edges, "ink": ink,
+            "auc_edges_late": float(np.mean([r["auc"] for r in edges if r["t"] <= 250])),
+            "auc_ink_late": float(np.mean([r["auc"] for r in ink if r["t"] <= 250]))}
+
+
+def stage_variant(ctx: Ctx, name: str, seed: int) -> dict:
+    from dcdit.models import is_dcdit
+
+    s = ctx.s
+    run_dir = ctx.out / "runs" / f"{name}_s{seed}"
+    d = variant_config(s, name, seed)
+    tr = cached(ctx.out / f"train_{name}_s{seed}.json", lambda: train_run(d, run_dir, s.steps))
+
+    def evaluate():
+        model = load(run_dir)
+        res = score(ctx, model, s.n_fid, seed, 0.0, f"{name}_s{seed}", grid=True)
+        res["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+        if is_dcdit(model):
+            res["segmentation"] = segmentation(model, seed)
+        return res
+
+    ev = cached(ctx.out / f"eval_{name}_s{seed}.json", evaluate)
+    return {"name": name, "seed": seed, "change": VARIANTS[name][0], "config": d, "train": tr, "eval": ev}
+
+
+def report(out: Path, plot_dir: Path | None) -> str:
+    rows = []
+    for p in sorted(out.glob("eval_*_s*.json")):
+        name, seed = p.stem.removeprefix("eval_").rsplit("_s", 1)
+        ev, tr = read_json(p), read_json(out / f"train_{name}_s{seed}.json") or {}
+        seg = ev.get("segmentation") or {}
+        rows.append((name, int(seed), ev, tr, seg))
+    lines = ["| variant | seed | change | FID@2000 | class acc | GFLOPs/img | kept share noisiest / cleanest (ratio) "
+             "| AUC edges t<=250 | AUC ink t<=250 | AUC ink t=950 | train min |",
+             "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for name, seed, ev, tr, seg in rows:
+        kn, kc = ev.get("kept_share_noisiest"), ev.get("kept_share_cleanest")
+        kept = f"{kn:.3f} / {kc:.3f} ({kn / kc:.2f})" if kn is not None else ""
+        ink950 = next((r["auc"] for r in seg.get("ink", []) if r["t"] == 950), None)
+        fmt = lambda v: "" if v is None else f"{v:.3f}"
+        mins = tr.get("train_seconds_at_median_rate")
+        lines.append(f"| {name} | {seed} | {VARIANTS.get(name, ('?',))[0]} | {ev['fid']:.1f} | {ev['class_acc']:.3f} "
+                     f"| {ev['gflops_per_image']:.2f} | {kept} | {fmt(seg.get('auc_edges_late'))} "
+                     f"| {fmt(seg.get('auc_ink_late'))} | {fmt(ink950)} | {'' if mins is None else f'{mins / 60:.1f}'} |")
+    table = "\n".join(lines) + "\n"
+    if plot_dir is not None:
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        (plot_dir / "table.md").write_text(table)
+        results = {f"{n}_s{sd}": {"eval": ev, "train": tr} for n, sd, ev, tr, _ in rows}
+        write_json(plot_dir / "results.json", results)
+    return table
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/adaptive")
+    ap.add_argument("--variants", default="no_mb,eps", help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the reproduction's 4000)")
+    ap.add_argument("--smoke", action="store_true", help="tiny everything (plumbing check)")
+    ap.add_argument("--report", default=None, metavar="DIR", help="write table.md and results.json here and stop")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.report:
+        print(report(out, Path(args.report)))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from reproduce import smoke_settings
+
+    s = smoke_settings() if args.smoke else Settings()
+    if args.steps:
+        s.steps = args.steps
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = Ctx(out, s, args.smoke)
+    stage_classifier(ctx, 0)
+    stage_reference(ctx)
+    t0 = time.time()
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        for name in [v for v in args.variants.split(",") if v]:
+            if name not in VARIANTS:
+                raise SystemExit(f"error: unknown variant {name!r} (known: {', '.join(VARIANTS)})")
+            r = stage_variant(ctx, name, seed)
+            log(f"{name} s{seed}: FID {r['eval']['fid']:.1f}, class acc {r['eval']['class_acc']:.3f}")
+    log(f"done in {(time.time() - t0) / 60:.1f} min")
+    print(report(out, None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
