@@ -11,6 +11,9 @@ the reproduction's protocol: 2000 DDIM-25 samples -> FID against 2000 held-out M
 and class accuracy by the in-domain classifier. Each run adds what the router does:
 
 * kept share against t over the sampling run (noisiest / cleanest step),
+* what the tokens buy (``dcdit.analysis.what_tokens_buy``): per t, the training loss with half of
+  the kept tokens tail-dropped minus the loss with all of them, and the router's gradient signal
+  (mean -dL/dp: how hard the diffusion loss pulls for more tokens at t),
 * segmentation ROC-AUC of the router's boundary probability against the digit-edge map
   (``dcdit.analysis.routing_vs_detail``; a grid token is positive when its cell holds an edge
   pixel) and against the digit's ink (positive when its cell holds a pixel > 0.5), per t,
@@ -114,7 +117,21 @@ def stage_variant(ctx: Ctx, name: str, seed: int) -> dict:
         return res
 
     ev = cached(ctx.out / f"eval_{name}_s{seed}.json", evaluate)
-    return {"name": name, "seed": seed, "change": VARIANTS[name][0], "config": d, "train": tr, "eval": ev}
+
+    def signal():  # what the tokens are worth to the training loss at each t, and the router's gradient
+        from dcdit.analysis import what_tokens_buy
+        from dcdit.diffusion import create_diffusion
+        from dcdit.sampling import model_info
+
+        model = load(run_dir)
+        info = model_info(model)
+        diffusion = create_diffusion("", min_snr_gamma=s.min_snr_gamma, prediction=info["prediction"],
+                                     learn_sigma=info["learn_sigma"])
+        return {"per_t": what_tokens_buy(model, diffusion, mnist("test"), SEG_TIMESTEPS, num_images=128, seed=seed)}
+
+    sig = cached(ctx.out / f"signal_{name}_s{seed}.json", signal) if is_dcdit(load(run_dir)) else None
+    return {"name": name, "seed": seed, "change": VARIANTS[name][0], "config": d, "train": tr, "eval": ev,
+            "signal": sig}
 
 
 def report(out: Path, plot_dir: Path | None) -> str:

@@ -59,3 +59,34 @@ def test_edge_detail_map_marks_a_square_outline_only():
     assert not d[3, 3] and not d[0, 0]  # flat interior and background
     # 12 inner-border pixels + 16 outer 4-neighbours (the square's corners' diagonals are not neighbours)
     assert int(d.sum()) == 12 + 16 and not d[1, 1]
+
+
+def test_what_tokens_buy_reads_the_loss_pull_toward_the_detail_cells():
+    """A stand-in model whose loss falls only when p rises on detail cells: the pull is positive there,
+    zero elsewhere (ROC-AUC 1), and dropping tokens (here: a known penalty per dropped fraction) has value."""
+    from dcdit.analysis import what_tokens_buy
+    from dcdit.chunking import select_boundaries
+    from dcdit.data import DataConfig, build_dataset
+    from dcdit.diffusion import create_diffusion
+
+    ds = build_dataset(DataConfig(source="shapes", num_samples=8, image_size=16))
+    x0 = torch.stack([ds.get_with_detail(i)[0] for i in range(8)])
+    truth = torch.stack([ds.get_with_detail(i)[2] for i in range(8)]).float()
+    cells = torch.nn.functional.max_pool2d(truth[:, None], 2)[:, 0]  # (8, 8, 8)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x, t, y, tail_drop=0.0):
+            p = torch.full((len(x), 64), 0.4, requires_grad=True).clone()
+            p[:, 0] = p[:, -1] = 1.0  # forced boundaries
+            p_px = torch.nn.functional.interpolate(p.reshape(-1, 1, 8, 8), scale_factor=2)
+            mask_px = torch.nn.functional.interpolate(cells[: len(x), None], scale_factor=2)
+            out = x0[: len(x)] - mask_px * (1 - p_px) - 0.1 * tail_drop  # x0 prediction, off by (1 - p) on detail
+            return out, [select_boundaries(p, torch.ones_like(p, dtype=torch.bool), tail_drop, grid=(8, 8))]
+
+    diffusion = create_diffusion("", prediction="x0", learn_sigma=False)
+    rows = what_tokens_buy(Oracle(), diffusion, ds, timesteps=(10, 900), fractions=(0.0, 0.5), num_images=8)
+    assert [r["t"] for r in rows] == [10, 900]
+    for r in rows:
+        assert r["pull_auc"] == pytest.approx(1.0)
+        assert r["pull"] > 0
+        assert r["token_value"] == pytest.approx(r["mse"]["0.5"] - r["mse"]["0"]) and r["token_value"] > 0

@@ -101,3 +101,73 @@ def routing_vs_detail(
             detail_share=float(cell.float().mean()),
         ))
     return results
+
+
+def what_tokens_buy(
+    model: torch.nn.Module,
+    diffusion,
+    dataset,
+    timesteps: Sequence[int] = (25, 100, 250, 500, 750, 950),
+    fractions: Sequence[float] = (0.0, 0.5),
+    num_images: int = 128,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[dict]:
+    """Per timestep: what the main network's tokens are worth to the training loss, and where the loss
+    asks the router for them.
+
+    ``diffusion`` is the training diffusion (its prediction type and Min-SNR weight: with Min-SNR the
+    epsilon and v losses are the same function of the predicted x_0, ``min(SNR, gamma) |x0_hat - x0|^2``,
+    so the numbers compare across objectives). Held-out images are noised to t (one fixed noise draw)
+    and the weighted MSE is measured at each tail-drop fraction in ``fractions``.
+
+    Rows: ``t``; ``mse`` and ``kept_share`` per fraction; ``token_value`` = MSE at the largest fraction
+    minus MSE at the smallest (what the dropped tokens were worth at t); ``pull`` = mean over tokens of
+    ``-dL/dp`` at the smallest fraction (positive: the loss asks the router for more tokens at t; the
+    router's own training signal, before the ratio loss) and ``pull_auc`` = ROC-AUC of ``-dL/dp``
+    against the detail cells (does the loss ask for tokens on the detail?).
+    """
+    n = min(num_images, len(dataset))
+    if hasattr(dataset, "get_with_detail"):
+        items = [dataset.get_with_detail(i) for i in range(n)]
+    else:
+        items = [(x, y, edge_detail_map(x)) for x, y in (dataset[i] for i in range(n))]
+    x0 = torch.stack([it[0] for it in items])
+    y = torch.stack([torch.as_tensor(it[1]) for it in items]).long()
+    detail = torch.stack([torch.as_tensor(it[2]) for it in items]).float()
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    lo, hi = min(fractions), max(fractions)
+    rows = []
+    for t_val in timesteps:
+        row: dict = {"t": int(t_val), "mse": {}, "kept_share": {}}
+        pulls, probs_grid = [], None
+        for f in sorted(set(fractions)):
+            total, kept = 0.0, []
+            for s in range(0, n, batch_size):
+                xb, nb, yb = x0[s:s + batch_size], noise[s:s + batch_size], y[s:s + batch_size]
+                t = torch.full((len(xb),), int(t_val), dtype=torch.long)
+                with torch.enable_grad():
+                    terms = diffusion.training_losses(model, xb, t, model_kwargs={"y": yb, "tail_drop": f}, noise=nb)
+                    mse = terms["mse"] * diffusion.mse_weight(t) if diffusion.min_snr_gamma is not None else terms["mse"]
+                    stage = terms["extras"][0]
+                    if f == lo:
+                        p = stage.boundary_prob
+                        p.retain_grad()
+                        mse.sum().backward()
+                        pulls.append(-p.grad.detach().float())
+                        probs_grid = stage.grid
+                total += float(mse.detach().sum())
+                kept.append(stage.kept_share().detach())
+            row["mse"][f"{f:g}"] = total / n
+            row["kept_share"][f"{f:g}"] = float(torch.cat(kept).mean())
+        model.zero_grad(set_to_none=True)
+        pull = torch.cat(pulls)  # (n, L)
+        gh, gw = probs_grid
+        cell = torch.nn.functional.adaptive_max_pool2d(detail[:, None], (gh, gw))[:, 0].reshape(n, -1) > 0
+        inner = torch.ones(pull.shape[1], dtype=torch.bool)
+        inner[0] = inner[-1] = False
+        row["token_value"] = row["mse"][f"{hi:g}"] - row["mse"][f"{lo:g}"]
+        row["pull"] = float(pull[:, inner].mean())
+        row["pull_auc"] = roc_auc(pull[:, inner].numpy(), cell[:, inner].numpy())
+        rows.append(row)
+    return rows
