@@ -117,3 +117,23 @@ def test_shipped_mnist_models_sample_their_class(name):
     acc = classifier_accuracy(clf, to_uint8_images(x.float()), labels)
     print(name, acc)
     assert acc >= 0.9
+
+
+def test_diffusion_for_checkpoint_reads_the_schedule_the_run_trained_with(tmp_path):
+    """Noise schedule and T come from the training config saved beside the weights; arguments override."""
+    import yaml
+
+    from dcdit.checkpoint import load_model, save_model_dir
+    from dcdit.diffusion import create_diffusion
+    from dcdit.sampling import diffusion_for_checkpoint
+
+    model = load_model("pretrained:mnist16-dcdit-n4")
+    save_model_dir(tmp_path / "ckpt", model)
+    (tmp_path / "ckpt" / "train_config.yaml").write_text(
+        yaml.safe_dump({"diffusion": {"noise_schedule": "cosine", "diffusion_steps": 500}}))
+    got = diffusion_for_checkpoint(tmp_path / "ckpt", model, "ddpm", 500)
+    want = create_diffusion("500", noise_schedule="cosine", diffusion_steps=500)
+    np.testing.assert_array_equal(got.alphas_cumprod, want.alphas_cumprod)
+    linear = diffusion_for_checkpoint(tmp_path / "ckpt", model, "ddpm", 1000, noise_schedule="linear",
+                                      diffusion_steps=1000)
+    np.testing.assert_array_equal(linear.alphas_cumprod, create_diffusion("1000").alphas_cumprod)
