@@ -109,6 +109,10 @@ class TrainLoopConfig:
     ckpt_interval: int = 10_000
     # Keep only the newest k checkpoints (0: keep all).
     keep_last_k: int = 3
+    # A step whose loss or gradient norm is NaN or inf is skipped (no optimizer, EMA or
+    # schedule update) and counted; this many skipped steps in a row stop the run with an
+    # error, keeping its last (finite) checkpoint.
+    max_nonfinite_steps: int = 10
     # "fp32" or "bf16" (autocast on CPU and GPU; the model keeps router/dechunk in fp32).
     precision: str = "fp32"
     # Wrap the model with torch.compile.
@@ -208,7 +212,7 @@ def validate(cfg: TrainConfig) -> None:
         raise _err("model.init_which", f"expected 'ema' or 'model', got {m.init_which!r}")
     if t.precision not in PRECISIONS:
         raise _err("train.precision", f"expected one of {', '.join(PRECISIONS)}, got {t.precision!r}")
-    for key in ("steps", "global_batch_size", "grad_accum", "log_interval", "ckpt_interval"):
+    for key in ("steps", "global_batch_size", "grad_accum", "log_interval", "ckpt_interval", "max_nonfinite_steps"):
         if getattr(t, key) <= 0:
             raise _err(f"train.{key}", f"must be positive, got {getattr(t, key)}")
     for key in ("keep_last_k", "num_workers"):
