@@ -273,3 +273,30 @@ def test_sampling_a_broken_model_stops_instead_of_writing_black_images(tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.startswith("dcdit sample: error: the model's output is not finite") and len(err.splitlines()) == 1
     assert not (tmp_path / "s.npz").exists()
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+@pytest.mark.ddp
+def test_ddp_nan_on_one_rank_makes_both_ranks_skip(tmp_path, monkeypatch, capsys):
+    """2 processes, a NaN loss on rank 1 only at step 2: both skip, their weights stay equal, and equal one
+    process that skipped the same step (global batch 8 = 2 x 4 against 1 x 8)."""
+    from ddp_nonfinite_probe import poison_loss_on_rank
+    from test_ddp import torchrun
+
+    overrides = TINY_DIT + ["train.steps=4", "data.num_samples=12", "train.log_interval=1"]
+    proc = torchrun(2, [str(tmp_path / "ddp"), str(CONFIG), json.dumps(overrides), "1"], tmp_path,
+                    script=Path(__file__).with_name("ddp_nonfinite_probe.py"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 2: non-finite loss_diffusion (NaN or inf): update skipped (1 in a row, 1 in this run)" in proc.stderr
+    state = json.loads((tmp_path / "ddp" / "ckpt-0000004" / "train_state.json").read_text())
+    fps = state["rank_fingerprints"]
+    assert len(fps) == 2 and fps[0] == fps[1] and state["nonfinite_steps"] == 1
+    assert [r["nonfinite_steps"] for r in records(tmp_path / "ddp")] == [0, 1, 1, 1]
+
+    monkeypatch.setattr("dcdit.training.trainer.train_step", poison_loss_on_rank(0, 1))
+    single = train(load_train_config(CONFIG, overrides), out=tmp_path / "single")
+    got, want = ckpt_tensors(tmp_path / "ddp" / "ckpt-0000004"), ckpt_tensors(single / "ckpt-0000004")
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=k)
