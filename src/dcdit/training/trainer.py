@@ -17,6 +17,9 @@ how the global batch is split:
 
 So "N steps, resume, M steps" reproduces "N + M steps" exactly on CPU, and
 2 processes x batch 4 match 1 process x batch 8 up to float rounding.
+Label dropout for classifier-free guidance is therefore applied here (the
+model's label embedder's own random dropout is switched off in the training
+copy, the probability taken from it), which is the same operation.
 
 A step whose loss (diffusion or ratio term) or gradient norm is NaN or inf is
 skipped: no optimizer, EMA or statistics update, its batch consumed and the
@@ -27,9 +30,6 @@ the stop request the loop already agreed on), so every rank skips together.
 ``train.max_nonfinite_steps`` skipped steps in a row stop the run with a
 :class:`~dcdit.utils.NonFiniteError`, writing nothing: its checkpoints, which
 are never written with non-finite tensors, stay as they are.
-Label dropout for classifier-free guidance is therefore applied here (the
-model's label embedder's own random dropout is switched off in the training
-copy, the probability taken from it), which is the same operation.
 """
 from __future__ import annotations
 
