@@ -93,13 +93,16 @@ def make_steps(torch, name: str, config: str, overrides: list[str]):
 
 def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, dict[str, list[float]]]:
     """common.interleaved, timing both wall-clock and this thread's CPU time (with one torch thread the
-    work runs on it, so a loaded machine's waiting, which wall-clock counts, stays out)."""
+    work runs on it, so a loaded machine's waiting, which wall-clock counts, stays out); the order of
+    the setups rotates from round to round, so none always runs first or right after another."""
     out = {"wall": {k: [] for k in fns}, "cpu": {k: [] for k in fns}}
+    names = list(fns)
     for _ in range(warmup):
         for f in fns.values():
             f()
-    for _ in range(repeats):
-        for k, f in fns.items():
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            f = fns[k]
             w, c = time.perf_counter(), time.thread_time()
             f()
             out["cpu"][k].append(time.thread_time() - c)
@@ -110,11 +113,14 @@ def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, dict[str, lis
 def main() -> None:
     p = C.base_parser(__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=15, help="timed rounds per model (default: 15)")
+    p.add_argument("--only", default=None, help="only the models whose name contains this")
     args = p.parse_args()
     torch = C.setup(args, "nonfinite")
     rounds = 5 if args.quick else args.rounds
     rows = []
     for name, (config, overrides) in MODELS.items():
+        if args.only and args.only not in name:
+            continue
         plain, checked, alone = make_steps(torch, name, config, overrides)
         reps = rounds * (20 if name.startswith("tiny") else 1)  # a ms step: more rounds for a stable median
         # "plain again" is the same step as "plain": its difference is the noise of the comparison

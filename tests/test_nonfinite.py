@@ -165,9 +165,31 @@ def test_diverging_resume_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_
     assert records(run)[-1]["step"] == 22 and records(run)[-1]["nonfinite_steps"] == 0
 
 
-def test_max_nonfinite_steps_is_checked():
-    with pytest.raises(ValueError, match="train.max_nonfinite_steps: must be positive, got 0"):
-        load_train_config(None, ["train.max_nonfinite_steps=0"])
+@pytest.mark.parametrize("override, message", [
+    ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps: must be positive, got 0"),
+    ("optim.lr=.inf", "optim.lr: must be positive and finite, got inf"),
+])
+def test_config_checks(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_train_config(None, [override])
+
+
+def test_a_broken_state_that_passes_the_step_check_is_still_not_saved(tmp_path, monkeypatch):
+    """A NaN that reaches the EMA without a bad loss or gradient: the next save refuses, on every rank."""
+    real, calls = trainer_module.update_ema, []
+
+    def poisoned(ema, model, decay):
+        real(ema, model, decay)
+        calls.append(1)
+        if len(calls) == 3:
+            next(ema.parameters()).view(-1)[0] = NAN
+
+    monkeypatch.setattr("dcdit.training.trainer.update_ema", poisoned)
+    cfg = load_train_config(CONFIG, TINY_DIT + ["train.steps=4", "train.ckpt_interval=2"])
+    with pytest.raises(NonFiniteError, match=r"step 4: the ema state holds NaN or inf \(first in .*\): not saving"):
+        train(cfg, out=tmp_path / "run")
+    assert list_checkpoints(tmp_path / "run") == [tmp_path / "run" / "ckpt-0000002"]
+    assert find_checkpoint(tmp_path / "run") == tmp_path / "run" / "ckpt-0000002"
 
 
 # ----------------------------------------------------------------------------- saving

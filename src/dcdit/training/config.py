@@ -224,8 +224,8 @@ def validate(cfg: TrainConfig) -> None:
         raise _err("train.num_threads", f"must be positive, got {t.num_threads}")
     if t.max_minutes is not None and t.max_minutes <= 0:
         raise _err("train.max_minutes", f"must be positive, got {t.max_minutes}")
-    if o.lr <= 0:
-        raise _err("optim.lr", f"must be positive, got {o.lr}")
+    if not 0 < o.lr < float("inf"):
+        raise _err("optim.lr", f"must be positive and finite, got {o.lr}")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise _err("optim.betas", f"expected two numbers in [0, 1), got {o.betas}")
     if o.warmup_steps < 0:

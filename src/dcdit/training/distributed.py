@@ -127,6 +127,13 @@ def max_over_ranks(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def sum_over_ranks(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Element-wise sum of ``t`` over ranks (in place; ``t`` itself when alone): NaN or inf on any rank stays."""
+    if info.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def mean_over_ranks(values: list[float], info: DistInfo) -> list[float]:
     if not info.distributed or not values:
         return values

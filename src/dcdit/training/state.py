@@ -126,12 +126,7 @@ def save_checkpoint(
     """
     run_dir = Path(run_dir)
     opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
-    for what, tensors in (("model", unwrap(model).state_dict()), ("ema", unwrap(ema).state_dict()),
-                          ("optimizer", opt_tensors)):
-        bad = first_nonfinite(tensors)
-        if bad is not None:
-            raise NonFiniteError(f"step {step}: the {what} state holds NaN or inf (first in {bad}): not saving "
-                                 f"a checkpoint; {run_dir / LATEST} still names the last finite one")
+    check_state_finite(run_dir, step, model, ema, opt_tensors)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / ckpt_name(step)
     tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
@@ -159,6 +154,18 @@ def save_checkpoint(
     if keep_last_k > 0:
         prune_checkpoints(run_dir, keep_last_k)
     return final
+
+
+def check_state_finite(run_dir: str | os.PathLike, step: int, model: nn.Module, ema: nn.Module,
+                       optimizer: torch.optim.Optimizer | dict) -> None:
+    """Raise :class:`~dcdit.utils.NonFiniteError` when the weights, EMA or optimizer state (an optimizer,
+    or its tensors as :func:`flatten_optimizer` gives them) hold NaN or inf: the checkpoint is not written."""
+    opt = flatten_optimizer(optimizer.state_dict())[0] if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+    for what, tensors in (("model", unwrap(model).state_dict()), ("ema", unwrap(ema).state_dict()), ("optimizer", opt)):
+        bad = first_nonfinite(tensors)
+        if bad is not None:
+            raise NonFiniteError(f"step {step}: the {what} state holds NaN or inf (first in {bad}): not saving "
+                                 f"a checkpoint; {Path(run_dir) / LATEST} still names the last finite one")
 
 
 def _fsync_dir(path: Path) -> None:

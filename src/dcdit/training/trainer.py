@@ -57,6 +57,7 @@ from dcdit.training.rundir import RunDirLocked, RunLock, check_resume_config, tr
 from dcdit.training.step import train_step
 from dcdit.training.state import (
     capture_rng,
+    check_state_finite,
     clean_stale,
     find_checkpoint,
     list_checkpoints,
@@ -109,13 +110,23 @@ STEP_TERMS = ("loss_diffusion", "loss_ratio", "grad_norm")
 def agree_on_step(step_stats: dict, grad_norm: torch.Tensor, stop: bool, info) -> tuple[list[str], bool]:
     """(the step's non-finite terms of STEP_TERMS, whether any rank asks to stop), the same on every rank.
 
-    One small vector, all-reduced (max) under DDP and read back once: the step's one host sync.
+    Fast path, every step: the terms' sum (NaN or inf when any term is) and, under DDP, the stop
+    request, summed over ranks and read back once (the step's one host sync). Only when that sum is
+    not finite are the terms told apart (a second small read, agreed on by all ranks alike); finite
+    terms whose sum merely overflowed are then no reason to skip.
     """
-    zero = grad_norm.new_zeros((), dtype=torch.float32)
-    values = torch.stack([step_stats.get(k, zero) for k in STEP_TERMS[:2]] + [grad_norm.detach().float()])
-    flags = torch.cat([(~torch.isfinite(values)).float(), values.new_full((1,), float(stop))])
-    flags = D.max_over_ranks(flags, info).tolist()
-    return [k for k, f in zip(STEP_TERMS, flags) if f > 0], flags[-1] > 0
+    names = [k for k in STEP_TERMS[:2] if k in step_stats] + ["grad_norm"]  # the same keys on every rank
+    terms = [step_stats[k] for k in names[:-1]] + [grad_norm.detach().float()]
+    total = sum(terms[1:], terms[0])
+    if info.distributed:
+        total, stops = D.sum_over_ranks(torch.stack([total, torch.full_like(total, float(stop))]), info).tolist()
+        stop = stops > 0
+    else:
+        total = total.item()
+    if math.isfinite(total):
+        return [], stop
+    bad = D.max_over_ranks((~torch.isfinite(torch.stack(terms))).float(), info).tolist()
+    return [k for k, b in zip(names, bad) if b > 0], stop
 
 
 def divergence_message(step: int, streak: int, terms: list[str], run_dir: Path, lr: float, precision: str) -> str:
@@ -449,6 +460,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
 
         def save(reason: str) -> None:
             ranks = D.check_ranks_agree(model, info)  # every rank holds the same weights (raises if not)
+            check_state_finite(run_dir, step, model, run.ema, run.optimizer)  # on every rank: all raise alike
             if info.is_main:
                 epoch, offset = stream.position(step)
                 path = save_checkpoint(run_dir, step, model, run.ema, run.optimizer,
