@@ -24,9 +24,10 @@ copy, the probability taken from it), which is the same operation.
 A step whose loss (diffusion or ratio term) or gradient norm is NaN or inf is
 skipped: no optimizer, EMA or statistics update, its batch consumed and the
 step number (of which the data, noise and learning rate are functions) moving
-on, so the run equals one that never took that step's update. The decision is
-one flag vector read once per step (and, under DDP, all-reduced together with
-the stop request the loop already agreed on), so every rank skips together.
+on, so the run equals one that never took that step's update. The decision
+reads one number per step, the terms' sum (under DDP summed over the ranks
+together with the stop request the loop already agreed on every step), so
+every rank skips together; only a non-finite sum is looked at term by term.
 ``train.max_nonfinite_steps`` skipped steps in a row stop the run with a
 :class:`~dcdit.utils.NonFiniteError`, writing nothing: its checkpoints, which
 are never written with non-finite tensors, stay as they are.
