@@ -485,6 +485,11 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
         skipped, streak, ckpt_due, diverged = run.nonfinite_steps, 0, False, None
         ratio_N: list[float] = []
         sample_shape = (dataset.channels, dataset.image_size, dataset.image_size)
+
+        def stop_request() -> Optional[str]:
+            out_of_time = tc.max_minutes is not None and (time.time() - t_start) / 60.0 >= tc.max_minutes
+            return stop.signal or ("time budget" if out_of_time else None)
+
         with StopFlag() as stop:
             batches = iter(loader)  # workers start under the handler: a stop signal never kills them first
             while step < tc.steps:
@@ -516,8 +521,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
 
                 grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip or float("inf"))
                 # ---- non-finite terms and stop requests (signals, time budget), agreed on by all ranks
-                out_of_time = tc.max_minutes is not None and (time.time() - t_start) / 60.0 >= tc.max_minutes
-                local_stop = stop.signal or ("time budget" if out_of_time else None)
+                local_stop = stop_request()
                 bad_terms, stop_any = agree_on_step(step_stats, grad_norm, local_stop is not None, info)
                 if bad_terms:  # skip: weights, EMA, Adam state and statistics stay as they are
                     run.optimizer.zero_grad(set_to_none=True)
@@ -571,6 +575,9 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                         log.image(step, "samples", path)
                     t_log += time.time() - t0  # keep sampling out of the images/s figure
 
+                if not info.distributed:  # alone, nothing to agree on: a request during this step's update counts now
+                    local_stop = stop_request()
+                    stop_any = local_stop is not None
                 if stop_any:
                     stop_reason = local_stop or "stop on another rank"
                     break
