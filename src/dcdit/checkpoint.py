@@ -9,6 +9,10 @@ Format (a *model directory*)::
 Pickled ``.pt`` files (the released DiT checkpoints, reference DC-DiT
 training checkpoints) are read with ``torch.load(weights_only=True)``; only
 ``trust_pickle=True`` lifts that.
+
+Weights holding NaN or inf (the output of a diverged run) are refused with
+one line naming the file and the first bad tensor; ``allow_nonfinite=True``
+(the CLI's ``--allow-nonfinite``) loads them anyway, e.g. to inspect them.
 """
 from __future__ import annotations
 
@@ -23,9 +27,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dcdit.models.factory import build_model, model_config
-from dcdit.utils import atomic_write, save_json, unwrap
+from dcdit.utils import NonFiniteError, atomic_write, first_nonfinite, save_json, unwrap
 
 CONFIG_NAME = "config.json"
+ALLOW_HINT = "; pass --allow-nonfinite to load it anyway (e.g. to inspect it)"
 
 
 def _contiguous(sd: dict) -> dict:
@@ -44,6 +49,14 @@ def load_safetensors(path: str | os.PathLike) -> dict:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"corrupt or truncated safetensors file {path}: {e}") from None
+
+
+def check_finite(state: dict, source, hint: str = ALLOW_HINT) -> None:
+    """Raise :class:`NonFiniteError` naming ``source`` and the first tensor of ``state`` holding NaN or inf."""
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise NonFiniteError(f"{source} holds non-finite weights (NaN or inf), first in {bad}: it comes from a "
+                             f"diverged run; use an earlier checkpoint{hint}")
 
 
 def save_model_dir(directory: str | os.PathLike, model: nn.Module, ema: Optional[nn.Module] = None) -> Path:
@@ -117,6 +130,7 @@ def load_model(
     config: Optional[dict] = None,
     trust_pickle: bool = False,
     map_location: str | torch.device = "cpu",
+    allow_nonfinite: bool = False,
 ) -> nn.Module:
     """Load a model from a model directory, a run directory, a weights file, or ``pretrained:NAME``.
 
@@ -124,6 +138,7 @@ def load_model(
     A lone weights file takes ``config``, else a config.json beside it, else
     a config inferred from the weights (:func:`infer_config`: original-format
     DiT state dicts such as the released ``DiT-XL-2-256x256.pt``).
+    Weights holding NaN or inf raise :class:`~dcdit.utils.NonFiniteError` unless ``allow_nonfinite``.
     """
     if str(path).startswith("pretrained:"):  # a checkpoint shipped with the package
         from dcdit.pretrained import resolve_pretrained
@@ -145,8 +160,10 @@ def load_model(
             weights = path / "model.safetensors"
         state = load_safetensors(weights)
     else:
-        cfg_path = path.parent / CONFIG_NAME
+        cfg_path, weights = path.parent / CONFIG_NAME, path
         state = load_safetensors(path) if path.suffix == ".safetensors" else load_pickle_state_dict(path, trust_pickle, which)
+    if not allow_nonfinite:
+        check_finite(state, weights)
     if config is None and cfg_path.exists():
         try:
             config = json.loads(cfg_path.read_text())

@@ -1,4 +1,4 @@
-"""Small helpers every layer may use: atomic file writes, JSON, unwrapping model wrappers.
+"""Small helpers every layer may use: atomic file writes, JSON, unwrapping model wrappers, finiteness.
 
 This module imports nothing from dcdit, so data, viz, training config and the
 checkpoint code can share it without depending on the models.
@@ -9,11 +9,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, Optional
 
+import torch
 import torch.nn as nn
 
-__all__ = ["atomic_write", "save_json", "unwrap"]
+__all__ = ["NonFiniteError", "atomic_write", "first_nonfinite", "save_json", "unwrap"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -57,3 +58,26 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The bare model under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
+
+
+class NonFiniteError(ValueError):
+    """Weights, a loss or model outputs hold NaN or inf (a ValueError: the CLI prints one line)."""
+
+
+@torch.no_grad()
+def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """Name of the first floating-point tensor holding a NaN or inf (in ``tensors``' order), else None.
+
+    One host sync per device, however many tensors: each tensor's ``isfinite().all()``
+    stays on its device and the flags are read back together.
+    """
+    names = [k for k, v in tensors.items() if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())]
+    if not names:
+        return None
+    flags = [torch.isfinite(tensors[k]).all() for k in names]
+    devices = {f.device for f in flags}
+    if len(devices) == 1:
+        ok = torch.stack(flags).tolist()
+    else:
+        ok = [bool(f) for f in flags]
+    return next((k for k, good in zip(names, ok) if not good), None)

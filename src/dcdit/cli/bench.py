@@ -16,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dcdit-ckpt", default=None, help="use this DC-DiT checkpoint instead of random weights")
     p.add_argument("--which", choices=("ema", "model"), default="ema",
                    help="checkpoints: weights to load (default: ema, else model)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load weights holding NaN or inf (a diverged run's) and keep non-finite outputs, for debugging")
     p.add_argument("--image-size", type=int, default=256, help="random models: image size (default: 256)")
     p.add_argument("--in-channels", type=int, default=4, help="random models: 4 = latents (size/8), else pixels")
     p.add_argument("--tail-drop", type=fraction_list, default=[0.0, 0.3, 0.5],
@@ -56,12 +58,12 @@ def run(args) -> int:
 
     dit_name, dc_name = f"DiT-{args.size}/{args.patch}", f"DC-DiT-{args.size}-N{args.n}"
     if args.dit_ckpt:
-        dit = load_model(args.dit_ckpt, which=args.which, map_location=device)
+        dit = load_model(args.dit_ckpt, which=args.which, map_location=device, allow_nonfinite=args.allow_nonfinite)
         dit_label = f"{Path(args.dit_ckpt).name} ({args.which})"
     else:
         dit, dit_label = build_named_model(dit_name, args.image_size, args.in_channels).to(device), dit_name
     if args.dcdit_ckpt:
-        dc = load_model(args.dcdit_ckpt, which=args.which, map_location=device)
+        dc = load_model(args.dcdit_ckpt, which=args.which, map_location=device, allow_nonfinite=args.allow_nonfinite)
         dc_label = f"{Path(args.dcdit_ckpt).name} ({args.which})"
     else:
         dc, dc_label = build_named_model(dc_name, args.image_size, args.in_channels).to(device), dc_name
@@ -71,7 +73,8 @@ def run(args) -> int:
                          f"{dc_label} {ci['in_channels']}x{ci['input_hw']}")
     num_classes = min(di["num_classes"], ci["num_classes"])
     labels = labels_for_indices(range(args.batch_size), num_classes)
-    common = dict(seed=0, sampler="ddim", cfg_scale=args.cfg_scale, clip_denoised=False, device=device)
+    common = dict(seed=0, sampler="ddim", cfg_scale=args.cfg_scale, clip_denoised=False, device=device,
+                  allow_nonfinite=args.allow_nonfinite)
     if not args.dcdit_ckpt and not args.no_calibrate:
         # Calibrate on the timed run itself, so the share in the label is the f = 0 row's kept share.
         target = args.keep_share if args.keep_share is not None else 1.0 / args.n

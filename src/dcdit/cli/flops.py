@@ -24,6 +24,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", help="registry name with random weights, e.g. DiT-S/2 or DC-DiT-S-N4")
     p.add_argument("--which", choices=("ema", "model"), default="ema",
                    help="--ckpt: weights to load (default: ema, else model)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load weights holding NaN or inf (a diverged run's) and keep non-finite outputs, for debugging")
     p.add_argument("--image-size", type=int, default=256, help="--model: image size in pixels (default: 256)")
     p.add_argument("--in-channels", type=int, default=4, help="--model: 4 = SD-VAE latents (size/8), else pixels")
     p.add_argument("--num-classes", type=int, default=1000, help="--model: classes (default: 1000)")
@@ -45,7 +47,7 @@ def load_for_cost(args, share_fn_for=None):
     if args.ckpt:
         if args.calibrate_router is not None:
             raise ValueError("--calibrate-router is for untrained --model networks, not checkpoints")
-        return load_model(args.ckpt, which=args.which), f"{Path(args.ckpt).name} ({args.which})"
+        return load_model(args.ckpt, which=args.which, allow_nonfinite=args.allow_nonfinite), f"{Path(args.ckpt).name} ({args.which})"
     model = build_named_model(args.model, args.image_size, args.in_channels, args.num_classes)
     label = f"{args.model} (random init)"
     if args.calibrate_router is not None:
@@ -82,7 +84,7 @@ def run(args) -> int:
         diffusion = diffusion_for_checkpoint(args.ckpt, model, args.sampler, args.steps)
         labels = labels_for_indices(range(args.batch_size), info["num_classes"])
         return diffusion, labels, dict(seed=args.seed, sampler=args.sampler, cfg_scale=args.cfg_scale,
-                                       clip_denoised=False)
+                                       clip_denoised=False, allow_nonfinite=args.allow_nonfinite)
 
     def share_fn_for(model):  # calibrate on the counted run itself (tail drop 0)
         diffusion, labels, kw = run_kwargs(model)

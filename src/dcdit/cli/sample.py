@@ -19,6 +19,8 @@ def _fraction(text: str) -> float:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="model directory, run directory (uses 'latest') or weights file")
     p.add_argument("--which", choices=("ema", "model"), default="ema", help="weights to load (default: ema)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load weights holding NaN or inf (a diverged run's) and keep non-finite samples, for debugging")
     g = p.add_argument_group("sampler")
     g.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="default: ddim")
     g.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
@@ -112,7 +114,8 @@ def run(args) -> int:
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else (lambda s: None)
     done = False  # teardown meets the other ranks at a barrier only on success (on an error they may never come)
     try:
-        model = load_model(args.ckpt, which=args.which, map_location=dist_info.device)
+        model = load_model(args.ckpt, which=args.which, map_location=dist_info.device,
+                           allow_nonfinite=args.allow_nonfinite)
         info = model_info(model)
         if args.guidance_channels is not None and not 1 <= args.guidance_channels <= info["in_channels"]:
             raise ValueError(f"--guidance-channels {args.guidance_channels}: the model has {info['in_channels']} "
@@ -155,6 +158,7 @@ def run(args) -> int:
             progress=rank == 0 and not args.no_progress, sampler=args.sampler, eta=args.eta,
             cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, tail_drop=fraction,
             uncond_drop=args.uncond_drop, clip_denoised=clip, device=dist_info.device,
+            allow_nonfinite=args.allow_nonfinite,
         )
         first_out = Path(args.npz or args.grid)
         parts_dir = first_out.parent / f".{first_out.stem}.parts"

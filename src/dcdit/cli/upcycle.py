@@ -17,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which weights of the DiT checkpoint to take (default: ema)")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow arbitrary pickles in .pt files (only for files you trust)")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="take DiT weights holding NaN or inf (a diverged run's) anyway")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         overrides[key.strip()] = yaml.safe_load(raw)
-    model, summary = upcycle(args.dit, args.preset, overrides, which=args.which, trust_pickle=args.trust_pickle)
+    model, summary = upcycle(args.dit, args.preset, overrides, which=args.which, trust_pickle=args.trust_pickle,
+                              allow_nonfinite=args.allow_nonfinite)
     out = Path(args.out or f"runs/upcycled-{args.preset}")
     save_model_dir(out, model, model)
     share = summary["params_copied"] / max(summary["params_total"], 1)

@@ -10,6 +10,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="model directory, run directory or weights file")
     p.add_argument("--out", required=True, help="output directory for the PNGs")
     p.add_argument("--which", choices=("ema", "model"), default="ema", help="weights to load (default: ema)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load weights holding NaN or inf (a diverged run's) and keep non-finite samples, for debugging")
     p.add_argument("--classes", default=None, help="comma list of classes, one grid row each (default: first 4)")
     p.add_argument("--per-class", type=int, default=4, help="samples per class (default: 4)")
     p.add_argument("--rows", type=int, default=3, help="samples shown in the boundary-map figure (default: 3)")
@@ -58,7 +60,7 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
-    model = load_model(args.ckpt, which=args.which, map_location=device)
+    model = load_model(args.ckpt, which=args.which, map_location=device, allow_nonfinite=args.allow_nonfinite)
     info = model_info(model)
     routed = is_dcdit(model)
     if args.tail_drop and not routed:
@@ -80,7 +82,7 @@ def run(args) -> int:
     labels = np.repeat(np.asarray(classes), args.per_class)  # class-major: rows of the grid
     n = len(labels)
     kw = dict(seed=args.seed, sampler="ddim", cfg_scale=args.cfg_scale, tail_drop=args.tail_drop,
-              clip_denoised=not latent, device=device)
+              clip_denoised=not latent, device=device, allow_nonfinite=args.allow_nonfinite)
     # The first `rows` samples one at a time with FLOP counting (per-sample cost and the maps);
     # per-sample seeds make them the same samples as in a batched run.
     rows = min(args.rows, n)

@@ -23,7 +23,7 @@ from dcdit.flops import count_flops
 from dcdit.models import is_dcdit
 from dcdit.sampling.guidance import make_model_fn, model_info
 from dcdit.sampling.seeds import SampleNoise
-from dcdit.utils import unwrap
+from dcdit.utils import NonFiniteError, unwrap
 
 __all__ = ["SAMPLERS", "SampleStats", "sample", "create_sampling_diffusion", "sampling_diffusion_for"]
 
@@ -162,6 +162,16 @@ def component_labels(model: nn.Module) -> dict[str, str]:
     return {k: v for k, v in fn().items() if "." not in k}
 
 
+def check_finite_samples(x: torch.Tensor, indices: Sequence[int]) -> None:
+    """Raise :class:`NonFiniteError` when samples ``x`` (n, ...) hold NaN or inf (one reduction, one sync)."""
+    if bool(torch.isfinite(x).all()):
+        return
+    bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
+    raise NonFiniteError(f"the model's output is not finite (NaN or inf) in {len(bad)} of {len(indices)} samples "
+                         f"(first: sample {indices[bad[0]]}): its weights are broken, e.g. from a diverged run; "
+                         "sample an earlier checkpoint")
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -181,6 +191,7 @@ def sample(
     callback: Optional[Callable[[dict], None]] = None,
     progress: bool = False,
     device: Optional[torch.device | str] = None,
+    allow_nonfinite: bool = False,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Sample one batch; returns ``(samples (n, C, H, W) in model space, stats)``.
 
@@ -203,6 +214,9 @@ def sample(
             half, (n, C, H, W)), "extras" (routing or None) and "flops" (FlopReport or None).
         progress: show a per-step tqdm bar.
         device: where to sample (default: the model's device).
+        allow_nonfinite: return samples holding NaN or inf instead of raising
+            :class:`~dcdit.utils.NonFiniteError` (checked once, on the final samples: a
+            NaN or inf anywhere in the loop reaches them, so no per-step check is needed).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
@@ -285,6 +299,8 @@ def sample(
                 "x_t": x, "sample": x_next, "pred_xstart": pred_xstart, "extras": extras, "flops": report,
             })
         x = x_next
+    if not allow_nonfinite:
+        check_finite_samples(x, indices)
 
     stats = SampleStats(
         timesteps=timesteps,

@@ -109,6 +109,10 @@ class TrainLoopConfig:
     ckpt_interval: int = 10_000
     # Keep only the newest k checkpoints (0: keep all).
     keep_last_k: int = 3
+    # A step whose loss or gradient norm is NaN or inf is skipped (no optimizer, EMA or
+    # schedule update) and counted; this many skipped steps in a row stop the run with an
+    # error, keeping its last (finite) checkpoint.
+    max_nonfinite_steps: int = 10
     # "fp32" or "bf16" (autocast on CPU and GPU; the model keeps router/dechunk in fp32).
     precision: str = "fp32"
     # Wrap the model with torch.compile.
@@ -208,7 +212,7 @@ def validate(cfg: TrainConfig) -> None:
         raise _err("model.init_which", f"expected 'ema' or 'model', got {m.init_which!r}")
     if t.precision not in PRECISIONS:
         raise _err("train.precision", f"expected one of {', '.join(PRECISIONS)}, got {t.precision!r}")
-    for key in ("steps", "global_batch_size", "grad_accum", "log_interval", "ckpt_interval"):
+    for key in ("steps", "global_batch_size", "grad_accum", "log_interval", "ckpt_interval", "max_nonfinite_steps"):
         if getattr(t, key) <= 0:
             raise _err(f"train.{key}", f"must be positive, got {getattr(t, key)}")
     for key in ("keep_last_k", "num_workers"):
@@ -220,8 +224,8 @@ def validate(cfg: TrainConfig) -> None:
         raise _err("train.num_threads", f"must be positive, got {t.num_threads}")
     if t.max_minutes is not None and t.max_minutes <= 0:
         raise _err("train.max_minutes", f"must be positive, got {t.max_minutes}")
-    if o.lr <= 0:
-        raise _err("optim.lr", f"must be positive, got {o.lr}")
+    if not 0 < o.lr < float("inf"):
+        raise _err("optim.lr", f"must be positive and finite, got {o.lr}")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise _err("optim.betas", f"expected two numbers in [0, 1), got {o.betas}")
     if o.warmup_steps < 0:

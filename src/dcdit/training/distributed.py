@@ -120,6 +120,20 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(t.item() > 0)
 
 
+def max_over_ranks(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Element-wise maximum of ``t`` over ranks (in place; ``t`` itself when alone): flags any rank raised."""
+    if info.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def sum_over_ranks(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Element-wise sum of ``t`` over ranks (in place; ``t`` itself when alone): NaN or inf on any rank stays."""
+    if info.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def mean_over_ranks(values: list[float], info: DistInfo) -> list[float]:
     if not info.distributed or not values:
         return values

@@ -17,6 +17,12 @@ No pickles: tensors go to safetensors, the rest to JSON. A checkpoint is
 written into a hidden temporary directory and renamed into place, and only
 then does ``latest`` move (also an atomic rename), so a crash mid-save leaves
 the previous checkpoint intact and ``latest`` pointing at it.
+
+A checkpoint holding NaN or inf is never written (:func:`save_checkpoint`
+raises before touching the run directory) and never resumed from
+(:func:`load_checkpoint` raises), so ``latest`` always names a finite one, and
+pruning, which keeps ``latest`` and the newest, never trades the newest finite
+checkpoint for a broken one.
 """
 from __future__ import annotations
 
@@ -32,8 +38,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dcdit.checkpoint import load_safetensors, save_model_dir, save_safetensors
-from dcdit.utils import atomic_write, save_json
+from dcdit.checkpoint import check_finite, load_safetensors, save_model_dir, save_safetensors
+from dcdit.utils import NonFiniteError, atomic_write, first_nonfinite, save_json, unwrap
 
 CKPT_RE = re.compile(r"^ckpt-(\d{7,})$")
 LATEST = "latest"
@@ -113,8 +119,14 @@ def save_checkpoint(
     extra: Optional[dict] = None,
     keep_last_k: int = 0,
 ) -> Path:
-    """Write ``run_dir/ckpt-{step:07d}`` atomically, move ``latest`` onto it, prune old checkpoints."""
+    """Write ``run_dir/ckpt-{step:07d}`` atomically, move ``latest`` onto it, prune old checkpoints.
+
+    Raises :class:`~dcdit.utils.NonFiniteError`, writing nothing, when the weights, EMA or
+    optimizer state hold NaN or inf.
+    """
     run_dir = Path(run_dir)
+    opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
+    check_state_finite(run_dir, step, model, ema, opt_tensors)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / ckpt_name(step)
     tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
@@ -123,7 +135,6 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         save_model_dir(tmp, model, ema)
-        opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
         rng_tensors, rng_meta = capture_rng()
         save_safetensors(tmp / STATE_TENSORS, {**opt_tensors, **rng_tensors})
         atomic_write(tmp / "train_config.yaml", lambda p: Path(p).write_text(config_yaml))
@@ -143,6 +154,18 @@ def save_checkpoint(
     if keep_last_k > 0:
         prune_checkpoints(run_dir, keep_last_k)
     return final
+
+
+def check_state_finite(run_dir: str | os.PathLike, step: int, model: nn.Module, ema: nn.Module,
+                       optimizer: torch.optim.Optimizer | dict) -> None:
+    """Raise :class:`~dcdit.utils.NonFiniteError` when the weights, EMA or optimizer state (an optimizer,
+    or its tensors as :func:`flatten_optimizer` gives them) hold NaN or inf: the checkpoint is not written."""
+    opt = flatten_optimizer(optimizer.state_dict())[0] if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+    for what, tensors in (("model", unwrap(model).state_dict()), ("ema", unwrap(ema).state_dict()), ("optimizer", opt)):
+        bad = first_nonfinite(tensors)
+        if bad is not None:
+            raise NonFiniteError(f"step {step}: the {what} state holds NaN or inf (first in {bad}): not saving "
+                                 f"a checkpoint; {Path(run_dir) / LATEST} still names the last finite one")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -237,10 +260,12 @@ def find_checkpoint(path: str | os.PathLike) -> Optional[Path]:
     return ckpts[-1] if ckpts else None
 
 
-def load_checkpoint(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+def load_checkpoint(ckpt_dir: str | os.PathLike, allow_nonfinite: bool = False) -> dict[str, Any]:
     """Read a checkpoint directory: model config and weights, EMA, optimizer and RNG state, step.
 
-    Truncated or corrupt files raise ValueError naming the file.
+    Truncated or corrupt files raise ValueError naming the file; weights, EMA or optimizer
+    state holding NaN or inf raise :class:`~dcdit.utils.NonFiniteError` naming the file and
+    tensor (unless ``allow_nonfinite``).
     """
     ckpt_dir = Path(ckpt_dir)
     for name in ("config.json", "model.safetensors", STATE_TENSORS, STATE_JSON):
@@ -278,13 +303,20 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
         what = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise ValueError(f"corrupt checkpoint {ckpt_dir}: optimizer or RNG state in {STATE_JSON} / "
                          f"{STATE_TENSORS} is incomplete ({what})") from None
+    model = load_safetensors(ckpt_dir / "model.safetensors")
+    ema = load_safetensors(ema_path) if ema_path.exists() else None
+    if not allow_nonfinite:
+        hint = f"; resume from an earlier checkpoint of {ckpt_dir.parent} (its ckpt-* directories)"
+        for path, tensors in ((ckpt_dir / "model.safetensors", model), (ema_path, ema or {}),
+                              (ckpt_dir / STATE_TENSORS, {k: v for k, v in tensors.items() if k.startswith("optim.")})):
+            check_finite(tensors, path, hint)
     return {
         "dir": ckpt_dir,
         "step": int(meta["step"]),
         "meta": meta,
         "model_config": model_config,
-        "model": load_safetensors(ckpt_dir / "model.safetensors"),
-        "ema": load_safetensors(ema_path) if ema_path.exists() else None,
+        "model": model,
+        "ema": ema,
         "optimizer": optimizer,
         "rng_tensors": rng_tensors,
         "rng_meta": meta["rng"],

@@ -20,6 +20,17 @@ So "N steps, resume, M steps" reproduces "N + M steps" exactly on CPU, and
 Label dropout for classifier-free guidance is therefore applied here (the
 model's label embedder's own random dropout is switched off in the training
 copy, the probability taken from it), which is the same operation.
+
+A step whose loss (diffusion or ratio term) or gradient norm is NaN or inf is
+skipped: no optimizer, EMA or statistics update, its batch consumed and the
+step number (of which the data, noise and learning rate are functions) moving
+on, so the run equals one that never took that step's update. The decision
+reads one number per step, the terms' sum (under DDP summed over the ranks
+together with the stop request the loop already agreed on every step), so
+every rank skips together; only a non-finite sum is looked at term by term.
+``train.max_nonfinite_steps`` skipped steps in a row stop the run with a
+:class:`~dcdit.utils.NonFiniteError`, writing nothing: its checkpoints, which
+are never written with non-finite tensors, stay as they are.
 """
 from __future__ import annotations
 
@@ -47,6 +58,7 @@ from dcdit.training.rundir import RunDirLocked, RunLock, check_resume_config, tr
 from dcdit.training.step import train_step
 from dcdit.training.state import (
     capture_rng,
+    check_state_finite,
     clean_stale,
     find_checkpoint,
     list_checkpoints,
@@ -54,7 +66,7 @@ from dcdit.training.state import (
     restore_rng,
     save_checkpoint,
 )
-from dcdit.utils import unwrap
+from dcdit.utils import NonFiniteError, unwrap
 
 # --------------------------------------------------------------------------- helpers
 
@@ -90,6 +102,45 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
     for eb, mb in zip(ema.buffers(), model.buffers()):
         eb.copy_(mb)
+
+
+# what a step's non-finite check looks at, in the order of the flag vector (then: the stop request)
+STEP_TERMS = ("loss_diffusion", "loss_ratio", "grad_norm")
+
+
+def agree_on_step(step_stats: dict, grad_norm: torch.Tensor, stop: bool, info) -> tuple[list[str], bool]:
+    """(the step's non-finite terms of STEP_TERMS, whether any rank asks to stop), the same on every rank.
+
+    Fast path, every step: the terms' sum (NaN or inf when any term is) and, under DDP, the stop
+    request, summed over ranks and read back once (the step's one host sync). Only when that sum is
+    not finite are the terms told apart (a second small read, agreed on by all ranks alike); finite
+    terms whose sum merely overflowed are then no reason to skip.
+    """
+    names = [k for k in STEP_TERMS[:2] if k in step_stats] + ["grad_norm"]  # the same keys on every rank
+    terms = [step_stats[k] for k in names[:-1]] + [grad_norm.detach().float()]
+    total = sum(terms[1:], terms[0])
+    if info.distributed:
+        total, stops = D.sum_over_ranks(torch.stack([total, torch.full_like(total, float(stop))]), info).tolist()
+        stop = stops > 0
+    else:
+        total = total.item()
+    if math.isfinite(total):
+        return [], stop
+    bad = D.max_over_ranks((~torch.isfinite(torch.stack(terms))).float(), info).tolist()
+    return [k for k, b in zip(names, bad) if b > 0], stop
+
+
+def divergence_message(step: int, streak: int, terms: list[str], run_dir: Path, lr: float, precision: str) -> str:
+    """The one line a run stopped by non-finite steps ends with."""
+    try:
+        last = find_checkpoint(run_dir)
+    except FileNotFoundError:
+        last = None
+    kept = f"its last checkpoint {last} is kept" if last is not None else "no checkpoint had been written"
+    tries = [f"a lower optim.lr (this step's: {lr:g})"] + (["train.precision=fp32"] if precision != "fp32" else [])
+    return (f"step {step}: {streak} steps in a row (from step {step - streak + 1}) had a non-finite "
+            f"{' / '.join(terms)} (NaN or inf) and were skipped; the run is stopped and {kept}; "
+            f"try --resume {run_dir} with {', '.join(tries)} or a smaller optim.grad_clip")
 
 
 def compression(metrics: dict) -> tuple[Optional[float], Optional[float]]:
@@ -181,9 +232,12 @@ def build_train_model(cfg: TrainConfig, dataset) -> nn.Module:
     # How the loss and the sampler read the output (null: init_from's own, or the model's default).
     objective = {} if cfg.diffusion.prediction is None else {"prediction": cfg.diffusion.prediction}
     if m.init_from:
-        from dcdit.checkpoint import load_model
+        from dcdit.checkpoint import ALLOW_HINT, load_model
 
-        init = load_model(m.init_from, which=m.init_which)
+        try:
+            init = load_model(m.init_from, which=m.init_which)
+        except NonFiniteError as e:  # training has no --allow-nonfinite: drop the hint
+            raise NonFiniteError(f"model.init_from: {str(e).removesuffix(ALLOW_HINT)}") from None
         init_cfg = model_config(init)
         try:
             model = build_model({**init_cfg, **objective, **m.overrides})
@@ -269,6 +323,7 @@ class RunState:
     step: int = 0
     drop_prob: float = 0.0  # label dropout (classifier-free guidance), applied by the loop
     null_class: Optional[int] = None
+    nonfinite_steps: int = 0  # steps skipped for a NaN / inf loss or gradient so far (across resumes)
 
 
 def build_run(cfg: TrainConfig, dataset, ckpt_dir: Optional[Path], info) -> RunState:
@@ -296,8 +351,9 @@ def build_run(cfg: TrainConfig, dataset, ckpt_dir: Optional[Path], info) -> RunS
     # The fused kernel (one pass over all parameters; CPU and CUDA) is what bench_throughput.py times.
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
-    step = 0
+    step, nonfinite = 0, 0
     if ckpt is not None:
+        nonfinite = int(ckpt["meta"].get("nonfinite_steps", 0))
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError, IndexError) as e:
@@ -319,7 +375,8 @@ def build_run(cfg: TrainConfig, dataset, ckpt_dir: Optional[Path], info) -> RunS
                                       find_unused_parameters=tc.find_unused_parameters)
     if tc.compile:
         train_model = torch.compile(train_model)
-    return RunState(model, ema, optimizer, params, diffusion, train_model, ddp_model, step, drop_prob, null_class)
+    return RunState(model, ema, optimizer, params, diffusion, train_model, ddp_model, step, drop_prob, null_class,
+                    nonfinite)
 
 
 # --------------------------------------------------------------------------- train
@@ -404,13 +461,14 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
 
         def save(reason: str) -> None:
             ranks = D.check_ranks_agree(model, info)  # every rank holds the same weights (raises if not)
+            check_state_finite(run_dir, step, model, run.ema, run.optimizer)  # on every rank: all raise alike
             if info.is_main:
                 epoch, offset = stream.position(step)
                 path = save_checkpoint(run_dir, step, model, run.ema, run.optimizer,
                                        (run_dir / "config.yaml").read_text(),
                                        extra={"epoch": epoch, "epoch_offset": offset, "world_size": world,
                                               "global_batch_size": tc.global_batch_size, "reason": reason,
-                                              "rank_fingerprints": ranks},
+                                              "rank_fingerprints": ranks, "nonfinite_steps": skipped},
                                        keep_last_k=tc.keep_last_k)
                 log.info(f"saved {path} ({reason})")
             D.barrier(info)
@@ -423,9 +481,15 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
         bar = tqdm(total=tc.steps, initial=step, disable=not (info.is_main and tc.progress), desc="train",
                    unit="step", dynamic_ncols=True, smoothing=0.1)
         running: dict[str, torch.Tensor] = {}
-        n_running, t_log, last_saved, stop_reason = 0, time.time(), step if ckpt_dir else -1, None
+        n_running, n_steps, t_log, last_saved, stop_reason = 0, 0, time.time(), step if ckpt_dir else -1, None
+        skipped, streak, ckpt_due, diverged = run.nonfinite_steps, 0, False, None
         ratio_N: list[float] = []
         sample_shape = (dataset.channels, dataset.image_size, dataset.image_size)
+
+        def stop_request() -> Optional[str]:
+            out_of_time = tc.max_minutes is not None and (time.time() - t_start) / 60.0 >= tc.max_minutes
+            return stop.signal or ("time budget" if out_of_time else None)
+
         with StopFlag() as stop:
             batches = iter(loader)  # workers start under the handler: a stop signal never kills them first
             while step < tc.steps:
@@ -439,6 +503,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                 for group in run.optimizer.param_groups:
                     group["lr"] = lr
 
+                step_stats: dict[str, torch.Tensor] = {}  # summed over the micro-batches
                 for m in range(accum):
                     x, y = next(batches)
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -452,23 +517,38 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                                                  ratio_group=ratio_group, bf16=tc.precision == "bf16")
                         (loss / accum).backward()
                     for k, v in stats.items():
-                        running[k] = running.get(k, 0.0) + v.float()
-                    n_running += 1
+                        step_stats[k] = step_stats.get(k, 0.0) + v.float()
 
                 grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip or float("inf"))
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-                update_ema(run.ema, model, ema_decay_at(tc, step))
+                # ---- non-finite terms and stop requests (signals, time budget), agreed on by all ranks
+                local_stop = stop_request()
+                bad_terms, stop_any = agree_on_step(step_stats, grad_norm, local_stop is not None, info)
+                if bad_terms:  # skip: weights, EMA, Adam state and statistics stay as they are
+                    run.optimizer.zero_grad(set_to_none=True)
+                    skipped, streak = skipped + 1, streak + 1
+                else:
+                    run.optimizer.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+                    update_ema(run.ema, model, ema_decay_at(tc, step))
+                    streak = 0
+                    for k, v in step_stats.items():
+                        running[k] = running.get(k, 0.0) + v
+                    running["grad_norm"] = running.get("grad_norm", 0.0) + grad_norm.detach().float() * accum
+                    if tail_drop or cfg.multibudget.enabled:
+                        running["tail_drop"] = running.get("tail_drop", 0.0) + tail_drop * accum
+                    n_running += accum
                 step += 1
-                running["grad_norm"] = running.get("grad_norm", 0.0) + grad_norm.detach().float() * accum
-                if tail_drop or cfg.multibudget.enabled:
-                    running["tail_drop"] = running.get("tail_drop", 0.0) + tail_drop * accum
+                n_steps += 1
                 bar.update(1)
+                if bad_terms:
+                    log.info(f"step {step}: non-finite {' / '.join(bad_terms)} (NaN or inf): update skipped "
+                             f"({streak} in a row, {skipped} in this run)")
 
                 # ---- logging (every 10 steps on the bar, every log_interval to the logs)
                 if step % tc.log_interval == 0 or step == tc.steps or step % 10 == 0:
                     dt = time.time() - t_log
-                    metrics = summarise(running, n_running, accum, tc.global_batch_size, dt, info)
+                    metrics = summarise(running, n_running, n_steps, tc.global_batch_size, dt, info)
+                    metrics["nonfinite_steps"] = skipped
                     post = progress_postfix(metrics)
                     bar.set_postfix(post, refresh=False)
                     if step % tc.log_interval == 0 or step == tc.steps:
@@ -478,26 +558,40 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                         log.log(step, metrics)
                         if bar.disable:  # no progress bar: one line per log interval instead
                             log.info(f"step {step}/{tc.steps} | " + " | ".join(f"{k} {v}" for k, v in post.items()))
-                        running, n_running, t_log = {}, 0, time.time()
+                        running, n_running, n_steps, t_log = {}, 0, 0, time.time()
+                if streak >= tc.max_nonfinite_steps:
+                    diverged = divergence_message(step, streak, bad_terms, run_dir, lr, tc.precision)
+                    break
 
                 if grids is not None and cfg.samples.interval and step % cfg.samples.interval == 0:
                     t0 = time.time()
-                    path = grids.write(run.ema, step)
+                    try:
+                        path = grids.write(run.ema, step)
+                    except NonFiniteError as e:  # finite but broken weights: say so, and train on
+                        path = None
+                        log.info(f"step {step}: no sample grid: {e}")
                     if path is not None:
                         log.info(f"sample grid {path}")
                         log.image(step, "samples", path)
                     t_log += time.time() - t0  # keep sampling out of the images/s figure
 
-                # ---- stop requests (signals, time budget) agreed on by all ranks
-                out_of_time = tc.max_minutes is not None and (time.time() - t_start) / 60.0 >= tc.max_minutes
-                local_stop = stop.signal or ("time budget" if out_of_time else None)
-                if D.any_rank(local_stop is not None, info):
+                if not info.distributed:  # alone, nothing to agree on: a request during this step's update counts now
+                    local_stop = stop_request()
+                    stop_any = local_stop is not None
+                if stop_any:
                     stop_reason = local_stop or "stop on another rank"
                     break
                 if step % tc.ckpt_interval == 0 and step < tc.steps:
+                    ckpt_due = True
+                    if streak:
+                        log.info(f"step {step}: checkpoint postponed until a step succeeds")
+                if ckpt_due and not streak:  # not in the middle of skipped steps
                     save(f"step {step}")
-                    last_saved = step
+                    last_saved, ckpt_due = step, False
             bar.close()
+            if diverged is not None:
+                log.close()
+                raise NonFiniteError(diverged)
             if last_saved != step:
                 save(stop_reason or "final")
             if stop_reason:
@@ -512,11 +606,15 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
         D.teardown(info, sync=done)  # every rank, every exit path; the final barrier only on success
 
 
-def summarise(running: dict, n_running: int, accum: int, global_batch: int, dt: float, info) -> dict:
-    """Means over the micro-batches since the last log (and over ranks), speed and compression."""
-    keys = sorted(running)
+def summarise(running: dict, n_running: int, n_steps: int, global_batch: int, dt: float, info) -> dict:
+    """Means over the micro-batches of the steps taken since the last log (and over ranks), speed, compression.
+
+    ``n_running`` counts the micro-batches summed in ``running`` (skipped steps' are not),
+    ``n_steps`` all steps since the last log (skipped ones too).
+    """
+    keys = sorted(running) if n_running else []
     metrics = dict(zip(keys, D.mean_over_ranks([float(running[k]) / n_running for k in keys], info)))
-    steps_per_sec = n_running / accum / max(dt, 1e-9)
+    steps_per_sec = n_steps / max(dt, 1e-9)
     metrics.update(images_per_sec=steps_per_sec * global_batch, steps_per_sec=steps_per_sec)
     nat, eff = compression(metrics)
     if nat is not None:
@@ -525,10 +623,12 @@ def summarise(running: dict, n_running: int, accum: int, global_batch: int, dt: 
 
 
 def progress_postfix(metrics: dict) -> dict[str, str]:
-    post = {"loss": f"{metrics['loss']:.4f}"}
+    post = {"loss": f"{metrics['loss']:.4f}" if "loss" in metrics else "-"}  # "-": every step skipped
     if "compression_natural" in metrics:
         post["comp"] = f"{metrics['compression_natural']:.2f}x/{metrics['compression_effective']:.2f}x"
     post["img/s"] = f"{metrics['images_per_sec']:.1f}"
+    if metrics.get("nonfinite_steps"):
+        post["skipped"] = str(metrics["nonfinite_steps"])
     return post
 
 

@@ -26,9 +26,13 @@ _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 COPIED_PREFIXES = ("t_embedder.", "y_embedder.")
 
 
-def load_dit_state(path: str | Path, which: str = "ema", trust_pickle: bool = False) -> tuple[dict, Optional[dict]]:
-    """(DiT state dict, its dcdit config if known) from a .pt / .safetensors file or a model/run dir."""
-    from dcdit.checkpoint import CONFIG_NAME, load_pickle_state_dict, load_safetensors
+def load_dit_state(path: str | Path, which: str = "ema", trust_pickle: bool = False,
+                   allow_nonfinite: bool = False) -> tuple[dict, Optional[dict]]:
+    """(DiT state dict, its dcdit config if known) from a .pt / .safetensors file or a model/run dir.
+
+    Weights holding NaN or inf are refused (NonFiniteError) unless ``allow_nonfinite``.
+    """
+    from dcdit.checkpoint import CONFIG_NAME, check_finite, load_pickle_state_dict, load_safetensors
 
     path = Path(path)
     if not path.exists():
@@ -37,7 +41,7 @@ def load_dit_state(path: str | Path, which: str = "ema", trust_pickle: bool = Fa
         from dcdit.checkpoint import load_model
         from dcdit.models import model_config
 
-        model = load_model(path, which=which)
+        model = load_model(path, which=which, allow_nonfinite=allow_nonfinite)
         cfg = model_config(model)
         if cfg["arch"] != "dit":
             raise ValueError(f"{path} holds a {type(model).__name__}, not a DiT")
@@ -51,8 +55,12 @@ def load_dit_state(path: str | Path, which: str = "ema", trust_pickle: bool = Fa
         if cfg is not None and cfg.get("arch") != "dit":
             cfg = None
     if path.suffix == ".safetensors":
-        return load_safetensors(path), cfg
-    return load_pickle_state_dict(path, trust_pickle=trust_pickle, prefer=which), cfg
+        state = load_safetensors(path)
+    else:
+        state = load_pickle_state_dict(path, trust_pickle=trust_pickle, prefer=which)
+    if not allow_nonfinite:
+        check_finite(state, path)
+    return state, cfg
 
 
 def describe_dit(state: dict) -> dict:
@@ -154,14 +162,15 @@ def upcycle_into(model: nn.Module, dit_state: dict, dit_config: Optional[dict] =
 
 
 def upcycle(dit_path: str | Path, preset: str, overrides: Optional[dict] = None, which: str = "ema",
-            trust_pickle: bool = False) -> tuple[nn.Module, dict]:
+            trust_pickle: bool = False, allow_nonfinite: bool = False) -> tuple[nn.Module, dict]:
     """A DC-DiT from ``preset`` (+ ``overrides``) whose main network starts from the DiT at ``dit_path``.
 
     input_size, in_channels and num_classes default to the DiT's. Returns (model, summary).
+    A DiT holding NaN or inf is refused unless ``allow_nonfinite``.
     """
     from dcdit.models.dcdit import build_dcdit
 
-    state, dit_cfg = load_dit_state(dit_path, which=which, trust_pickle=trust_pickle)
+    state, dit_cfg = load_dit_state(dit_path, which=which, trust_pickle=trust_pickle, allow_nonfinite=allow_nonfinite)
     info = describe_dit(state)
     defaults = {"in_channels": info["in_channels"]}
     if "input_size" in info:
