@@ -45,8 +45,10 @@ def run(args) -> int:
     from dcdit.models import DCDIT_PRESETS
 
     print()
-    print("DC-DiT presets (patch-1 stem, L = %d tokens): main network counted at the nominal K = L/N kept" % latent**2)
-    print("tokens, scaffold (stem, encoder, router, dechunk, decoder, final layer) on a real forward.")
+    print("DC-DiT presets (patch-1 stem, L = %d tokens; DC-DiT-MNIST-N4: patch 2, L = %d): main network counted"
+          % (latent**2, (latent // 2) ** 2))
+    print("at the nominal K = L/N kept tokens, scaffold (stem, encoder, router, dechunk, decoder, final layer) on a")
+    print("real forward.")
     print(f"{'model':<16} {'params (M)':>11} {'kept':>8} {'GMACs':>9} {'scaffold':>9}")
     for name in DCDIT_PRESETS:
         if args.filter not in name:

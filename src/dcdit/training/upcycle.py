@@ -14,7 +14,7 @@ Two things make the result usable as it is (:func:`upcycle`, which both
   -1.1, small logit spread) keeps almost nothing but the two forced tokens
   (0.8 % of a 16x16 grid), so the pretrained main network would see almost
   no tokens and kept-share budgets would be out of reach.
-  :func:`calibrate_router` bisects the router's output bias so the natural
+  :func:`calibrate_router` sets the router's output bias so the natural
   kept share, averaged over timesteps spread across the diffusion, is 1/N
   (the ratio loss's target), on noised data images when given, else on noise.
 - **the DiT's diffusion settings carry over**: ``prediction`` and
@@ -253,20 +253,33 @@ def calibrate_router(model: nn.Module, images: Optional[torch.Tensor] = None, la
                      diffusion_steps: int = 1000, num_timesteps: int = 8, batch: int = 16, seed: int = 0) -> dict:
     """Set the first router's output bias so ``model`` keeps about ``target_share`` (default 1/N) of its tokens.
 
-    The share is the natural kept share (before tail dropping) averaged over
-    ``num_timesteps`` timesteps evenly spread over [0, T-1]: of data
-    ``images`` noised to each timestep by the forward process when given
-    (``sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``), else of pure noise. The bias
-    is bisected (``dcdit.sampling.cost.calibrate_router_bias``). Returns
+    The share is the natural kept share (before tail dropping) over
+    ``num_timesteps`` timesteps evenly spread over [0, T-1], ``batch`` inputs
+    each: data ``images`` noised to each timestep by the forward process when
+    given (``sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``), else pure noise.
+
+    The bias of the router's last conv shifts every logit equally, so one
+    forward pass per timestep gives each token's bias-free score ``s`` (a
+    hook on that conv); a token is kept iff ``s + bias > 0`` (p > 0.5), the
+    first and last always. The bias is set midway between the scores that
+    keep the target count, and the share is then measured by a real forward
+    pass: that measurement is the returned ``kept_share``. Returns
     ``{"target", "kept_share", "bias", "on", "timesteps"}``.
     """
     from dcdit.diffusion.schedules import get_named_beta_schedule
-    from dcdit.sampling.cost import calibrate_router_bias
     from dcdit.sampling.guidance import model_info
+    from dcdit.utils import unwrap
 
-    target = router_target_share(model) if target_share is None else float(target_share)
-    info = model_info(model)
-    device = next(model.parameters()).device
+    m = unwrap(model)
+    conv = getattr(getattr(getattr(m, "routing_module", None), "residual_scorer", None), "__getitem__", None)
+    if conv is None or getattr(m.routing_module, "spatial_dims", 2) != 2:
+        raise ValueError(f"{type(m).__name__} has no 2D first-stage router to calibrate")
+    conv = m.routing_module.residual_scorer[-1]
+    target = router_target_share(m) if target_share is None else float(target_share)
+    if not 0 < target < 1:
+        raise ValueError(f"target kept share must lie in (0, 1), got {target}")
+    info = model_info(m)
+    device = next(m.parameters()).device
     g = torch.Generator().manual_seed(seed)
     ts = np.unique(np.linspace(0, diffusion_steps - 1, num_timesteps).round().astype(int))
     abar = np.cumprod(1.0 - get_named_beta_schedule(noise_schedule, diffusion_steps))
@@ -286,17 +299,34 @@ def calibrate_router(model: nn.Module, images: Optional[torch.Tensor] = None, la
             x_t = float(np.sqrt(abar[t])) * x0 + float(np.sqrt(1.0 - abar[t])) * eps[i]
         inputs.append((x_t.to(device), torch.full((n,), int(t), device=device), y.to(device)))
 
-    def share() -> float:
-        vals = [model(x_t, t, y)[1][0].kept_share(natural=True).mean().item() for x_t, t, y in inputs]
+    def kept_share() -> float:
+        vals = [m(x_t, t, y)[1][0].kept_share(natural=True).mean().item() for x_t, t, y in inputs]
         return float(np.mean(vals))
 
-    was_training = model.training
-    model.eval()
+    scores = []
+    hook = conv.register_forward_hook(lambda mod, args, out: scores.append(
+        (out.float() - mod.bias.float().view(1, -1, *([1] * (out.dim() - 2)))).reshape(out.shape[0], -1)))
+    was_training = m.training
+    m.eval()
     try:
-        reached = calibrate_router_bias(model, target, share_fn=share, tol=0.005)
+        for x_t, t, y in inputs:
+            m(x_t, t, y)
+        hook.remove()
+        s = torch.cat(scores)[:, 1:-1].reshape(-1).double()  # the first and last tokens are kept anyway
+        L = scores[0].shape[1]
+        k = int(round(min(max(target * L - 2, 0.0), L - 2) / (L - 2) * len(s)))  # free tokens to keep
+        top = torch.sort(s, descending=True).values
+        if k <= 0:
+            bias = -float(top[0]) - 1.0
+        elif k >= len(s):
+            bias = -float(top[-1]) + 1.0
+        else:
+            bias = -0.5 * float(top[k - 1] + top[k])
+        conv.bias.fill_(bias)
+        reached = kept_share()
     finally:
-        model.train(was_training)
-    bias = float(model.routing_module.residual_scorer[-1].bias.item())
+        hook.remove()
+        m.train(was_training)
     return {"target": target, "kept_share": reached, "bias": bias, "on": "noise" if images is None else "data",
             "timesteps": [int(t) for t in ts]}
 
