@@ -194,3 +194,21 @@ def test_upcycle_cli_bad_calibration_options(tmp_path, capsys):
         assert msg in capsys.readouterr().err
     assert main(["upcycle", "--dit", "pretrained:nope", "--preset", "DC-DiT-MNIST-N4"]) == 2
     assert "unknown pretrained model 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_upcycle_finetune_benchmark_smoke(tmp_path):
+    """benchmarks/upcycle_finetune.py end to end at 5 steps (the 500-step comparison is the lead's run)."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("mnist")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "upcycle_finetune.py"
+    spec = importlib.util.spec_from_file_location("upcycle_finetune", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--out", str(tmp_path / "ft"), "--smoke", "--classifier", str(tmp_path / "none")]) == 0
+    res = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert set(res["runs"]) == {"upcycled", "scratch", "upcycled_init"} and res["steps"] == 5
+    assert abs(res["init_kept_share"] - 0.25) <= 1 / 256
+    assert all(0 <= r["class_acc"] <= 1 and r["n"] == 10 for r in res["runs"].values())
