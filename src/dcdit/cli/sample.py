@@ -135,6 +135,9 @@ def run(args) -> int:
         decode, keep_latents = None, False
         if latent:
             if args.vae is None:
+                if args.npz is None:  # nothing could be written: say so before sampling, not after
+                    raise ValueError(f"--grid {args.grid}: {args.ckpt} samples latents, and a grid needs them decoded: "
+                                     "give --vae DIR (a local diffusers AutoencoderKL), or --npz to keep the raw latents")
                 keep_latents = True
                 if rank == 0:
                     warnings.warn("latent model without --vae: saving raw latents (npz keys 'latents', 'labels'); "

@@ -94,9 +94,37 @@ def _shape(src: ImageSource) -> str:
     return f"{h}x{w}, {src.channels} channel{'s' if src.channels != 1 else ''}"
 
 
+GRAY_CHECK_IMAGES = 64  # images of a 3-channel set read to tell gray-repeated-to-RGB from colour
+
+
+def is_gray_rgb(src: ImageSource, n: int = GRAY_CHECK_IMAGES) -> bool:
+    """True when the first ``n`` images of a 3-channel set have R == G == B (gray repeated to RGB)."""
+    if src.channels != 3:
+        return False
+    for batch in src.iter_batches(n):
+        return bool((batch[..., 0] == batch[..., 1]).all() and (batch[..., 0] == batch[..., 2]).all())
+    return True
+
+
 def _check_same_kind(smp: _Side, ref: _Side) -> None:
+    """Same image size and channels, where gray and gray repeated to RGB count as the same images.
+
+    Every feature network sees gray images repeated to RGB (Inception) or RGB
+    as gray (a 1-channel classifier), so a 1-channel set (``dcdit sample
+    --npz`` of an MNIST model) and a 3-channel one whose channels are equal
+    (``dcdit reference``'s ADM-format file) give the same features.
+    """
     a, b = smp.images, ref.images
-    if a is not None and b is not None and (tuple(a.image_size) != tuple(b.image_size) or a.channels != b.channels):
+    if a is None or b is None:
+        return
+    if tuple(a.image_size) == tuple(b.image_size) and {a.channels, b.channels} == {1, 3}:
+        rgb = a if a.channels == 3 else b
+        if is_gray_rgb(rgb):
+            return
+        raise ValueError(f"samples {a.name} ({_shape(a)}) and reference {b.name} ({_shape(b)}) differ in "
+                         f"channels and {rgb.name} is in colour (its first images are not gray repeated to RGB): "
+                         "compare sets of the same kind")
+    if tuple(a.image_size) != tuple(b.image_size) or a.channels != b.channels:
         raise ValueError(f"samples {a.name} ({_shape(a)}) and reference {b.name} ({_shape(b)}) differ in image "
                          "size or channels: compare sets of the same kind")
 
