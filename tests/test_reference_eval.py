@@ -77,6 +77,16 @@ def test_evaluate_takes_gray_and_gray_repeated_to_rgb_as_the_same_images(tmp_pat
                  MeanColour(), use_cache=False)
 
 
+def test_evaluate_says_when_kid_resamples_a_small_set():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    with pytest.warns(UserWarning, match=r"KID: subsets of 30, not 1000: the samples has only 30 images, "
+                                         r"resampled with replacement .* bootstrap spread"):
+        out = evaluate(a, b, "kid", MeanColour(), use_cache=False)
+    assert out["kid_subset_size"] == 30 and out["kid_std"] > 0
+
+
 def test_evaluate_device_is_auto(monkeypatch):
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

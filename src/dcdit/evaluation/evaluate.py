@@ -35,6 +35,7 @@ from dcdit.evaluation.metrics import (
     frechet_distance,
     inception_score,
     kernel_inception_distance,
+    kid_subset_plan,
     precision_recall,
 )
 from dcdit.evaluation.stats import FeatureSet, compute_feature_set, load_stats
@@ -177,8 +178,6 @@ def evaluate(
         except ValueError as e:
             if not allow_mismatch:
                 raise ValueError(f"{e} (or pass --allow-mismatch)") from None
-            import warnings
-
             warnings.warn(f"{e}; comparing anyway (--allow-mismatch)", stacklevel=2)
     if isinstance(extractor, str):
         extractor = build_extractor(extractor, batch_size=batch_size, device=device)
@@ -264,6 +263,15 @@ def evaluate(
             result["kid"], result["kid_std"] = kernel_inception_distance(
                 s_fs.features, r_fs.features, num_subsets=kid_subsets, max_subset_size=kid_subset_size
             )
+            plan = kid_subset_plan(len(s_fs.features), len(r_fs.features), kid_subset_size)
+            result["kid_subset_size"] = plan["subset_size"]
+            if plan["bootstrap"]:  # the subset size shrank to a set's size: say so, and what the ± then means
+                sets = " and ".join(("samples", "reference")[i - 1] for i in plan["bootstrap"])
+                warnings.warn(f"KID: subsets of {plan['subset_size']}, not {kid_subset_size}: the {sets} "
+                              f"{'have' if len(plan['bootstrap']) > 1 else 'has'} only {plan['subset_size']} "
+                              f"images, resampled with replacement for each of the {kid_subsets} subsets, so "
+                              "± is a bootstrap spread (how much KID moves with another draw of that many images)",
+                              stacklevel=2)
         elif m == "acc":
             labels = smp.labels[: s_fs.n]
             result["acc"] = class_accuracy(s_fs.probs, labels)
@@ -297,7 +305,7 @@ def format_table(result: dict) -> str:
             if key + "_std" in result:
                 text += f" ± {result[key + '_std']:.{6 if key == 'kid' else 4}f}"
             rows.append(({"sfid": "sFID"}.get(key, key.upper() if key in ("fid", "is", "kid") else key), text))
-    for key in ("feature", "n_samples", "n_reference", "reference_stats"):
+    for key in ("feature", "n_samples", "n_reference", "kid_subset_size", "reference_stats"):
         if key in result:
             rows.append((key, str(result[key])))
     width = max(len(k) for k, _ in rows)
