@@ -225,13 +225,23 @@ def evaluate(
         if side.images is None:
             return load_stats(side.stored.path, spatial=True) if ex is spatial else side.stored
         n = len(side.images)
-        log(f"{side.role}: extracting {ex.name} features of {n} images from {side.images.name}")
         from tqdm.auto import tqdm
+
+        extracted = []
+
+        def on_extract() -> None:
+            extracted.append(True)
+            log(f"{side.role}: extracting {ex.name} features of {n} images from {side.images.name}")
 
         with tqdm(total=n, desc=f"{side.role} {ex.name}", unit="img", disable=not progress, file=sys.stderr,
                   leave=False) as bar:
-            return compute_feature_set(side.images, ex, want_probs=want_probs, cache_dir=cache_dir,
-                                       use_cache=use_cache, progress=lambda done: bar.update(done - bar.n))
+            fs = compute_feature_set(side.images, ex, want_probs=want_probs, cache_dir=cache_dir,
+                                     use_cache=use_cache, progress=lambda done: bar.update(done - bar.n),
+                                     on_extract=on_extract)
+        if not extracted:
+            log(f"{side.role}: {ex.name} features of {n} images from {side.images.name} read from the cache "
+                f"({fs.path})")
+        return fs
 
     result: dict = {"feature": extractor.name}
     s_fs = features_of(smp, bool(need_probs))

@@ -202,7 +202,11 @@ class DCDiTConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown DC-DiT config key(s): {', '.join(unknown)}")
+            import difflib
+
+            hints = [f"{k} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, sorted(names), n=1))
+                     else k for k in unknown]
+            raise ValueError(f"unknown DC-DiT config key(s): {', '.join(hints)}")
         return cls(**d)
 
 
