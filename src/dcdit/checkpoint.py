@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -78,8 +79,6 @@ def load_pickle_state_dict(path: str | os.PathLike, trust_pickle: bool = False, 
 def _torch_load_problem(e: Exception, trust_pickle: bool) -> str:
     """One line for why ``torch.load`` refused a file (PyTorch's own text is a page that advises
     ``weights_only=False``, which dcdit never does on its own)."""
-    import re
-
     text = str(e)
     if "Weights only load failed" in text:  # a pickle holding more than tensors and plain containers
         m = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global| Please|\n\n|$)", text, re.S)

@@ -21,6 +21,7 @@ patch 2, 10 blocks at width 128), which the shipped MNIST DiTs upcycle into.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -202,8 +203,6 @@ class DCDiTConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            import difflib
-
             hints = [f"{k} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, sorted(names), n=1))
                      else k for k in unknown]
             raise ValueError(f"unknown DC-DiT config key(s): {', '.join(hints)}")

@@ -18,6 +18,7 @@ expected int, got 'abc'"). ``_base_: other.yaml`` inherits from another file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -317,8 +318,6 @@ def _convert(value: Any, tp, key: str) -> Any:
 
 def did_you_mean(key: Any, names, prefix: str = "") -> str:
     """``"; did you mean 'train.steps'?"`` for the closest of ``names`` to a misspelt ``key`` (difflib), else ``""``."""
-    import difflib
-
     close = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6)
     return f"; did you mean '{prefix}{close[0]}'?" if close else ""
 

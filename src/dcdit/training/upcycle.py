@@ -28,6 +28,7 @@ run directory holding a DiT, or ``pretrained:NAME``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -38,8 +39,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dcdit.data import build_dataset
+from dcdit.diffusion.schedules import get_named_beta_schedule
 from dcdit.pretrained import PREFIX as PRETRAINED_PREFIX
 from dcdit.pretrained import resolve_pretrained
+from dcdit.sampling.generate import read_train_config
+from dcdit.sampling.guidance import model_info
+from dcdit.utils import unwrap
 
 __all__ = ["upcycle", "upcycle_into", "calibrate_router", "router_target_share", "calibration_images",
            "load_dit_state", "describe_dit", "dit_diffusion_settings"]
@@ -187,8 +193,6 @@ def dit_diffusion_settings(dit_path: str | Path, state: dict, dit_config: Option
     linear schedule over 1000 steps, marked ``"recorded": False`` (with
     ``"recorded": True`` also the run's ``data_source``).
     """
-    from dcdit.sampling.generate import read_train_config
-
     cfg = dit_config or {}
     final = state.get("final_layer.linear.weight")
     info = describe_dit(state)
@@ -223,11 +227,6 @@ def calibration_images(data, model: nn.Module, n: int = 64, seed: int = 0) -> tu
     The source is read at the model's input size and channel count (latent
     sources as stored); a data set whose shape still differs is a ValueError.
     """
-    import dataclasses
-
-    from dcdit.data import build_dataset
-    from dcdit.sampling.guidance import model_info
-
     info = model_info(model)
     if data.source != "latents":
         data = dataclasses.replace(data, image_size=data.image_size or info["input_hw"][0],
@@ -266,10 +265,6 @@ def calibrate_router(model: nn.Module, images: Optional[torch.Tensor] = None, la
     pass: that measurement is the returned ``kept_share``. Returns
     ``{"target", "kept_share", "bias", "on", "timesteps"}``.
     """
-    from dcdit.diffusion.schedules import get_named_beta_schedule
-    from dcdit.sampling.guidance import model_info
-    from dcdit.utils import unwrap
-
     m = unwrap(model)
     conv = getattr(getattr(getattr(m, "routing_module", None), "residual_scorer", None), "__getitem__", None)
     if conv is None or getattr(m.routing_module, "spatial_dims", 2) != 2:
