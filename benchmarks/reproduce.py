@@ -554,10 +554,16 @@ def stage_upcycle(ctx: Ctx, seed: int) -> dict:
 
     def make_init():
         from dcdit.checkpoint import save_model_dir
+        from dcdit.data import DataConfig
         from dcdit.training.upcycle import upcycle
 
+        # The library's one upcycling path (as `dcdit upcycle --data-source mnist`): blocks and t/y
+        # embedders copied, the DiT's prediction carried over, the router calibrated on noised MNIST
+        # training images to keep 1/N of the tokens at init. (Runs cached before issue 29 were
+        # upcycled without the calibration: their router started at ~0.8 % kept.)
         model, summary = upcycle(ctx.out / "runs" / f"dit4_s{seed}", model_section(s, "dcdit_n4")["preset"],
-                                 dcdit_overrides(s))
+                                 dcdit_overrides(s), data=DataConfig(source="mnist", split="train", image_size=32),
+                                 seed=seed)
         save_model_dir(init_dir, model, model)
         return {k: v for k, v in summary.items() if k != "dit"}
 

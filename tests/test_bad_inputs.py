@@ -51,9 +51,12 @@ class Case:
     def resume(self, *items) -> list[str]:
         return ["train", "--resume", str(self.run)] + sets(["train.steps=2", *items])
 
-    def npz(self, labels, name="data.npz", size=8, channels=3, key="arr_1") -> Path:
+    def npz(self, labels, name="data.npz", size=8, channels=3, key="arr_1", red=False) -> Path:
         path = self.tmp / name
-        np.savez(path, arr_0=np.zeros((len(labels), size, size, channels), np.uint8), **{key: np.asarray(labels)})
+        images = np.zeros((len(labels), size, size, channels), np.uint8)
+        if red:  # colour, not gray repeated to RGB
+            images[..., 0] = 255
+        np.savez(path, arr_0=images, **{key: np.asarray(labels)})
         return path
 
     def edit_json(self, path: Path, fn) -> Path:
@@ -167,9 +170,9 @@ CASES = {
     "evaluate image sizes differ": lambda c: (
         ["evaluate", str(c.npz([0, 1], "a.npz", size=8)), str(c.npz([0, 1], "b.npz", size=16))],
         ["a.npz", "b.npz", "8x8", "16x16"]),
-    "evaluate channels differ": lambda c: (
-        ["evaluate", str(c.npz([0, 1], "a.npz", channels=1)), str(c.npz([0, 1], "b.npz", channels=3))],
-        ["a.npz", "b.npz", "1 channel", "3 channels"]),
+    "evaluate channels differ": lambda c: (  # gray against colour (gray against gray-as-RGB is accepted: issue 29)
+        ["evaluate", str(c.npz([0, 1], "a.npz", channels=1)), str(c.npz([0, 1], "b.npz", channels=3, red=True))],
+        ["a.npz", "b.npz", "1 channel", "3 channels", "in colour"]),
     "evaluate float labels": lambda c: (
         ["evaluate", str(c.npz([0.5, 1], "a.npz")), str(c.npz([0, 1], "b.npz")), "--metrics", "fid"],
         ["a.npz", "arr_1", "integer"]),

@@ -155,7 +155,12 @@ def test_bad_configs_raise_value_error(bad):
 
 
 def test_presets_match_reference_layout():
-    assert len(DCDIT_PRESETS) == 8
+    assert len(DCDIT_PRESETS) == 9
+    # the CPU-scale preset is the reproduction's DC-DiT, the architecture of pretrained:mnist-repro-dcdit-n4
+    from dcdit.pretrained import resolve_pretrained
+
+    mnist = model_config(build_dcdit("DC-DiT-MNIST-N4", in_channels=1, num_classes=10, prediction="v"))
+    assert mnist == json.loads((resolve_pretrained("pretrained:mnist-repro-dcdit-n4") / "config.json").read_text())
     b = DCDIT_PRESETS["DC-DiT-B-N4"]
     assert b["arch_layout"] == ["c2", ["D12"], "c2"] and b["d_model"] == [768, 768]
     assert b["num_heads"] == [12, 12] and b["enc_dec_dim_factor"] == [4, None] and b["downsample_factor"] == 4.0

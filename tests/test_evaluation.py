@@ -199,6 +199,45 @@ def test_kid_same_vs_different():
     assert abs(same) < 0.05 and diff > 10 * abs(same) and diff > 0.1
 
 
+def _full_set_kid(x, y):
+    d, m = x.shape[1], len(x)
+    kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
+    return (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
+
+
+def test_kid_subsets_of_large_sets_are_unchanged():
+    """Sets larger than the subset size: subsets without replacement, exactly the usual KID."""
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(300, 8)), rng.normal(size=(250, 8)) + 0.3
+    mean, std = kernel_inception_distance(a, b, num_subsets=7, max_subset_size=100, seed=3)
+    draw = np.random.default_rng(3)
+    vals = [_full_set_kid(a[draw.choice(300, 100, replace=False)], b[draw.choice(250, 100, replace=False)])
+            for _ in range(7)]
+    assert mean == pytest.approx(np.mean(vals), rel=1e-12) and std == pytest.approx(np.std(vals), rel=1e-9)
+
+
+def test_kid_on_a_small_set_has_a_bootstrap_spread():
+    """Issue 29: 200 vs 200 features at subset size 1000 printed ± 0 (every subset was the whole set).
+    Now the sets are resampled with replacement: a real spread, close to the spread of the full-set
+    KID over fresh draws, and a mean as unbiased as the full-set estimate."""
+    from dcdit.evaluation.metrics import kid_subset_plan
+
+    assert kid_subset_plan(200, 5000) == {"subset_size": 200, "bootstrap": [1]}
+    assert kid_subset_plan(5000, 5000) == {"subset_size": 1000, "bootstrap": []}
+    rng = np.random.default_rng(0)
+    full, means, stds = [], [], []
+    for _ in range(20):
+        a, b = rng.normal(size=(200, 16)), rng.normal(size=(200, 16)) + 0.2
+        mean, std = kernel_inception_distance(a, b, num_subsets=50)
+        full.append(_full_set_kid(a, b))
+        means.append(mean)
+        stds.append(std)
+    assert min(stds) > 0.01  # no longer 0
+    assert 0.5 < np.mean(stds) / np.std(full) < 2.0  # the spread means what it says
+    assert abs(np.mean(means) - np.mean(full)) < 0.1 * np.std(full)  # pairs of one feature left out: no bias
+    assert abs(np.mean(full) - 0.13) < 0.02  # the shift is seen (KID of identical distributions: 0)
+
+
 # --------------------------------------------------------------------------- classifier
 
 

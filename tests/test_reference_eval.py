@@ -57,6 +57,36 @@ def test_evaluate_warns_on_small_sets_and_refuses_mismatched_ones(tmp_path):
         evaluate(a[:2], a[:4], "fid", MeanColour(), use_cache=False)
 
 
+def test_evaluate_takes_gray_and_gray_repeated_to_rgb_as_the_same_images(tmp_path):
+    """Issue 29: `dcdit sample --npz` of an MNIST model (1 channel) against `dcdit reference` (gray repeated
+    to RGB, ADM's 3 channels) is the README's flow: the same images, so no error and the same score."""
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
+    other = rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
+    np.savez(tmp_path / "samples.npz", arr_0=gray, arr_1=np.arange(6))
+    np.savez(tmp_path / "ref.npz", arr_0=np.repeat(other, 3, -1), arr_1=np.arange(6))
+    mixed = evaluate(str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), "fid", MeanColour(), use_cache=False)
+    same = evaluate(gray, other, "fid", MeanColour(), use_cache=False)
+    assert mixed["fid"] == pytest.approx(same["fid"], rel=1e-12, abs=1e-9)
+    colour = np.repeat(other, 3, -1)
+    colour[0, 0, 0, 0] ^= 1  # one channel off by one: a colour image, not gray
+    with pytest.raises(ValueError, match=r"differ in channels and .* is in colour"):
+        evaluate(gray, colour, "fid", MeanColour(), use_cache=False)
+    with pytest.raises(ValueError, match=r"differ in image size or channels"):  # sizes still must agree
+        evaluate(gray, np.repeat(rng.integers(0, 256, (6, 16, 16, 1), dtype=np.uint8), 3, -1), "fid",
+                 MeanColour(), use_cache=False)
+
+
+def test_evaluate_says_when_kid_resamples_a_small_set():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    with pytest.warns(UserWarning, match=r"KID: subsets of 30, not 1000: the samples has only 30 images, "
+                                         r"resampled with replacement .* bootstrap spread"):
+        out = evaluate(a, b, "kid", MeanColour(), use_cache=False)
+    assert out["kid_subset_size"] == 30 and out["kid_std"] > 0
+
+
 def test_evaluate_device_is_auto(monkeypatch):
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

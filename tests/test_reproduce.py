@@ -34,6 +34,9 @@ def test_reproduce_smoke(tmp_path, capsys):
     assert res["shapes"][0]["per_t"][0]["auc"] is not None
     assert {p["init"] for p in res["upcycle"][0]["points"]} == {"scratch", "upcycled"}
     assert res["upcycle"][0]["init"]["params_copied"] > 0  # the DiT/4's blocks went into the DC-DiT
+    router = res["upcycle"][0]["init"]["router"]  # the library's calibration, on MNIST: ~1/N kept at init
+    assert router["on"] == "data" and router["data"] == "mnist" and abs(router["kept_share"] - 0.25) < 0.02
+    assert res["upcycle"][0]["init"]["diffusion"]["prediction"] == "v"  # the DiT/4's, carried over
     assert set(res["speed"][0]["images_per_sec"]) == set(repro.MODELS)
     # every claim of the issue is measured on the smoke run (held or not is the toy run's business)
     assert len(res["claims"]) == 7 and all(c["held"] is not None for c in res["claims"])

@@ -288,3 +288,14 @@ def test_cli_bench_side_by_side(tmp_path, capsys):
     assert rows[2]["gflops_per_step"] < rows[1]["gflops_per_step"]  # tail dropping saves compute
     assert all(r["images_per_second"] > 0 and len(r["seconds"]) == 1 for r in rows)
     assert "DC-DiT-S-N4" in capsys.readouterr().out
+
+
+def test_latent_model_grid_without_vae_is_an_error(tmp_path, capsys):
+    """Issue 29: --grid alone on a latent model without --vae used to exit 0 having written nothing."""
+    ck = save_model_dir(tmp_path / "latent", tiny_dcdit(in_channels=4))
+    grid = tmp_path / "g.png"
+    assert main(["sample", "--ckpt", str(ck), "--num-samples", "2", "--steps", "2", "--grid", str(grid),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs them decoded: give --vae DIR" in err and "--npz" in err
+    assert not grid.exists()

@@ -185,3 +185,97 @@ def test_readme_paths_are_the_ones_the_configs_read():
     base = yaml.safe_load((ROOT / "configs/imagenet256/base.yaml").read_text())
     assert _readme_option("extract-features", "--out") == base["data"]["path"]
     assert "latest ->" not in (ROOT / "configs/README.md").read_text()  # `latest` is a file, not a symlink
+
+
+# ----------------------------------------------------------------- issue 29: output that misleads, leftovers
+
+
+def test_sample_lines_say_what_they_measured(tmp_path, capsys):
+    """The budget's "achieved" under --flops first names the samples it covers; Lite-CFG shows both drops."""
+    npz = str(tmp_path / "s.npz")
+    base = ["sample", "--ckpt", "pretrained:mnist16-dcdit-n4", "--steps", "2", "--npz", npz, "--no-progress"]
+    assert main(base + ["--num-samples", "4", "--batch-size", "2", "--probe-size", "2", "--gflops", "0.04"]) == 0
+    cap = capsys.readouterr()
+    assert "counted on the first 2 samples: --flops all counts every one" in cap.out
+    assert "over the first 2 of 4 samples (--flops first counts FLOPs on the first batch" in cap.err
+    assert main(base + ["--num-samples", "2", "--cfg-scale", "2", "--uncond-drop", "0.5"]) == 0
+    assert "tail-drop 0.000 (conditional), 0.500 (unconditional)" in capsys.readouterr().out
+
+
+def test_errors_name_the_option_at_fault(tmp_path, capsys):
+    npz = str(tmp_path / "s.npz")
+    base = ["sample", "--ckpt", "pretrained:mnist16-dcdit-n4", "--npz", npz]
+    if not torch.cuda.is_available():
+        assert main(base + ["--device", "cuda"]) == 2
+        assert "--device: 'cuda' requested but CUDA is not available" in capsys.readouterr().err
+    assert main(base + ["--device", "gpu"]) == 2
+    assert "--device: unknown device 'gpu'" in capsys.readouterr().err
+    assert main(["bench", "--dit-ckpt", "pretrained:mnist16-dcdit-n4", "--dcdit-ckpt", "pretrained:mnist-dit4"]) == 2
+    assert "--dit-ckpt pretrained:mnist16-dcdit-n4 holds a DC-DiT: give it as --dcdit-ckpt (the two checkpoints " \
+           "look swapped)" in capsys.readouterr().err
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    torch.save({"x": np.arange(3)}, tmp_path / "numpy.pt")
+    assert main(["sample", "--ckpt", str(text), "--npz", npz]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "notes.pt: not a PyTorch checkpoint" in err
+    assert main(["sample", "--ckpt", str(tmp_path / "numpy.pt"), "--npz", npz]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a pickle holding more than tensors (Unsupported global" in err
+    assert "weights_only=False" not in err and "--trust-pickle" in err
+
+
+def test_sample_creates_a_missing_output_directory_and_says_so(tmp_path, capsys):
+    npz = tmp_path / "new" / "dir" / "s.npz"
+    assert main(["sample", "--ckpt", "pretrained:mnist16-dcdit-n4", "--num-samples", "1", "--steps", "1",
+                 "--npz", str(npz), "--no-progress"]) == 0
+    assert f"--npz: creating the directory {npz.parent}" in capsys.readouterr().err and npz.is_file()
+
+
+def test_train_failure_leaves_no_empty_run_dir_and_resume_of_a_finished_run_says_so(tmp_path, capsys):
+    from dcdit.training import load_train_config, train
+
+    bad = tmp_path / "bad"
+    with pytest.raises(ValueError, match="do not make a valid"):
+        train(load_train_config(None, TINY_DIT + ["train.steps=1", "model.overrides={depth: 0}"]), out=bad)
+    assert not bad.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(ValueError):
+        train(load_train_config(None, TINY_DIT + ["train.steps=1", "model.overrides={depth: 0}"]), out=kept)
+    assert kept.is_dir()  # a directory the user made stays
+    run = train(load_train_config(None, TINY_DIT + ["train.steps=1"]), out=tmp_path / "run")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert f"nothing to train: {run} is at step 1 and train.steps is 1" in capsys.readouterr().err
+
+
+def test_config_typos_get_a_suggestion():
+    from dcdit.models import build_dcdit
+    from dcdit.training import load_train_config
+
+    with pytest.raises(ValueError, match=r"unknown config key 'train.stpes'; did you mean 'train.steps'\?"):
+        load_train_config(None, ["train.stpes=3"])
+    with pytest.raises(ValueError, match=r"unknown config key 'optim.learning_rate'$"):  # nothing close: no guess
+        load_train_config(None, ["optim.learning_rate=3"])
+    with pytest.raises(ValueError, match=r"dmodel \(did you mean d_model\?\)"):
+        build_dcdit("DC-DiT-S-N4", dmodel=[64, 64])
+
+
+def test_visualize_on_a_dit_says_the_boundary_plot_is_skipped(tmp_path, capsys):
+    assert main(["visualize", "--ckpt", "pretrained:mnist-dit4", "--out", str(tmp_path / "v"), "--steps", "1",
+                 "--per-class", "1", "--rows", "1", "--classes", "0"]) == 0
+    assert "not a DC-DiT): skipping boundary_maps.png" in capsys.readouterr().err
+    assert not (tmp_path / "v" / "boundary_maps.png").exists() and (tmp_path / "v" / "class_grid.png").exists()
+
+
+def test_cached_evaluate_says_it_read_the_cache(tmp_path):
+    from dcdit.evaluation import evaluate
+    from test_reference_eval import MeanColour
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8) for _ in range(2))
+    for expect in ("extracting mean-colour features of 8 images", "read from the cache"):
+        lines = []
+        evaluate(a, b, "fid", MeanColour(), cache_dir=tmp_path / "c", log=lines.append)
+        assert sum(expect in line for line in lines) == 2, lines

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -78,8 +79,7 @@ def load_pickle_state_dict(path: str | os.PathLike, trust_pickle: bool = False, 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as e:  # truncated zip, unpickling refused, ...
-        hint = "" if trust_pickle else " (loaded with weights_only=True; pass trust_pickle only for files you trust)"
-        raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}{hint}") from None
+        raise ValueError(f"cannot read checkpoint {path}: {_torch_load_problem(e, trust_pickle)}") from None
     if isinstance(obj, dict):
         for key in (prefer, "ema", "model", "state_dict"):
             if key in obj and isinstance(obj[key], dict):
@@ -87,6 +87,20 @@ def load_pickle_state_dict(path: str | os.PathLike, trust_pickle: bool = False, 
         if all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
     raise ValueError(f"{path} holds no recognisable state dict (expected tensors, or an 'ema'/'model' entry)")
+
+
+def _torch_load_problem(e: Exception, trust_pickle: bool) -> str:
+    """One line for why ``torch.load`` refused a file (PyTorch's own text is a page that advises
+    ``weights_only=False``, which dcdit never does on its own)."""
+    text = str(e)
+    if "Weights only load failed" in text:  # a pickle holding more than tensors and plain containers
+        m = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global| Please|\n\n|$)", text, re.S)
+        what = " ".join(m.group(1).split()) if m else "objects beyond tensors"
+        return (f"it is a pickle holding more than tensors ({what}), which dcdit reads only with "
+                "weights_only=True: re-save its state dict of tensors (or pass --trust-pickle where a command "
+                "takes it, only for files you trust)")
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    return f"not a PyTorch checkpoint ({type(e).__name__}: {first[:200]})"
 
 
 def infer_config(state: dict, path: str | os.PathLike = "weights") -> dict:

@@ -67,6 +67,14 @@ def run(args) -> int:
         dc_label = f"{Path(args.dcdit_ckpt).name} ({args.which})"
     else:
         dc, dc_label = build_named_model(dc_name, args.image_size, args.in_channels).to(device), dc_name
+    from dcdit.models import is_dcdit
+
+    if args.dit_ckpt and is_dcdit(dit):
+        raise ValueError(f"--dit-ckpt {args.dit_ckpt} holds a DC-DiT: give it as --dcdit-ckpt"
+                         + (" (the two checkpoints look swapped)" if args.dcdit_ckpt and not is_dcdit(dc) else ""))
+    if args.dcdit_ckpt and not is_dcdit(dc):
+        raise ValueError(f"--dcdit-ckpt {args.dcdit_ckpt} holds a {type(dc).__name__}, not a DC-DiT: give it as "
+                         "--dit-ckpt")
     di, ci = model_info(dit), model_info(dc)
     if (di["in_channels"], di["input_hw"]) != (ci["in_channels"], ci["input_hw"]):
         raise ValueError(f"the two models see different inputs: {dit_label} {di['in_channels']}x{di['input_hw']}, "

@@ -36,7 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--splits", type=int, default=10, help="IS splits (default: 10)")
     p.add_argument("--k", type=int, default=3, help="k for precision/recall (default: 3)")
     p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default: 100)")
-    p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (default: 1000)")
+    p.add_argument("--kid-subset-size", type=int, default=1000,
+                   help="KID subset size (default: 1000); a set with fewer images is resampled with replacement "
+                        "(a bootstrap: ± is then its spread; a warning says so)")
     p.add_argument("--input-range", type=_range, default=None,
                    help="torchscript only: value range the network expects, LOW,HIGH (default: 0,255)")
     p.add_argument("--input-size", type=int, default=None,

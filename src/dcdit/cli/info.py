@@ -45,14 +45,23 @@ def run(args) -> int:
     from dcdit.models import DCDIT_PRESETS
 
     print()
-    print("DC-DiT presets (patch-1 stem, L = %d tokens): main network counted at the nominal K = L/N kept" % latent**2)
-    print("tokens, scaffold (stem, encoder, router, dechunk, decoder, final layer) on a real forward.")
+    print("DC-DiT presets (patch-1 stem, L = %d tokens; DC-DiT-MNIST-N4: patch 2, L = %d): main network counted"
+          % (latent**2, (latent // 2) ** 2))
+    print("at the nominal K = L/N kept tokens, scaffold (stem, encoder, router, dechunk, decoder, final layer) on a")
+    print("real forward.")
     print(f"{'model':<16} {'params (M)':>11} {'kept':>8} {'GMACs':>9} {'scaffold':>9}")
+    skipped = []
     for name in DCDIT_PRESETS:
         if args.filter not in name:
             continue
+        if latent % DCDIT_PRESETS[name].get("patch_size", 1):
+            skipped.append(name)
+            continue
         r = nominal_dcdit_report(name, input_size=latent)
         print(f"{name:<16} {r['params'] / 1e6:>11.1f} {r['kept']:>8d} {r['macs'] / 1e9:>9.2f} {r['scaffold_macs'] / 1e9:>9.2f}")
+    if skipped:
+        print(f"(DC-DiT presets not shown: {', '.join(skipped)}: the patch size does not divide the "
+              f"{latent}x{latent} latent)")
     print_pretrained(args.filter)
     return 0
 

@@ -109,11 +109,16 @@ def run(args) -> int:
     if args.probe_size < 1 or (args.probe_steps is not None and args.probe_steps < 1):
         raise ValueError("--probe-size and --probe-steps must be positive")
 
-    dist_info = setup(args.device)
+    dist_info = setup(args.device, what="--device")
     rank, world = dist_info.rank, dist_info.world_size
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else (lambda s: None)
     done = False  # teardown meets the other ranks at a barrier only on success (on an error they may never come)
     try:
+        for opt, target in (("--npz", args.npz), ("--grid", args.grid), ("--stats-json", args.stats_json)):
+            parent = None if target is None else Path(target).parent
+            if parent is not None and not parent.is_dir() and rank == 0:  # made now, said once, not hours later
+                log(f"{opt}: creating the directory {parent}")
+                parent.mkdir(parents=True, exist_ok=True)
         model = load_model(args.ckpt, which=args.which, map_location=dist_info.device,
                            allow_nonfinite=args.allow_nonfinite)
         info = model_info(model)
@@ -136,6 +141,9 @@ def run(args) -> int:
         decode, keep_latents = None, False
         if latent:
             if args.vae is None:
+                if args.npz is None:  # nothing could be written: say so before sampling, not after
+                    raise ValueError(f"--grid {args.grid}: {args.ckpt} samples latents, and a grid needs them decoded: "
+                                     "give --vae DIR (a local diffusers AutoencoderKL), or --npz to keep the raw latents")
                 keep_latents = True
                 if rank == 0:
                     warnings.warn("latent model without --vae: saving raw latents (npz keys 'latents', 'labels'); "
@@ -177,8 +185,13 @@ def run(args) -> int:
         }
         msg = (f"{args.num_samples} samples ({args.sampler}, {args.steps} steps, {world} process(es)) in "
                f"{merged.seconds:.1f}s = {summary['images_per_second']:.2f} img/s; tail-drop {fraction:.3f}")
+        if args.uncond_drop is not None:  # Lite-CFG: the unconditional half drops its own share
+            msg += f" (conditional), {args.uncond_drop:.3f} (unconditional)"
         if st is not None and st.gflops_per_step is not None:
-            msg += f"; {st.gflops_per_step:.4g} GFLOPs/image/step ({st.gflops_per_image:.4g} per image)"
+            msg += f"; {st.gflops_per_step:.4g} GFLOPs/image/step ({st.gflops_per_image:.4g} per image"
+            n_flops = st.flops_per_step.shape[1]
+            msg += f", counted on the first {n_flops} samples: --flops all counts every one)" if (
+                n_flops < args.num_samples) else ")"
         if st is not None and st.mean_kept_share is not None:
             msg += f"; kept share {st.mean_kept_share[0]:.3f}"
         print(msg)
@@ -215,8 +228,10 @@ def budget_check(budget, stats, n_probe: int, n_run: int, short_probe: bool) -> 
     if achieved is None:
         return None
     err = (achieved - budget.value) / budget.value
-    msg = (f"budget: target {budget.kind} {budget.value:g}, achieved {achieved:.4g} {unit} over "
-           f"{n_measured} samples ({err:+.1%})")
+    over = f"{n_measured} samples" if n_measured is None or n_measured >= n_run else (
+        f"the first {n_measured} of {n_run} samples (--flops first counts FLOPs on the first batch; --flops all "
+        "counts every one)")
+    msg = f"budget: target {budget.kind} {budget.value:g}, achieved {achieved:.4g} {unit} over {over} ({err:+.1%})"
     if abs(err) > budget.tolerance:
         why = []
         if short_probe:

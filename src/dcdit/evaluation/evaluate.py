@@ -35,6 +35,7 @@ from dcdit.evaluation.metrics import (
     frechet_distance,
     inception_score,
     kernel_inception_distance,
+    kid_subset_plan,
     precision_recall,
 )
 from dcdit.evaluation.stats import FeatureSet, compute_feature_set, load_stats
@@ -94,9 +95,37 @@ def _shape(src: ImageSource) -> str:
     return f"{h}x{w}, {src.channels} channel{'s' if src.channels != 1 else ''}"
 
 
+GRAY_CHECK_IMAGES = 64  # images of a 3-channel set read to tell gray-repeated-to-RGB from colour
+
+
+def is_gray_rgb(src: ImageSource, n: int = GRAY_CHECK_IMAGES) -> bool:
+    """True when the first ``n`` images of a 3-channel set have R == G == B (gray repeated to RGB)."""
+    if src.channels != 3:
+        return False
+    for batch in src.iter_batches(n):
+        return bool((batch[..., 0] == batch[..., 1]).all() and (batch[..., 0] == batch[..., 2]).all())
+    return True
+
+
 def _check_same_kind(smp: _Side, ref: _Side) -> None:
+    """Same image size and channels, where gray and gray repeated to RGB count as the same images.
+
+    Every feature network sees gray images repeated to RGB (Inception) or RGB
+    as gray (a 1-channel classifier), so a 1-channel set (``dcdit sample
+    --npz`` of an MNIST model) and a 3-channel one whose channels are equal
+    (``dcdit reference``'s ADM-format file) give the same features.
+    """
     a, b = smp.images, ref.images
-    if a is not None and b is not None and (tuple(a.image_size) != tuple(b.image_size) or a.channels != b.channels):
+    if a is None or b is None:
+        return
+    if tuple(a.image_size) == tuple(b.image_size) and {a.channels, b.channels} == {1, 3}:
+        rgb = a if a.channels == 3 else b
+        if is_gray_rgb(rgb):
+            return
+        raise ValueError(f"samples {a.name} ({_shape(a)}) and reference {b.name} ({_shape(b)}) differ in "
+                         f"channels and {rgb.name} is in colour (its first images are not gray repeated to RGB): "
+                         "compare sets of the same kind")
+    if tuple(a.image_size) != tuple(b.image_size) or a.channels != b.channels:
         raise ValueError(f"samples {a.name} ({_shape(a)}) and reference {b.name} ({_shape(b)}) differ in image "
                          "size or channels: compare sets of the same kind")
 
@@ -149,8 +178,6 @@ def evaluate(
         except ValueError as e:
             if not allow_mismatch:
                 raise ValueError(f"{e} (or pass --allow-mismatch)") from None
-            import warnings
-
             warnings.warn(f"{e}; comparing anyway (--allow-mismatch)", stacklevel=2)
     if isinstance(extractor, str):
         extractor = build_extractor(extractor, batch_size=batch_size, device=device)
@@ -198,13 +225,23 @@ def evaluate(
         if side.images is None:
             return load_stats(side.stored.path, spatial=True) if ex is spatial else side.stored
         n = len(side.images)
-        log(f"{side.role}: extracting {ex.name} features of {n} images from {side.images.name}")
         from tqdm.auto import tqdm
+
+        extracted = []
+
+        def on_extract() -> None:
+            extracted.append(True)
+            log(f"{side.role}: extracting {ex.name} features of {n} images from {side.images.name}")
 
         with tqdm(total=n, desc=f"{side.role} {ex.name}", unit="img", disable=not progress, file=sys.stderr,
                   leave=False) as bar:
-            return compute_feature_set(side.images, ex, want_probs=want_probs, cache_dir=cache_dir,
-                                       use_cache=use_cache, progress=lambda done: bar.update(done - bar.n))
+            fs = compute_feature_set(side.images, ex, want_probs=want_probs, cache_dir=cache_dir,
+                                     use_cache=use_cache, progress=lambda done: bar.update(done - bar.n),
+                                     on_extract=on_extract)
+        if not extracted:
+            log(f"{side.role}: {ex.name} features of {n} images from {side.images.name} read from the cache "
+                f"({fs.path})")
+        return fs
 
     result: dict = {"feature": extractor.name}
     s_fs = features_of(smp, bool(need_probs))
@@ -236,6 +273,15 @@ def evaluate(
             result["kid"], result["kid_std"] = kernel_inception_distance(
                 s_fs.features, r_fs.features, num_subsets=kid_subsets, max_subset_size=kid_subset_size
             )
+            plan = kid_subset_plan(len(s_fs.features), len(r_fs.features), kid_subset_size)
+            result["kid_subset_size"] = plan["subset_size"]
+            if plan["bootstrap"]:  # the subset size shrank to a set's size: say so, and what the ± then means
+                sets = " and ".join(("samples", "reference")[i - 1] for i in plan["bootstrap"])
+                warnings.warn(f"KID: subsets of {plan['subset_size']}, not {kid_subset_size}: the {sets} "
+                              f"{'have' if len(plan['bootstrap']) > 1 else 'has'} only {plan['subset_size']} "
+                              f"images, resampled with replacement for each of the {kid_subsets} subsets, so "
+                              "± is a bootstrap spread (how much KID moves with another draw of that many images)",
+                              stacklevel=2)
         elif m == "acc":
             labels = smp.labels[: s_fs.n]
             result["acc"] = class_accuracy(s_fs.probs, labels)
@@ -269,7 +315,7 @@ def format_table(result: dict) -> str:
             if key + "_std" in result:
                 text += f" ± {result[key + '_std']:.{6 if key == 'kid' else 4}f}"
             rows.append(({"sfid": "sFID"}.get(key, key.upper() if key in ("fid", "is", "kid") else key), text))
-    for key in ("feature", "n_samples", "n_reference", "reference_stats"):
+    for key in ("feature", "n_samples", "n_reference", "kid_subset_size", "reference_stats"):
         if key in result:
             rows.append((key, str(result[key])))
     width = max(len(k) for k, _ in rows)

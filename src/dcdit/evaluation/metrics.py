@@ -148,9 +148,50 @@ def precision_recall(real_features, fake_features, k: int = 3, batch_size: int =
     return precision, recall
 
 
+def kid_subset_plan(n1: int, n2: int, max_subset_size: int = 1000) -> dict:
+    """How :func:`kernel_inception_distance` draws its subsets for sets of ``n1`` and ``n2`` features.
+
+    ``subset_size`` m = min(max_subset_size, n1, n2) (the KID convention of
+    StyleGAN2-ADA, clean-fid and torch-fidelity); ``bootstrap``: the sets
+    that have only m features, which every subset would take whole, so their
+    subsets are drawn with replacement instead (as the KID paper's own code,
+    Binkowski et al.'s ``polynomial_mmd_averages(replace=True)``, draws all of them).
+    """
+    m = min(max_subset_size, n1, n2)
+    return {"subset_size": m, "bootstrap": [i for i, n in ((1, n1), (2, n2)) if n <= m]}
+
+
+def _kid_draw(n: int, m: int, rng) -> tuple[np.ndarray, np.ndarray | None]:
+    """Indices of one subset of m of n features, and per-index counts when drawn with replacement (n <= m)."""
+    if n > m:
+        return rng.choice(n, m, replace=False), None
+    while True:  # a bootstrap resample; at least two distinct features, or no pair is left to average
+        counts = np.bincount(rng.integers(0, n, m), minlength=n).astype(np.float64)
+        if (counts > 0).sum() >= 2:
+            return np.arange(n), counts
+
+
+def _kid_within(k: np.ndarray, c: np.ndarray | None, m: int) -> float:
+    """Mean kernel value over pairs of distinct features of one subset (pairs of one feature left out)."""
+    if c is None:
+        return (k.sum() - np.trace(k)) / (m * (m - 1))
+    return (c @ k @ c - (c * c) @ np.diag(k)) / (m * m - (c * c).sum())
+
+
 def kernel_inception_distance(features1, features2, num_subsets: int = 100, max_subset_size: int = 1000,
                               seed: int = 0) -> tuple[float, float]:
-    """(mean, std) over subsets of the unbiased MMD^2 with kernel (x.y/D + 1)^3."""
+    """(mean, std) over ``num_subsets`` subsets of the unbiased MMD^2 with kernel (x.y/D + 1)^3.
+
+    Subsets hold m = min(max_subset_size, n1, n2) features (:func:`kid_subset_plan`).
+    A set larger than m gives each subset m of its features without
+    replacement (StyleGAN2-ADA / torch-fidelity); a set of only m features would
+    give every subset all of them, so it is resampled with replacement (a
+    bootstrap, as the KID paper's code does), pairs of one feature with itself
+    left out of the within-set means like the diagonal. The std is then the
+    bootstrap spread, an estimate of how much KID moves with another draw of
+    that many images, instead of 0. With sets of more than m features each
+    the result is the usual KID, unchanged.
+    """
     x = _check_features(features1, "features1")
     y = _check_features(features2, "features2")
     if x.shape[1] != y.shape[1]:
@@ -158,17 +199,25 @@ def kernel_inception_distance(features1, features2, num_subsets: int = 100, max_
     if num_subsets <= 0 or max_subset_size < 2:
         raise ValueError("KID needs num_subsets >= 1 and max_subset_size >= 2")
     d = x.shape[1]
-    m = min(x.shape[0], y.shape[0], max_subset_size)
+    m = kid_subset_plan(x.shape[0], y.shape[0], max_subset_size)["subset_size"]
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 features per set, got {x.shape[0]} and {y.shape[0]}")
     rng = np.random.default_rng(seed)
     vals = []
     for _ in range(num_subsets):
-        a = x[rng.choice(x.shape[0], m, replace=False)]
-        b = y[rng.choice(y.shape[0], m, replace=False)]
+        ia, ca = _kid_draw(x.shape[0], m, rng)
+        ib, cb = _kid_draw(y.shape[0], m, rng)
+        a, b = x[ia], y[ib]
         kxx = (a @ a.T / d + 1) ** 3
         kyy = (b @ b.T / d + 1) ** 3
         kxy = (a @ b.T / d + 1) ** 3
-        mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
-        vals.append(mmd)
+        if ca is None and cb is None:
+            cross = kxy.mean()
+        else:
+            wa = np.ones(len(ia)) if ca is None else ca
+            wb = np.ones(len(ib)) if cb is None else cb
+            cross = wa @ kxy @ wb / (m * m)
+        vals.append(_kid_within(kxx, ca, m) + _kid_within(kyy, cb, m) - 2 * cross)
     return float(np.mean(vals)), float(np.std(vals))
 
 

@@ -117,8 +117,11 @@ def cache_path(source: ImageSource | str, extractor_name: str, cache_dir=None) -
 
 
 def compute_feature_set(source: ImageSource, extractor, want_probs: bool = False, cache_dir=None,
-                        use_cache: bool = True, progress=None) -> FeatureSet:
-    """Features, probabilities and statistics of ``source``, via the cache if possible."""
+                        use_cache: bool = True, progress=None, on_extract=None) -> FeatureSet:
+    """Features, probabilities and statistics of ``source``, via the cache if possible.
+
+    ``on_extract()`` is called just before the feature network runs (not on a cache hit).
+    """
     fingerprint = source.fingerprint() if use_cache else None
     path = cache_path(fingerprint, extractor.name, cache_dir) if use_cache else None
     if path is not None and path.is_file():
@@ -128,6 +131,8 @@ def compute_feature_set(source: ImageSource, extractor, want_probs: bool = False
             fs = None  # unreadable cache entry: recompute and overwrite
         if fs is not None and fs.features is not None and (fs.probs is not None or not want_probs):
             return fs
+    if on_extract is not None:
+        on_extract()
     feats, probs = extractor.extract_batches(
         source.iter_batches(extractor.batch_size), want_probs=want_probs and extractor.has_probs, progress=progress
     )

@@ -15,10 +15,13 @@ D = 768 with 12 heads, 2 conv ResBlocks. S/L/XL keep that scaffold (c2 / c2,
 block stack and a DiT checkpoint upcycles into it. N = 4 and N = 16 share
 the architecture; they differ only in the ratio-loss target
 ``downsample_factor`` (the paper compares both against the iso-parameter DiT).
+DC-DiT-MNIST-N4 is the CPU-scale model of the reproduction (32x32 pixels,
+patch 2, 10 blocks at width 128), which the shipped MNIST DiTs upcycle into.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -200,7 +203,9 @@ class DCDiTConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown DC-DiT config key(s): {', '.join(unknown)}")
+            hints = [f"{k} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, sorted(names), n=1))
+                     else k for k in unknown]
+            raise ValueError(f"unknown DC-DiT config key(s): {', '.join(hints)}")
         return cls(**d)
 
 
@@ -216,3 +221,10 @@ _SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28,
 DCDIT_PRESETS: dict[str, dict] = {
     f"DC-DiT-{size}-N{n}": _preset(d, w, h, n) for size, (d, w, h) in _SIZES.items() for n in (4, 16)
 }
+# The CPU-scale DC-DiT of the v2 reproduction (`pretrained:mnist-repro-dcdit-n4`): a 2x2 patchify stem
+# (32x32 pixels -> a 16x16 grid), one conv ResBlock each side at width 128 / 8, and a main network of
+# 10 DiT blocks at width 128 with 4 heads: the block stack of `pretrained:mnist-dit4` / `mnist-dit2`,
+# so those upcycle into it (`dcdit upcycle --dit pretrained:mnist-dit4 --preset DC-DiT-MNIST-N4`).
+DCDIT_PRESETS["DC-DiT-MNIST-N4"] = dict(
+    _preset(10, 128, 4, 4), patch_size=2, arch_layout=["c1", ["D10"], "c1"], enc_dec_dim_factor=[8, None],
+    norm_groups=8)

@@ -18,6 +18,7 @@ expected int, got 'abc'"). ``_base_: other.yaml`` inherits from another file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -319,6 +320,12 @@ def _convert(value: Any, tp, key: str) -> Any:
     raise _err(key, f"expected {_type_name(tp)}, got {value!r}")
 
 
+def did_you_mean(key: Any, names, prefix: str = "") -> str:
+    """``"; did you mean 'train.steps'?"`` for the closest of ``names`` to a misspelt ``key`` (difflib), else ``""``."""
+    close = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
 def _to_dataclass(cls, data: Any, prefix: str = ""):
     if data is None:
         data = {}
@@ -328,7 +335,7 @@ def _to_dataclass(cls, data: Any, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
         if k not in names:
-            raise ValueError(f"unknown config key '{prefix}{k}'")
+            raise ValueError(f"unknown config key '{prefix}{k}'{did_you_mean(k, names, prefix)}")
     kwargs = {k: _convert(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
     return cls(**kwargs)
 

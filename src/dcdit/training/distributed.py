@@ -30,19 +30,23 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, what: str = "train.device") -> torch.device:
+    """``name`` ("auto", "cpu", "cuda", "cuda:K", ...) as a device; ``what`` names the option in errors."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{what}: unknown device {name!r} (auto, cpu, cuda or cuda:K)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"train.device: {name!r} requested but CUDA is not available")
+            raise ValueError(f"{what}: {name!r} requested but CUDA is not available")
         if dev.index is None:
             dev = torch.device(f"cuda:{local_rank}")
     return dev
 
 
-def setup(device: str = "auto") -> DistInfo:
+def setup(device: str = "auto", what: str = "train.device") -> DistInfo:
     """Join the process group described by torchrun's environment (WORLD_SIZE > 1), else run alone.
 
     Backend: nccl on CUDA, gloo on CPU. Multi-node works through torchrun's rendezvous.
@@ -50,7 +54,7 @@ def setup(device: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, what)
     if world <= 1:
         return DistInfo(device=dev)
     if dev.type == "cuda":

@@ -397,9 +397,10 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
     device = info.device
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    lock, run, done = None, None, False
+    lock, run, done, created = None, None, False, None
     try:
         run_dir, ckpt_dir = resolve_run_dir(cfg, out, resume, check_existing=False)
+        created = None if run_dir.exists() else run_dir  # removed again if this call fails leaving it empty
         # One training per run directory (rank 0 holds the lock; every rank learns the outcome).
         lock_error = None
         if info.is_main:
@@ -450,6 +451,9 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
         if dcdit:
             log.info("comp = compression L / kept tokens (product over stages): the router's own choice / "
                      "after tail dropping; N = 4 aims at ~4x")
+        if ckpt_dir is not None and step >= tc.steps:
+            log.info(f"nothing to train: {run_dir} is at step {step} and train.steps is {tc.steps}; "
+                     f"to train further, resume with --set train.steps=N (N > {step})")
 
         # ---- data loader from the current step on
         stream = StepStream(len(dataset), tc.global_batch_size, tc.seed)
@@ -602,6 +606,11 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
     finally:
         if lock is not None:
             lock.release()
+            if not done and created is not None:
+                try:  # a failed start leaves no empty run directory behind (only ever an empty one we made)
+                    created.rmdir()
+                except OSError:
+                    pass
         run = None  # the DDP wrapper holds the process group: teardown can free the group only once it is gone
         D.teardown(info, sync=done)  # every rank, every exit path; the final barrier only on success
 
