@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine decay (default: 2e-3)")
     p.add_argument("--width", type=int, default=32, help="channels of the first stage (default: 32)")
     p.add_argument("--feature-dim", type=int, default=256, help="penultimate feature size (default: 256)")
+    p.add_argument("--pool", default=None, choices=["mean", "max"],
+                   help="global pooling of the last feature map (default: max for canvas, else mean)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: 0)")
@@ -50,6 +52,7 @@ class _Part:
         self.channels = base.channels
         self.image_size = base.image_size
         self.num_classes = base.num_classes
+        self.classifier_pool = getattr(base, "classifier_pool", "mean")
 
     def __len__(self):
         return len(self.indices)
@@ -99,7 +102,7 @@ def run(args) -> int:
     t0 = time.time()
     model = train_classifier(
         train, steps=args.steps, batch_size=args.batch_size, lr=args.lr, width=args.width,
-        feature_dim=args.feature_dim, device=args.device, seed=args.seed, num_workers=args.workers,
+        feature_dim=args.feature_dim, pool=args.pool, device=args.device, seed=args.seed, num_workers=args.workers,
         log_every=max(1, min(100, args.steps // 10)), log=log,
     )
     meta = {"source": args.source, "data_path": args.data_path, "steps": args.steps, "seed": args.seed,

@@ -74,6 +74,9 @@ class CanvasDataset(DcditDataset):
         self.positions = canvas_positions(self.seed, np.arange(len(labels)), self.image_size)  # (n, 2)
         self.num_classes = check_labels(labels, 10, "canvas")
         self.is_latent, self.random_flip = False, bool(random_flip)
+        # the in-domain classifier's global pooling (dcdit.evaluation.train_classifier): a max over
+        # the feature map finds the digit wherever it is; a mean is diluted by the empty canvas
+        self.classifier_pool = "max"
 
     def canvas(self, i: int) -> np.ndarray:
         """Item ``i`` as a uint8 (S, S) gray canvas."""

@@ -7,7 +7,9 @@ its predictions give a class-accuracy score for conditional samples.
 
 Architecture (``SmallCNN``): three stages of two 3x3 convs (GroupNorm, SiLU;
 the second conv of each stage has stride 2) with widths w, 2w, 4w, global
-average pooling, ``Linear(4w -> feature_dim) + ReLU`` = the features, then
+average pooling (or global max pooling, ``pool="max"``: for objects anywhere on a
+mostly empty image, such as the ``canvas`` source, where an average is diluted by
+the background), ``Linear(4w -> feature_dim) + ReLU`` = the features, then
 ``Linear(feature_dim -> num_classes)`` = the logits.  Inputs are float NCHW
 in [-1, 1], as ``dcdit.data`` datasets return them.
 
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 
 WEIGHTS_NAME = "classifier.safetensors"
 CONFIG_NAME = "classifier.json"
+POOLS = ("mean", "max")
 
 
 @dataclass
@@ -41,9 +44,14 @@ class ClassifierConfig:
     image_size: int = 32
     width: int = 32
     feature_dim: int = 256
+    pool: str = "mean"  # global pooling of the last feature map: "mean" or "max"
 
     def __post_init__(self):
+        if self.pool not in POOLS:
+            raise ValueError(f"ClassifierConfig.pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
         for f in fields(self):
+            if f.name == "pool":
+                continue
             v = getattr(self, f.name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"ClassifierConfig.{f.name} must be a positive integer, got {v!r}")
@@ -80,7 +88,8 @@ class SmallCNN(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) in [-1, 1] -> (N, feature_dim) non-negative features."""
-        h = self.body(x).mean(dim=(2, 3))
+        h = self.body(x)
+        h = h.amax(dim=(2, 3)) if self.config.pool == "max" else h.mean(dim=(2, 3))
         return F.relu(self.proj(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,6 +269,7 @@ def train_classifier(
     weight_decay: float = 1e-4,
     width: int = 32,
     feature_dim: int = 256,
+    pool: str | None = None,
     device="cpu",
     seed: int = 0,
     num_workers: int = 0,
@@ -270,6 +280,8 @@ def train_classifier(
 
     AdamW with a cosine learning-rate decay to 0 over ``steps``, cross-entropy
     loss, a random circular shift of up to 2 pixels per batch as augmentation.
+    ``pool``: the global pooling (:class:`ClassifierConfig`); None takes the
+    dataset's ``classifier_pool`` attribute (canvas: "max"), else "mean".
     Returns the model in eval mode.
     """
     if steps <= 0:
@@ -278,7 +290,9 @@ def train_classifier(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     channels, image_size, num_classes = dataset_info(dataset)
     torch.manual_seed(seed)
-    cfg = ClassifierConfig(channels, num_classes, image_size, width, feature_dim)
+    if pool is None:
+        pool = getattr(dataset, "classifier_pool", "mean")
+    cfg = ClassifierConfig(channels, num_classes, image_size, width, feature_dim, pool)
     model = SmallCNN(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
