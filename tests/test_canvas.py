@@ -110,6 +110,7 @@ def test_canvas_classifier_pools_by_max_and_round_trips(tmp_path):
     x = torch.stack([data[i][0] for i in range(4)])
     back = load_classifier(save_classifier(clf, tmp_path / "c"))
     assert back.config.pool == "max" and torch.equal(back.features(x), clf.features(x))
+    assert all(m.padding_mode == "replicate" for m in clf.modules() if isinstance(m, torch.nn.Conv2d))
     assert torch.equal(clf.features(x), torch.relu(clf.proj(clf.body(x).amax(dim=(2, 3)))))
     meta = json.loads((tmp_path / "c" / "classifier.json").read_text())
     del meta["config"]["pool"]  # a classifier saved before the option: mean pooling, as it was trained

@@ -75,7 +75,8 @@ class CanvasDataset(DcditDataset):
         self.num_classes = check_labels(labels, 10, "canvas")
         self.is_latent, self.random_flip = False, bool(random_flip)
         # the in-domain classifier's global pooling (dcdit.evaluation.train_classifier): a max over
-        # the feature map finds the digit wherever it is; a mean is diluted by the empty canvas
+        # the feature map (with replicate padding) finds the digit wherever it is; a mean is
+        # diluted by the empty canvas
         self.classifier_pool = "max"
 
     def canvas(self, i: int) -> np.ndarray:

@@ -9,7 +9,10 @@ Architecture (``SmallCNN``): three stages of two 3x3 convs (GroupNorm, SiLU;
 the second conv of each stage has stride 2) with widths w, 2w, 4w, global
 average pooling (or global max pooling, ``pool="max"``: for objects anywhere on a
 mostly empty image, such as the ``canvas`` source, where an average is diluted by
-the background), ``Linear(4w -> feature_dim) + ReLU`` = the features, then
+the background; its convs then pad by replication, so the image border looks like
+the background: zero padding of a -1 background makes an edge at the border that a
+max finds in every image, and such a classifier stays at chance),
+``Linear(4w -> feature_dim) + ReLU`` = the features, then
 ``Linear(feature_dim -> num_classes)`` = the logits.  Inputs are float NCHW
 in [-1, 1], as ``dcdit.data`` datasets return them.
 
@@ -63,9 +66,9 @@ class ClassifierConfig:
             raise ValueError(f"ClassifierConfig.image_size must be at least 8, got {self.image_size}")
 
 
-def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
+def _block(cin: int, cout: int, stride: int, padding_mode: str = "zeros") -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride=stride, padding=1),
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, padding_mode=padding_mode),
         nn.GroupNorm(min(8, cout), cout),
         nn.SiLU(),
     )
@@ -77,11 +80,11 @@ class SmallCNN(nn.Module):
     def __init__(self, config: ClassifierConfig):
         super().__init__()
         self.config = config
-        w = config.width
+        w, pad = config.width, "replicate" if config.pool == "max" else "zeros"
         self.body = nn.Sequential(
-            _block(config.in_channels, w, 1), _block(w, w, 2),
-            _block(w, 2 * w, 1), _block(2 * w, 2 * w, 2),
-            _block(2 * w, 4 * w, 1), _block(4 * w, 4 * w, 2),
+            _block(config.in_channels, w, 1, pad), _block(w, w, 2, pad),
+            _block(w, 2 * w, 1, pad), _block(2 * w, 2 * w, 2, pad),
+            _block(2 * w, 4 * w, 1, pad), _block(4 * w, 4 * w, 2, pad),
         )
         self.proj = nn.Linear(4 * w, config.feature_dim)
         self.head = nn.Linear(config.feature_dim, config.num_classes)
