@@ -228,3 +228,21 @@ def test_trainer_runs_a_fixed_router(tmp_path, mode):
     share = [r["keep_natural_0"] for r in recs if "keep_natural_0" in r]
     if mode == "grid":
         assert share == [0.25, 0.25, 0.25]
+
+
+def test_flops_cli_counts_a_config_before_training(tmp_path, capsys):
+    import json
+
+    from dcdit.cli import main
+
+    (tmp_path / "c.yaml").write_text(
+        "model: {arch: dcdit, preset: DC-DiT-S-N4, overrides: {d_model: [64, 64], num_heads: [4, 4], "
+        "arch_layout: [c1, [D1], c1], enc_dec_dim_factor: [2, null]}}\n"
+        "data: {source: shapes, num_samples: 16, image_size: 8}\n")
+    out = tmp_path / "f.json"
+    assert main(["flops", "--config", str(tmp_path / "c.yaml"), "--set", "model.overrides.router_mode=grid",
+                 "--steps", "2", "--json", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["kept_share"] == 0.25  # 16 of the 8x8 grid's 64 tokens, every step
+    assert main(["flops", "--model", "DiT-S/8", "--set", "a.b=1"]) == 2  # --set needs --config
+    assert "--set overrides a --config" in capsys.readouterr().err
