@@ -79,7 +79,7 @@ def _classifier(out: Path, cfg, seed: int):
     print(f"[demo] training the independent classifier on {data.source} ({CLASSIFIER_STEPS} steps)")
     clf = train_classifier(build_dataset(data), steps=CLASSIFIER_STEPS, batch_size=128, seed=seed)
     held = None
-    if data.source == "mnist":
+    if data.source in ("mnist", "canvas"):
         data.split = "test"
         held = dataset_accuracy(clf, build_dataset(data))
     save_classifier(clf, path, extra={"test_accuracy": held})
@@ -284,7 +284,7 @@ def _class_names(source: str, classes: list[int]) -> list[str]:
         from dcdit.data.shapes import class_spec
 
         return [" ".join(class_spec(c)) for c in classes]
-    if source == "mnist":
+    if source in ("mnist", "canvas"):
         return [f"digit {c}" for c in classes]
     return [f"class {c}" for c in classes]
 

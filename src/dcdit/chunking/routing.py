@@ -6,6 +6,11 @@ SiLU -> conv1x1(r), p = sigmoid(logit). Predictable (smooth) regions score low.
 The first and last token of every sequence get p = 1; a token is a boundary
 (kept) iff p > 0.5. Tail dropping then removes the floor(f * n) kept tokens
 with the lowest p (elastic inference).
+
+Router modes (``DCDiTConfig.router_mode``), the controls that isolate what the
+learned router contributes: ``"learned"`` is the router above; ``"grid"`` and
+``"random"`` are fixed routers that keep 1/N of the tokens (N the stage's
+``downsample_factor``) without looking at them (:func:`fixed_routing`).
 """
 from __future__ import annotations
 
@@ -19,6 +24,14 @@ import torch.nn as nn
 from dcdit.chunking.packing import GroupNorm, PackedSeqs, packed_conv1d, packed_group_norm
 
 TailDrop = Union[float, torch.Tensor]
+
+ROUTER_MODES = ("learned", "grid", "random")
+_M32 = 0xFFFFFFFF
+
+
+def check_router_mode(mode) -> None:
+    if mode not in ROUTER_MODES:
+        raise ValueError(f"router_mode must be one of {', '.join(ROUTER_MODES)}, got {mode!r}")
 
 
 class STE(torch.autograd.Function):
@@ -154,6 +167,7 @@ def select_boundaries(
     tail_drop: TailDrop = 0.0,
     grid: Optional[tuple[int, int]] = None,
     padded: bool = False,
+    order: Optional[torch.Tensor] = None,
 ) -> StageRouting:
     """Apply the boundary rules to router probabilities (MECHANISM steps 5-6).
 
@@ -162,6 +176,8 @@ def select_boundaries(
     a drop fraction f, the floor(f * n_kept) kept tokens of lowest p are
     dropped (ties: lower raster index first). f is a number or a (B,) tensor;
     the count is computed in float32 exactly as the reference does.
+    ``order`` (B, M): the tail-drop key in place of p (lowest dropped first),
+    for the fixed routers, whose p is the same on every kept token.
     """
     natural = (prob > 0.5) & valid
     keep = natural
@@ -170,7 +186,7 @@ def select_boundaries(
         n = natural.sum(dim=1)  # (B,)
         frac = tail_drop.to(prob.device, torch.float32) if torch.is_tensor(tail_drop) else tail_drop
         n_drop = (n.float() * frac).long()  # floor, in float32 like the reference
-        key = prob.detach().masked_fill(~natural, float("inf"))
+        key = (prob if order is None else order).detach().masked_fill(~natural, float("inf"))
         order = torch.sort(key, dim=1, stable=True).indices
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(M, device=prob.device).expand(B, M))
         keep = natural & (rank >= n_drop[:, None])
@@ -179,11 +195,145 @@ def select_boundaries(
                         selected_prob=selected, grid=grid, padded=padded)
 
 
+# --------------------------------------------------------------------------- #
+#                 Fixed routers: the controls for the learned one             #
+# --------------------------------------------------------------------------- #
+
+def _mix32(z: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash on int64 tensors holding values in [0, 2^32) (no int64 overflow)."""
+    z = ((z >> 16) ^ z) * 0x45D9F3B & _M32
+    z = ((z >> 16) ^ z) * 0x45D9F3B & _M32
+    return (z >> 16) ^ z
+
+
+def sample_keys(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 keys in [0, 2^32): a hash of each sample's input bits and timestep.
+
+    The seed of the random router: a sample's boundaries depend on its own
+    input only (not on the batch it sits in, the device's random state or how
+    inference groups the batch), so a sampling run is reproducible from its
+    seed, and training, whose noised inputs differ every step, draws fresh
+    boundaries every step.
+    """
+    B = x.shape[0]
+    bits = x.detach().float().reshape(B, -1).contiguous().view(torch.int32).long() & _M32  # (B, CHW)
+    pos = _mix32(torch.arange(1, bits.shape[1] + 1, device=x.device, dtype=torch.long))
+    acc = _mix32(bits ^ pos).sum(dim=1) & _M32  # (B,) order-sensitive through pos
+    return _mix32(acc ^ _mix32(t.detach().long().reshape(B) & _M32))
+
+
+def lattice(n: int) -> tuple[int, int, int]:
+    """(row stride sy, column period sx, shift) of the regular 2D lattice that keeps 1 token in n.
+
+    Kept: (r, c) with r % sy == 0 and (c - shift * (r // sy)) % sx == 0, so
+    (0, 0) is always kept and the share is 1/n (exactly when sy divides the
+    grid's height and sx its width). n = sy * sx with sy the largest divisor of n
+    at most sqrt(n) when that is > 1: a rectangle lattice without shift (n = 4:
+    every 2nd token in each direction; 6: 2 x 3; 9: 3 x 3). Prime n (and 2, 3): one
+    token per row, shifted by round(sqrt(n)) columns per row (n = 2: the
+    checkerboard; n = 5: the square lattice spanned by (1, 2) and (2, -1)).
+    """
+    if not isinstance(n, int) or n < 2:
+        raise ValueError(f"a grid router keeps 1 token in n for a whole n >= 2, got {n!r}")
+    sy = max(d for d in range(1, int(n**0.5) + 1) if n % d == 0)
+    if sy > 1:
+        return sy, n // sy, 0
+    return 1, n, int(round(n**0.5))
+
+
+def _bayer(i: torch.Tensor, j: torch.Tensor, nbits: int) -> torch.Tensor:
+    """Index of (i, j) in the 2^nbits ordered-dither (Bayer) matrix: every prefix 0..k-1 of the
+    order is spread evenly over the square (the coarsest lattice first)."""
+    out = torch.zeros_like(i)
+    for b in range(nbits):  # bit b of (i, j) is the base-4 digit nbits-1-b
+        ib, jb = (i >> b) & 1, (j >> b) & 1
+        out = out + (2 * (ib ^ jb) + ib) * (4 ** (nbits - 1 - b))
+    return out
+
+
+def _bit_reverse(i: torch.Tensor, nbits: int) -> torch.Tensor:
+    """The 1D ordered dither: i with its nbits bits reversed (van der Corput order)."""
+    out = torch.zeros_like(i)
+    for b in range(nbits):
+        out = out + (((i >> b) & 1) << (nbits - 1 - b))
+    return out
+
+
+def fixed_routing(
+    mode: str,
+    N: float,
+    seqs: PackedSeqs,
+    grid: Optional[tuple[int, int]] = None,
+    tail_drop: TailDrop = 0.0,
+    sample_key: Optional[torch.Tensor] = None,
+    salt: int = 0,
+) -> StageRouting:
+    """A router that keeps 1/N of the tokens without looking at them (``mode`` "grid" or "random").
+
+    * ``"grid"``: the regular lattice of :func:`lattice` (N whole) on the 2D
+      stage, every N-th token on 1D stages; the same for every sample and step.
+      Tail dropping removes the kept tokens last in ordered-dither order
+      (:func:`_bayer` over the lattice's own coordinates; bit reversal in 1D), so
+      any drop leaves a thinned but evenly spread lattice, the first token last.
+    * ``"random"``: every token kept with probability 1/N, independently, from a
+      hash of (``sample_key`` (B,) from :func:`sample_keys`, ``salt`` (the stage),
+      position): reproducible, per sample, fresh when the input changes. Tail
+      dropping removes a random subset of the kept tokens (by a hash of the same).
+
+    Both keep the first token of every sequence (the plug-back needs one kept
+    token per sample; the learned router forces it too), and no other forced token.
+
+    The boundary probability is constant: p = 1 on kept tokens, 0 elsewhere.
+    So p > 0.5 is the mask; STE(max(p, 1 - p)) = 1 (there is nothing to train);
+    the dechunk's smoothing, out_i = p_i h_i + (1 - p_i) * (neighbour average),
+    reduces to the nearest-kept plug-back (p clamped to 1 - 1e-4), as for a fully
+    confident learned router; and the ratio loss reads F = G = the kept share,
+    a constant with no gradient (exactly its minimum 1 when the share is 1/N).
+    """
+    check_router_mode(mode)
+    if mode == "learned":
+        raise ValueError("fixed_routing is for the 'grid' and 'random' router modes")
+    local = seqs.local  # (T,)
+    if mode == "grid":
+        n = int(round(N))
+        if abs(N - n) > 1e-9:
+            raise ValueError(f"router_mode 'grid' needs a whole downsample_factor N, got {N}")
+        if grid is None:
+            keep = local % n == 0
+            k = local // n
+            order = -_bit_reverse(k, max(1, int(seqs.max_seqlen // n).bit_length())).float()
+        else:
+            sy, sx, shift = lattice(n)
+            r, c = torch.div(local, grid[1], rounding_mode="floor"), local % grid[1]
+            i = torch.div(r, sy, rounding_mode="floor")
+            off = (shift * i) % sx
+            keep = (r % sy == 0) & ((c - off) % sx == 0)
+            j = torch.div(c - off, sx, rounding_mode="floor").clamp(min=0)
+            nbits = max(1, max(grid[0] // sy, grid[1] // sx).bit_length())
+            order = -_bayer(i, j, nbits).float()
+    else:
+        if sample_key is None or sample_key.shape != (seqs.batch,):
+            raise ValueError(f"router_mode 'random' needs one sample key per sequence ({seqs.batch},)")
+        key = _mix32((sample_key.long() ^ _mix32(torch.full_like(sample_key, salt + 1))) & _M32)
+        h = _mix32((key.index_select(0, seqs.seg_ids) + 0x9E3779B9 * (local + 1)) & _M32)  # (T,)
+        keep = h < int(round(2**32 / N))
+        order = _mix32(h ^ 0x5BD1E995).float()
+        order = torch.where(local == 0, torch.full_like(order, 2.0**33), order)
+    keep = keep | (local == 0)
+    p = keep.float()
+    valid = seqs.valid_mask()
+    return select_boundaries(seqs.pad(p), valid, tail_drop, grid, padded=not seqs.is_uniform,
+                             order=seqs.pad(order))
+
+
 class SpatialPredictabilityRouter(nn.Module):
     """Scores tokens by their local prediction residual; 2D on the outer grid, 1D on inner sequences.
 
     Parameter names follow the reference (``proj``, ``context_predictor``,
-    ``residual_scorer.{0,1,3}``).
+    ``residual_scorer.{0,1,3}``). ``mode`` "grid" or "random" replaces the
+    scores by a fixed router keeping 1/``N`` of the tokens (:func:`fixed_routing`;
+    ``salt`` tells stages apart); the parameters stay, unused, so a control
+    model has the learned one's parameter count and state-dict layout.
     """
 
     def __init__(
@@ -193,8 +343,15 @@ class SpatialPredictabilityRouter(nn.Module):
         norm_groups: int = 8,
         bias_init: float = -1.1,
         fp32: bool = True,
+        mode: str = "learned",
+        N: float = 4.0,
+        salt: int = 0,
     ):
         super().__init__()
+        check_router_mode(mode)
+        if mode != "learned" and not N > 1:
+            raise ValueError(f"a {mode} router keeps 1 token in N for N > 1, got {N}")
+        self.mode, self.N, self.salt = mode, float(N), int(salt)
         if spatial_dims not in (1, 2):
             raise ValueError(f"spatial_dims must be 1 or 2, got {spatial_dims}")
         bottleneck = dim // 4
@@ -236,8 +393,14 @@ class SpatialPredictabilityRouter(nn.Module):
         seqs: PackedSeqs,
         grid: Optional[tuple[int, int]] = None,
         tail_drop: TailDrop = 0.0,
+        sample_key: Optional[torch.Tensor] = None,
     ) -> StageRouting:
-        """h (T, D) packed tokens -> this stage's routing, in padded (B, M) layout."""
+        """h (T, D) packed tokens -> this stage's routing, in padded (B, M) layout.
+
+        ``sample_key`` (B,): the random router's per-sample seed (:func:`sample_keys`).
+        """
+        if self.mode != "learned":  # a fixed router: h is not read, no parameter is used
+            return fixed_routing(self.mode, self.N, seqs, grid, tail_drop, sample_key, self.salt)
         ctx = torch.autocast(h.device.type, enabled=False) if self.fp32 else nullcontext()
         with ctx:
             if self.fp32:

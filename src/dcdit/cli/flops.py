@@ -22,6 +22,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="model directory, run directory or weights file")
     src.add_argument("--model", help="registry name with random weights, e.g. DiT-S/2 or DC-DiT-S-N4")
+    src.add_argument("--config", metavar="YAML",
+                     help="a training config's model with random weights, sized to its data (before training it)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="--config: override a config key (repeatable), as in dcdit train")
     p.add_argument("--which", choices=("ema", "model"), default="ema",
                    help="--ckpt: weights to load (default: ema, else model)")
     p.add_argument("--allow-nonfinite", action="store_true",
@@ -30,7 +34,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-channels", type=int, default=4, help="--model: 4 = SD-VAE latents (size/8), else pixels")
     p.add_argument("--num-classes", type=int, default=1000, help="--model: classes (default: 1000)")
     p.add_argument("--calibrate-router", type=float, default=None, metavar="SHARE",
-                   help="--model DC-DiT: set the untrained router's bias to keep about SHARE of the tokens")
+                   help="--model / --config DC-DiT: set the untrained router's bias to keep about SHARE of the tokens")
 
 
 def load_for_cost(args, share_fn_for=None):
@@ -41,6 +45,8 @@ def load_for_cost(args, share_fn_for=None):
     """
     from pathlib import Path
 
+    import torch
+
     from dcdit.checkpoint import load_model
     from dcdit.sampling.cost import build_named_model, calibrate_router_bias
 
@@ -48,12 +54,23 @@ def load_for_cost(args, share_fn_for=None):
         if args.calibrate_router is not None:
             raise ValueError("--calibrate-router is for untrained --model networks, not checkpoints")
         return load_model(args.ckpt, which=args.which, allow_nonfinite=args.allow_nonfinite), f"{Path(args.ckpt).name} ({args.which})"
-    model = build_named_model(args.model, args.image_size, args.in_channels, args.num_classes)
-    label = f"{args.model} (random init)"
+    if args.set and not args.config:
+        raise ValueError("--set overrides a --config")
+    if args.config:
+        from dcdit.data import build_dataset
+        from dcdit.training import load_train_config
+        from dcdit.training.trainer import build_train_model
+
+        cfg = load_train_config(args.config, args.set)
+        torch.manual_seed(cfg.train.seed)
+        model, name = build_train_model(cfg, build_dataset(cfg.data)).eval(), cfg.name
+    else:
+        model, name = build_named_model(args.model, args.image_size, args.in_channels, args.num_classes), args.model
+    label = f"{name} (random init)"
     if args.calibrate_router is not None:
         share_fn = share_fn_for(model) if share_fn_for is not None else None
         share = calibrate_router_bias(model, args.calibrate_router, share_fn=share_fn)
-        label = f"{args.model} (random init, router calibrated: keeps {share:.3f} at tail drop 0)"
+        label = f"{name} (random init, router calibrated: keeps {share:.3f} at tail drop 0)"
     return model, label
 
 

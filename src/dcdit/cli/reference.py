@@ -10,14 +10,14 @@ HELP = ("Write a data set as an ADM-format reference .npz (arr_0 uint8 NHWC RGB,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from dcdit.data.config import MNIST_SPLITS
 
-    p.add_argument("--source", required=True, choices=("shapes", "mnist", "folder", "npz"),
+    p.add_argument("--source", required=True, choices=("shapes", "mnist", "canvas", "folder", "npz"),
                    help="data source, as data.source in a training config")
-    p.add_argument("--path", default=None, help="folder / .npz (mnist: optional mnist.pkl.gz)")
-    p.add_argument("--split", default="test", choices=MNIST_SPLITS, help="mnist split (default: test)")
+    p.add_argument("--path", default=None, help="folder / .npz (mnist, canvas: optional mnist.pkl.gz)")
+    p.add_argument("--split", default="test", choices=MNIST_SPLITS, help="mnist / canvas split (default: test)")
     p.add_argument("--image-size", type=int, default=None, help="image side (default: the source's natural size)")
     p.add_argument("--num-samples", type=int, default=None,
                    help="images to write (default: all; shapes: 10000); a seeded random subset")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subset / shapes generator (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset / shapes generator / canvas placement (default: 0)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=3,
                    help="channels written (default: 3, which ADM's evaluator requires; gray is repeated)")
     p.add_argument("--out", required=True, metavar="NPZ", help="output .npz")

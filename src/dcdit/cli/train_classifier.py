@@ -7,10 +7,10 @@ HELP = "Train the small in-domain classifier (features for in-domain FID, class 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", default="shapes", choices=["shapes", "mnist", "npz", "folder"],
+    p.add_argument("--source", default="shapes", choices=["shapes", "mnist", "canvas", "npz", "folder"],
                    help="data source (default: shapes)")
-    p.add_argument("--data-path", default=None, help="file or folder for the npz / folder / mnist sources")
-    p.add_argument("--image-size", type=int, default=None, help="image size (default: the source's, 32 for shapes/mnist)")
+    p.add_argument("--data-path", default=None, help="file or folder for the npz / folder / mnist / canvas sources")
+    p.add_argument("--image-size", type=int, default=None, help="image size (default: the source's, 32 for shapes/mnist, 64 for canvas)")
     p.add_argument("--channels", type=int, default=None, choices=[1, 3], help="image channels (default: the source's)")
     p.add_argument("--num-samples", type=int, default=None, help="training images (default: the source's)")
     p.add_argument("--steps", type=int, default=1000, help="optimisation steps (default: 1000)")
@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine decay (default: 2e-3)")
     p.add_argument("--width", type=int, default=32, help="channels of the first stage (default: 32)")
     p.add_argument("--feature-dim", type=int, default=256, help="penultimate feature size (default: 256)")
+    p.add_argument("--pool", default=None, choices=["mean", "max"],
+                   help="global pooling of the last feature map (default: max for canvas, else mean)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: 0)")
@@ -50,6 +52,7 @@ class _Part:
         self.channels = base.channels
         self.image_size = base.image_size
         self.num_classes = base.num_classes
+        self.classifier_pool = getattr(base, "classifier_pool", "mean")
 
     def __len__(self):
         return len(self.indices)
@@ -61,15 +64,15 @@ class _Part:
 def train_and_heldout(args):
     """(training set, held-out set or None, description of the held-out set).
 
-    mnist: the test split; shapes: 2000 images drawn with another seed;
+    mnist, canvas: the test split; shapes: 2000 images drawn with another seed;
     npz/folder: a seeded 5% of the data (at most 2000 items) kept out of training.
     """
     import numpy as np
 
     common = dict(path=args.data_path, image_size=args.image_size, channels=args.channels)
-    if args.source == "mnist":
-        train = build_data("mnist", num_samples=args.num_samples, seed=args.seed, split="train", **common)
-        return train, build_data("mnist", split="test", **common), "mnist test split"
+    if args.source in ("mnist", "canvas"):
+        train = build_data(args.source, num_samples=args.num_samples, seed=args.seed, split="train", **common)
+        return train, build_data(args.source, split="test", seed=args.seed, **common), f"{args.source} test split"
     if args.source == "shapes":
         train = build_data("shapes", num_samples=args.num_samples, seed=args.seed, **common)
         held = build_data("shapes", num_samples=2000, seed=args.seed + 1, **common)
@@ -99,7 +102,7 @@ def run(args) -> int:
     t0 = time.time()
     model = train_classifier(
         train, steps=args.steps, batch_size=args.batch_size, lr=args.lr, width=args.width,
-        feature_dim=args.feature_dim, device=args.device, seed=args.seed, num_workers=args.workers,
+        feature_dim=args.feature_dim, pool=args.pool, device=args.device, seed=args.seed, num_workers=args.workers,
         log_every=max(1, min(100, args.steps // 10)), log=log,
     )
     meta = {"source": args.source, "data_path": args.data_path, "steps": args.steps, "seed": args.seed,

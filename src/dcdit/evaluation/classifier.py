@@ -7,7 +7,12 @@ its predictions give a class-accuracy score for conditional samples.
 
 Architecture (``SmallCNN``): three stages of two 3x3 convs (GroupNorm, SiLU;
 the second conv of each stage has stride 2) with widths w, 2w, 4w, global
-average pooling, ``Linear(4w -> feature_dim) + ReLU`` = the features, then
+average pooling (or global max pooling, ``pool="max"``: for objects anywhere on a
+mostly empty image, such as the ``canvas`` source, where an average is diluted by
+the background; its convs then pad by replication, so the image border looks like
+the background: zero padding of a -1 background makes an edge at the border that a
+max finds in every image, and such a classifier stays at chance),
+``Linear(4w -> feature_dim) + ReLU`` = the features, then
 ``Linear(feature_dim -> num_classes)`` = the logits.  Inputs are float NCHW
 in [-1, 1], as ``dcdit.data`` datasets return them.
 
@@ -30,6 +35,7 @@ import torch.nn.functional as F
 
 WEIGHTS_NAME = "classifier.safetensors"
 CONFIG_NAME = "classifier.json"
+POOLS = ("mean", "max")
 
 
 @dataclass
@@ -41,9 +47,14 @@ class ClassifierConfig:
     image_size: int = 32
     width: int = 32
     feature_dim: int = 256
+    pool: str = "mean"  # global pooling of the last feature map: "mean" or "max"
 
     def __post_init__(self):
+        if self.pool not in POOLS:
+            raise ValueError(f"ClassifierConfig.pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
         for f in fields(self):
+            if f.name == "pool":
+                continue
             v = getattr(self, f.name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"ClassifierConfig.{f.name} must be a positive integer, got {v!r}")
@@ -55,9 +66,9 @@ class ClassifierConfig:
             raise ValueError(f"ClassifierConfig.image_size must be at least 8, got {self.image_size}")
 
 
-def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
+def _block(cin: int, cout: int, stride: int, padding_mode: str = "zeros") -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride=stride, padding=1),
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, padding_mode=padding_mode),
         nn.GroupNorm(min(8, cout), cout),
         nn.SiLU(),
     )
@@ -69,18 +80,19 @@ class SmallCNN(nn.Module):
     def __init__(self, config: ClassifierConfig):
         super().__init__()
         self.config = config
-        w = config.width
+        w, pad = config.width, "replicate" if config.pool == "max" else "zeros"
         self.body = nn.Sequential(
-            _block(config.in_channels, w, 1), _block(w, w, 2),
-            _block(w, 2 * w, 1), _block(2 * w, 2 * w, 2),
-            _block(2 * w, 4 * w, 1), _block(4 * w, 4 * w, 2),
+            _block(config.in_channels, w, 1, pad), _block(w, w, 2, pad),
+            _block(w, 2 * w, 1, pad), _block(2 * w, 2 * w, 2, pad),
+            _block(2 * w, 4 * w, 1, pad), _block(4 * w, 4 * w, 2, pad),
         )
         self.proj = nn.Linear(4 * w, config.feature_dim)
         self.head = nn.Linear(config.feature_dim, config.num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) in [-1, 1] -> (N, feature_dim) non-negative features."""
-        h = self.body(x).mean(dim=(2, 3))
+        h = self.body(x)
+        h = h.amax(dim=(2, 3)) if self.config.pool == "max" else h.mean(dim=(2, 3))
         return F.relu(self.proj(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,6 +272,7 @@ def train_classifier(
     weight_decay: float = 1e-4,
     width: int = 32,
     feature_dim: int = 256,
+    pool: str | None = None,
     device="cpu",
     seed: int = 0,
     num_workers: int = 0,
@@ -270,6 +283,8 @@ def train_classifier(
 
     AdamW with a cosine learning-rate decay to 0 over ``steps``, cross-entropy
     loss, a random circular shift of up to 2 pixels per batch as augmentation.
+    ``pool``: the global pooling (:class:`ClassifierConfig`); None takes the
+    dataset's ``classifier_pool`` attribute (canvas: "max"), else "mean".
     Returns the model in eval mode.
     """
     if steps <= 0:
@@ -278,7 +293,9 @@ def train_classifier(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     channels, image_size, num_classes = dataset_info(dataset)
     torch.manual_seed(seed)
-    cfg = ClassifierConfig(channels, num_classes, image_size, width, feature_dim)
+    if pool is None:
+        pool = getattr(dataset, "classifier_pool", "mean")
+    cfg = ClassifierConfig(channels, num_classes, image_size, width, feature_dim, pool)
     model = SmallCNN(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))

@@ -26,6 +26,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from dcdit.chunking.routing import check_router_mode
+
 _LAYOUT_RE = re.compile(r"^(?:[cCdD]\d+)+$")
 
 # What a model's output can mean (config key ``prediction``); the sampler and the loss read it
@@ -77,6 +79,10 @@ class DCDiTConfig:
     norm_groups: int = 32  # GroupNorm groups in the conv ResBlocks
     router_norm_groups: int = 8  # GroupNorm groups in the router's scorer
     router_bias_init: float = -1.1  # initial bias of the router's last conv (p ~ 0.25)
+    router_mode: str = "learned"  # "learned": the spatial-predictability router (the reference). Controls
+    #                      that isolate its contribution: "grid" keeps a regular lattice of 1 token in N,
+    #                      "random" a random 1/N per sample and step (N = downsample_factor of the stage;
+    #                      see dcdit.chunking.fixed_routing); the router's parameters stay, unused
     attn_qkv_bf16: bool = False  # reference quirk: its flash-attn path rounds q, k, v to bf16 even in
     #                      fp32 runs; True reproduces its numbers (set by dcdit.compat loaders)
     # ---- training target (not used by the forward pass) ----
@@ -125,6 +131,7 @@ class DCDiTConfig:
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must lie in [0, 1), got {self.class_dropout_prob}")
         check_prediction(self.prediction)
+        check_router_mode(self.router_mode)
         if not self.mlp_ratio > 0 or not self.dechunk_kernel_sigma > 0:
             raise ValueError("mlp_ratio and dechunk_kernel_sigma must be positive")
 
@@ -163,6 +170,9 @@ class DCDiTConfig:
             isinstance(ds, list) and len(ds) != n_chunk
         ):
             raise ValueError(f"downsample_factor must be a number > 1 or a list of {n_chunk} of them, got {ds!r}")
+        if self.router_mode == "grid" and any(float(x) != int(x) for x in ds_list):
+            raise ValueError(f"router_mode 'grid' keeps 1 token in N on a lattice: downsample_factor must be "
+                             f"whole, got {ds!r}")
 
         enc = [self.d_model[i] // (factors[i] or 1) for i in range(n)]
         plans = []
@@ -187,9 +197,20 @@ class DCDiTConfig:
         return plans
 
     # ------------------------------------------------------------------ #
+    def stage_N(self, stage: int) -> float:
+        """The target compression N (``downsample_factor``) of chunking stage ``stage``."""
+        ds = self.downsample_factor
+        return float(ds[stage] if isinstance(ds, list) else ds)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict (tuples become lists); :meth:`from_dict` inverts it."""
+        """JSON-serialisable dict (tuples become lists); :meth:`from_dict` inverts it.
+
+        ``router_mode`` is written only when it is not the default "learned", so
+        the configs of learned-router models read as before the key existed.
+        """
         d = dataclasses.asdict(self)
+        if d["router_mode"] == "learned":
+            del d["router_mode"]
         if isinstance(d["input_size"], tuple):
             d["input_size"] = list(d["input_size"])
         return d

@@ -46,6 +46,7 @@ from dcdit.chunking import (
     check_tail_drop,
     packed_conv1d,
     packed_group_norm,
+    sample_keys,
     ste,
     ste_residual,
 )
@@ -76,6 +77,7 @@ class TokenLayout:
     attn_backend: str = "auto"
     bucket: int = 0  # pad the innermost block stack's packed tokens to a multiple of this (0: no padding)
     compiled_block: Optional[Callable] = None  # torch.compile'd functional_dit_block (inference only)
+    sample_key: Optional[torch.Tensor] = None  # (B,) the random router's per-sample seeds (router_mode "random")
 
 
 @dataclass
@@ -328,6 +330,7 @@ class DCStage(nn.Module):
         self.routing_module = SpatialPredictabilityRouter(
             r, spatial_dims=2 if s == 0 else 1, norm_groups=cfg.router_norm_groups,
             bias_init=cfg.router_bias_init, fp32=cfg.fp32_router_dechunk,
+            mode=cfg.router_mode, N=cfg.stage_N(s), salt=s,
         )
         self.chunk = ChunkLayer()
         inner = plans[s + 1]
@@ -360,7 +363,7 @@ class DCStage(nn.Module):
         h = self.encoder(x, c, layout)  # (T, D)
         del x
         # 5-6. router: p, boundary iff p > 0.5, tail dropping (fp32)
-        routing = self.routing_module(h, seqs, layout.grid, tail_drop)  # (B, M) padded
+        routing = self.routing_module(h, seqs, layout.grid, tail_drop, layout.sample_key)  # (B, M) padded
         # 7. chunk: the kept tokens in raster order, packed
         hk, kept_idx, seqs_k = self.chunk(h, routing.keep_mask, seqs)  # (T', D)
         gpos_k = gpos.index_select(0, kept_idx)
@@ -602,8 +605,9 @@ class DCDiT(DCStage):
         gh, gw = self.grid
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (B, D)   2. conditioning
         rt = self.runtime
+        key = sample_keys(x, t) if self.cfg.router_mode == "random" else None
         layout = TokenLayout(PackedSeqs.uniform(B, gh * gw, x.device), (gh, gw), rt.attn_backend, rt.kept_bucket,
-                             rt.compiled_block)
+                             rt.compiled_block, key)
         # 1. stem -> packed tokens (B*L, E), passed on as the stage's only reference (freed once encoded)
         h, routing = super().forward(self._stem_tokens(x), c, layout, layout.seqs.local, self.pos_embed[0], tail_drop)
         out = self.final_layer(h.reshape(B, gh * gw, -1), c)  # (B, L, p*p*C_out)   13. final layer

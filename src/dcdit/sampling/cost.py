@@ -144,6 +144,8 @@ def calibrate_router_bias(model: nn.Module, target_share: float, batch: int = 4,
     last = getattr(getattr(router, "residual_scorer", None), "__getitem__", None)
     if last is None:
         raise ValueError(f"{type(m).__name__} has no router to calibrate (expected routing_module.residual_scorer)")
+    if getattr(router, "mode", "learned") != "learned":
+        raise ValueError(f"the {router.mode} router keeps a fixed share (1/{router.N:g}): nothing to calibrate")
     if not 0 < target_share <= 1:
         raise ValueError(f"target kept share must lie in (0, 1], got {target_share}")
     bias = router.residual_scorer[-1].bias

@@ -371,8 +371,10 @@ def build_run(cfg: TrainConfig, dataset, ckpt_dir: Optional[Path], info) -> RunS
     if info.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        # a fixed router (router_mode grid / random) leaves the router's parameters without gradient
+        fixed_router = model.config.get("router_mode", "learned") != "learned"
         train_model = ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=tc.find_unused_parameters)
+                                      find_unused_parameters=tc.find_unused_parameters or fixed_router)
     if tc.compile:
         train_model = torch.compile(train_model)
     return RunState(model, ema, optimizer, params, diffusion, train_model, ddp_model, step, drop_prob, null_class,
