@@ -24,7 +24,7 @@ RUN = "pretrained:mnist-dcdit-n4"
 # README line prefix -> why it is not run here
 SKIPPED = {
     "dcdit demo": "the main job trains a classifier and a DC-DiT and scores 100 samples (minutes); "
-                  "tests/test_demo.py runs it at toy size (slow)",
+                  "tests/test_demo.py runs it at toy size (default suite)",
     "torchrun": "several processes; tests/test_ddp.py runs 2-process training and sampling through torchrun",
     "dcdit extract-features": "needs ImageNet and a local diffusers VAE; tests/test_latents.py runs it on a stand-in",
     "dcdit upcycle --dit DiT-XL-2-256x256.pt": "needs the released DiT-XL/2 checkpoint (a download)",
