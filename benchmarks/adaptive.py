@@ -100,16 +100,26 @@ def segmentation(model, seed: int, n: int = 128) -> dict:
             "auc_ink_late": float(np.mean([r["auc"] for r in ink if r["t"] <= 250]))}
 
 
-def stage_variant(ctx: Ctx, name: str, seed: int) -> dict:
+def stage_variant(ctx: Ctx, name: str, seed: int, upto: int | None = None) -> dict:
+    """Train variant ``name`` (to step ``upto`` of its run, default all of it) and score that checkpoint.
+
+    ``upto`` stops the run early without changing its recipe (the learning rate is constant after
+    warm-up, multi-budget starts at its own step): results are tagged ``name@upto``, and a later call
+    with a larger ``upto`` continues the same run directory.
+    """
     from dcdit.models import is_dcdit
 
     s = ctx.s
+    steps = upto or s.steps
+    tag = name if steps == s.steps else f"{name}@{steps}"
     run_dir = ctx.out / "runs" / f"{name}_s{seed}"
     d = variant_config(s, name, seed)
-    tr = cached(ctx.out / f"train_{name}_s{seed}.json", lambda: train_run(d, run_dir, s.steps))
+    d["train"]["steps"] = steps
+    tr = cached(ctx.out / f"train_{tag}_s{seed}.json", lambda: train_run(d, run_dir, steps))
+    name = tag
 
     def evaluate():
-        model = load(run_dir)
+        model = load(run_dir, f"ckpt-{steps:07d}")
         res = score(ctx, model, s.n_fid, seed, 0.0, f"{name}_s{seed}", grid=True)
         res["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         if is_dcdit(model):
@@ -123,14 +133,14 @@ def stage_variant(ctx: Ctx, name: str, seed: int) -> dict:
         from dcdit.diffusion import create_diffusion
         from dcdit.sampling import model_info
 
-        model = load(run_dir)
+        model = load(run_dir, f"ckpt-{steps:07d}")
         info = model_info(model)
         diffusion = create_diffusion("", min_snr_gamma=s.min_snr_gamma, prediction=info["prediction"],
                                      learn_sigma=info["learn_sigma"])
         return {"per_t": what_tokens_buy(model, diffusion, mnist("test"), SEG_TIMESTEPS, num_images=128, seed=seed)}
 
     sig = cached(ctx.out / f"signal_{name}_s{seed}.json", signal) if is_dcdit(load(run_dir)) else None
-    return {"name": name, "seed": seed, "change": VARIANTS[name][0], "config": d, "train": tr, "eval": ev,
+    return {"name": name, "seed": seed, "change": VARIANTS[name.split("@")[0]][0], "config": d, "train": tr, "eval": ev,
             "signal": sig}
 
 
@@ -141,16 +151,17 @@ def report(out: Path, plot_dir: Path | None) -> str:
         ev, tr = read_json(p), read_json(out / f"train_{name}_s{seed}.json") or {}
         seg = ev.get("segmentation") or {}
         rows.append((name, int(seed), ev, tr, seg))
-    lines = ["| variant | seed | change | FID@2000 | class acc | GFLOPs/img | kept share noisiest / cleanest (ratio) "
+    lines = ["| variant | seed | change | FID@2000 | FID@500 | class acc | GFLOPs/img | kept share noisiest / cleanest (ratio) "
              "| AUC edges t<=250 | AUC ink t<=250 | AUC ink t=950 | train min |",
-             "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+             "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for name, seed, ev, tr, seg in rows:
         kn, kc = ev.get("kept_share_noisiest"), ev.get("kept_share_cleanest")
         kept = f"{kn:.3f} / {kc:.3f} ({kn / kc:.2f})" if kn is not None else ""
         ink950 = next((r["auc"] for r in seg.get("ink", []) if r["t"] == 950), None)
         fmt = lambda v: "" if v is None else f"{v:.3f}"
+        fmt1 = lambda v: "" if v is None else f"{v:.1f}"
         mins = tr.get("train_seconds_at_median_rate")
-        lines.append(f"| {name} | {seed} | {VARIANTS.get(name, ('?',))[0]} | {ev['fid']:.1f} | {ev['class_acc']:.3f} "
+        lines.append(f"| {name} | {seed} | {VARIANTS.get(name.split('@')[0], ('?',))[0]} | {ev['fid']:.1f} | {fmt1(ev.get('fid_at', {}).get('500'))} | {ev['class_acc']:.3f} "
                      f"| {ev['gflops_per_image']:.2f} | {kept} | {fmt(seg.get('auc_edges_late'))} "
                      f"| {fmt(seg.get('auc_ink_late'))} | {fmt(ink950)} | {'' if mins is None else f'{mins / 60:.1f}'} |")
     table = "\n".join(lines) + "\n"
@@ -169,6 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the reproduction's 4000)")
+    ap.add_argument("--upto", type=int, default=None,
+                    help="stop each run at this step and score that checkpoint (tagged NAME@STEP); rerun to go on")
     ap.add_argument("--smoke", action="store_true", help="tiny everything (plumbing check)")
     ap.add_argument("--report", default=None, metavar="DIR", help="write table.md and results.json here and stop")
     args = ap.parse_args(argv)
@@ -192,7 +205,7 @@ def main(argv=None) -> int:
         for name in [v for v in args.variants.split(",") if v]:
             if name not in VARIANTS:
                 raise SystemExit(f"error: unknown variant {name!r} (known: {', '.join(VARIANTS)})")
-            r = stage_variant(ctx, name, seed)
+            r = stage_variant(ctx, name, seed, args.upto)
             log(f"{name} s{seed}: FID {r['eval']['fid']:.1f}, class acc {r['eval']['class_acc']:.3f}")
     log(f"done in {(time.time() - t0) / 60:.1f} min")
     print(report(out, None))
