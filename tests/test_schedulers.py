@@ -241,6 +241,13 @@ def test_bf16_runs_the_network_in_bf16_and_fp32_is_exact(sampler):
 # ----------------------------------------------------------------- CLI
 
 
+def test_cli_choices_match_the_library():
+    from dcdit.cli.sample import PRECISION_CHOICES, SAMPLER_CHOICES
+    from dcdit.sampling import PRECISIONS
+
+    assert SAMPLER_CHOICES == SAMPLERS and PRECISION_CHOICES == PRECISIONS
+
+
 def test_cli_sample_with_a_diffusers_sampler(tmp_path, capsys):
     from dcdit.checkpoint import save_model_dir
 
