@@ -59,7 +59,10 @@ def main() -> None:
             rows.append(res)
             print(f"round {r} {label:6s}: {res['wall_s']:7.1f} s wall, {res['cpu_s']:7.1f} s CPU, "
                   f"load {res['load_start']:.1f}->{res['load_end']:.1f}, FID {res['fid']:.6f}", flush=True)
-    med = lambda lab, k: sorted(x[k] for x in rows if x["label"] == lab)[len([x for x in rows if x["label"] == lab]) // 2]
+    def med(label: str, key: str) -> float:
+        vals = sorted(x[key] for x in rows if x["label"] == label)
+        return vals[len(vals) // 2]
+
     summary = {
         "n": a.n, "cpus": os.cpu_count(), "rows": rows,
         "speedup_wall": med("before", "wall_s") / med("after", "wall_s"),

@@ -476,7 +476,8 @@ def stage_speed(ctx: Ctx, seed: int) -> dict:
                 sample(models[n], diffusions[n], labels, seed=seed, measure_flops=False, clip_denoised=True,
                        precision=SAMPLE_PRECISION)
                 times[n].append(time.time() - t0)
-        return {"batch": ctx.s.speed_batch, "ddim_steps": ctx.s.ddim_steps, "precision": resolve_precision(SAMPLE_PRECISION),
+        return {"batch": ctx.s.speed_batch, "ddim_steps": ctx.s.ddim_steps,
+                "precision": resolve_precision(SAMPLE_PRECISION),
                 "threads": torch.get_num_threads(), "round_seconds": {n: t for n, t in times.items()},
                 "images_per_sec": {n: ctx.s.speed_batch / float(np.median(t)) for n, t in times.items()}}
 

@@ -106,7 +106,8 @@ def run(args) -> int:
     record = RoutingRecord.concat(records)
     images = np.concatenate([display(x) for x in finals])
 
-    tag = f"{Path(args.ckpt).name}, {args.sampler.upper()} {args.steps} steps, cfg {args.cfg_scale:g}, tail drop {args.tail_drop:g}"
+    tag = (f"{Path(args.ckpt).name}, {args.sampler.upper()} {args.steps} steps, cfg {args.cfg_scale:g}, "
+           f"tail drop {args.tail_drop:g}")
     written = []
     if routed and record["boundary_prob"] is not None:
         written.append(plot_boundary_maps(record, out / "boundary_maps.png", display=display,
