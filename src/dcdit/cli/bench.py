@@ -26,7 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="random DC-DiT: calibrate the untrained router to keep this share (default: 1/N)")
     p.add_argument("--no-calibrate", action="store_true", help="random DC-DiT: leave the router at its init")
     p.add_argument("--batch-size", type=int, default=4, help="images per sampling run (default: 4)")
-    p.add_argument("--steps", type=int, default=5, help="DDIM steps per timed run (default: 5)")
+    from dcdit.cli.sample import SAMPLER_CHOICES, add_precision_argument
+
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddim", help="sampler (default: ddim)")
+    p.add_argument("--steps", type=int, default=5, help="sampling steps per timed run (default: 5)")
+    add_precision_argument(p)
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale (1: none)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
@@ -44,7 +48,7 @@ def run(args) -> int:
 
     from dcdit.checkpoint import load_model
     from dcdit.utils import save_json
-    from dcdit.sampling import diffusion_for_checkpoint, model_info, sample
+    from dcdit.sampling import diffusion_for_checkpoint, model_info, resolve_precision, sample
     from dcdit.sampling.cost import build_named_model, calibrate_router_bias, measure_run_cost, time_interleaved
     from dcdit.sampling.seeds import labels_for_indices
 
@@ -81,12 +85,13 @@ def run(args) -> int:
                          f"{dc_label} {ci['in_channels']}x{ci['input_hw']}")
     num_classes = min(di["num_classes"], ci["num_classes"])
     labels = labels_for_indices(range(args.batch_size), num_classes)
-    common = dict(seed=0, sampler="ddim", cfg_scale=args.cfg_scale, clip_denoised=False, device=device,
-                  allow_nonfinite=args.allow_nonfinite)
+    precision = resolve_precision(args.precision, device)
+    common = dict(seed=0, sampler=args.sampler, cfg_scale=args.cfg_scale, clip_denoised=False, device=device,
+                  precision=precision, allow_nonfinite=args.allow_nonfinite)
     if not args.dcdit_ckpt and not args.no_calibrate:
         # Calibrate on the timed run itself, so the share in the label is the f = 0 row's kept share.
         target = args.keep_share if args.keep_share is not None else 1.0 / args.n
-        d0 = diffusion_for_checkpoint(None, dc, "ddim", args.steps)  # an untrained, built model
+        d0 = diffusion_for_checkpoint(None, dc, args.sampler, args.steps)  # an untrained, built model
         reached = calibrate_router_bias(dc, target, share_fn=lambda: sample(
             dc, d0, labels, tail_drop=0.0, measure_flops=False, **common)[1].mean_kept_share[0])
         dc_label += f" (router calibrated: keeps {reached:.3f} at f=0)"
@@ -94,7 +99,7 @@ def run(args) -> int:
     setups = []  # (label, arch, fraction, model, diffusion)
     for model, ckpt, label, fractions in ((dit, args.dit_ckpt, dit_label, [0.0]),
                                           (dc, args.dcdit_ckpt, dc_label, args.tail_drop)):
-        diffusion = diffusion_for_checkpoint(ckpt, model, "ddim", args.steps)
+        diffusion = diffusion_for_checkpoint(ckpt, model, args.sampler, args.steps)
         setups += [(label, type(model).__name__, f, model, diffusion) for f in fractions]
     rows = []
     for label, arch, f, model, diffusion in setups:
@@ -113,12 +118,14 @@ def run(args) -> int:
         r["flops_vs_dit"] = r["gflops_per_step"] / base["gflops_per_step"]
 
     print(f"device {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads) | "
-          f"batch {args.batch_size} | DDIM {args.steps} steps | cfg {args.cfg_scale:g} | median of {args.repeats} "
+          f"batch {args.batch_size} | {args.sampler.upper()} {args.steps} steps | {precision} | "
+          f"cfg {args.cfg_scale:g} | median of {args.repeats} "
           f"interleaved runs after {args.warmup} warm-up; speedup = DiT time / time, FLOPs = GFLOPs / DiT's")
     print(format_bench_table(rows))
     if args.json:
         save_json(args.json, {"device": str(device), "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-                              "steps": args.steps, "cfg_scale": args.cfg_scale, "repeats": args.repeats,
+                              "sampler": args.sampler, "steps": args.steps, "precision": precision,
+                              "cfg_scale": args.cfg_scale, "repeats": args.repeats,
                               "warmup": args.warmup, "rows": rows})
         print(f"wrote {args.json}")
     return 0

@@ -11,6 +11,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cfg-scale", type=float, default=3.0, help="guidance of the report's samples (default: 3)")
     parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the report's samples (default: 50)")
     parser.add_argument("--seed", type=int, default=0)
+    from dcdit.cli.sample import add_precision_argument
+
+    add_precision_argument(parser)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a training config key, e.g. --set train.global_batch_size=16")
 
@@ -21,5 +24,5 @@ def run(args) -> int:
     if args.steps is not None and args.steps <= 0:
         raise ValueError(f"--steps must be positive, got {args.steps}")
     run_demo(args.out, steps=args.steps, sample_steps=args.sample_steps, seed=args.seed, overrides=args.set,
-             cfg_scale=args.cfg_scale)
+             cfg_scale=args.cfg_scale, precision=args.precision)
     return 0

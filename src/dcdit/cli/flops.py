@@ -76,13 +76,16 @@ def load_for_cost(args, share_fn_for=None):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="default: ddim")
+    from dcdit.cli.sample import SAMPLER_CHOICES, add_precision_argument
+
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddim", help="default: ddim")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
     p.add_argument("--tail-drop", type=fraction_list, default=[0.0], help="comma list of fractions (default: 0)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale (1: none; >1 counts both halves)")
     p.add_argument("--uncond-drop", type=float, default=None, help="Lite-CFG: unconditional-half fraction")
     p.add_argument("--batch-size", type=int, default=2, help="images in the counted run (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the counted run (default: 0)")
+    add_precision_argument(p)
     p.add_argument("--per-step", action="store_true", help="also print GFLOPs and kept share per timestep")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
 
@@ -101,7 +104,8 @@ def run(args) -> int:
         diffusion = diffusion_for_checkpoint(args.ckpt, model, args.sampler, args.steps)
         labels = labels_for_indices(range(args.batch_size), info["num_classes"])
         return diffusion, labels, dict(seed=args.seed, sampler=args.sampler, cfg_scale=args.cfg_scale,
-                                       clip_denoised=False, allow_nonfinite=args.allow_nonfinite)
+                                       clip_denoised=False, allow_nonfinite=args.allow_nonfinite,
+                                       precision=args.precision)
 
     def share_fn_for(model):  # calibrate on the counted run itself (tail drop 0)
         diffusion, labels, kw = run_kwargs(model)

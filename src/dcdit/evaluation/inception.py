@@ -152,3 +152,117 @@ def preprocess(images: np.ndarray, device="cpu") -> torch.Tensor:
         raise ValueError(f"Inception needs 3 channels, got {x.shape[1]}")
     x = resize_like_tf(x, INPUT_SIZE)
     return x / 128.0 - 1.0
+
+
+# --------------------------------------------------------------------------- fast forward
+#
+# The TorchScript runs every convolution as conv -> batch_norm -> relu and makes every branch of a
+# mixed block NCHW-contiguous before concatenating, so a channels-last input is converted back and
+# forth in every block. FastInception is the same network (read from the TorchScript's modules)
+# as one channels-last pass: batch norm folded into the convolution's weight and bias (eval mode,
+# eps 1e-3, no scale), ReLU in place, no layout round trips. Its features equal the TorchScript's up
+# to fp32 rounding (the folded weights round differently); tests check it.
+
+BN_EPS = 1e-3  # the TorchScript's batch_norm eps
+
+
+class _ConvBN(torch.nn.Module):
+    """A TorchScript conv block (conv2d, batch_norm(mean, var, beta; eps 1e-3), relu) as one conv with bias."""
+
+    def __init__(self, block) -> None:
+        super().__init__()
+        inv = torch.rsqrt(block.var.double() + BN_EPS)  # (C_out,)
+        weight = (block.weight.double() * inv.view(-1, 1, 1, 1)).float()
+        self.weight = torch.nn.Parameter(weight.contiguous(memory_format=torch.channels_last), requires_grad=False)
+        self.bias = torch.nn.Parameter((block.beta.double() - block.mean.double() * inv).float(), requires_grad=False)
+        self.stride, self.padding = _pair(block.stride), _pair(block.padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding).relu_()
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (list, tuple)) else (int(v), int(v))
+
+
+def _max3s2(x):
+    return F.max_pool2d(x, 3, 2)
+
+
+def _avg3(x):  # the towers' 3x3 average pool: stride 1, pad 1, padding not counted
+    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+
+def _max3(x):  # mixed_10's tower_2 pool
+    return F.max_pool2d(x, 3, 1, 1)
+
+
+class FastInception(torch.nn.Module):
+    """The fid-helper InceptionV3 as one channels-last pass with batch norm folded; same input and output.
+
+    Built from a loaded TorchScript of the fid-helper layout (``net.net.layers``:
+    conv .. conv_4, mixed .. mixed_10); raises ValueError for any other network.
+    """
+
+    def __init__(self, scripted) -> None:
+        super().__init__()
+        L = getattr(getattr(scripted, "net", None), "layers", None)
+        if L is None:
+            raise ValueError("not the fid-helper InceptionV3 layout (net.net.layers)")
+        conv = lambda m: _ConvBN(m)
+        seq = lambda m, names: torch.nn.ModuleList(conv(getattr(m, n)) for n in names)
+        try:
+            self.stem = seq(L, ("conv", "conv_1", "conv_2", "conv_3", "conv_4"))
+            # mixed, mixed_1, mixed_2: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1
+            self.a = torch.nn.ModuleList(torch.nn.ModuleDict({
+                "conv": conv(m.conv), "tower": seq(m.tower, ("conv", "conv_1")),
+                "tower_1": seq(m.tower_1, ("conv", "conv_1", "conv_2")), "pool_conv": conv(m.tower_2.conv),
+            }) for m in (L.mixed, L.mixed_1, L.mixed_2))
+            m = L.mixed_3  # 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2
+            self.b = torch.nn.ModuleDict({"conv": conv(m.conv), "tower": seq(m.tower, ("conv", "conv_1", "conv_2"))})
+            # mixed_4..7: 1x1 | 1x1-1x7-7x1 | 1x1-7x1-1x7-7x1-1x7 | avgpool-1x1
+            self.c = torch.nn.ModuleList(torch.nn.ModuleDict({
+                "conv": conv(m.conv), "tower": seq(m.tower, ("conv", "conv_1", "conv_2")),
+                "tower_1": seq(m.tower_1, ("conv", "conv_1", "conv_2", "conv_3", "conv_4")),
+                "pool_conv": conv(m.tower_2.conv),
+            }) for m in (L.mixed_4, L.mixed_5, L.mixed_6, L.mixed_7))
+            m = L.mixed_8  # 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2
+            self.d = torch.nn.ModuleDict({"tower": seq(m.tower, ("conv", "conv_1")),
+                                          "tower_1": seq(m.tower_1, ("conv", "conv_1", "conv_2", "conv_3"))})
+            # mixed_9, mixed_10: 1x1 | 1x1-(1x3, 3x1) | 1x1-3x3-(1x3, 3x1) | pool-1x1
+            names = ("conv", "tower_conv", "tower_mixed_conv", "tower_mixed_conv_1", "tower_1_conv",
+                     "tower_1_conv_1", "tower_1_mixed_conv", "tower_1_mixed_conv_1", "tower_2_conv")
+            self.e = torch.nn.ModuleList(torch.nn.ModuleDict({n: conv(getattr(m, n)) for n in names})
+                                         for m in (L.mixed_9, L.mixed_10))
+        except AttributeError as e:
+            raise ValueError(f"not the fid-helper InceptionV3 layout ({e})") from None
+
+    @staticmethod
+    def _chain(convs, x):
+        for c in convs:
+            x = c(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, 299, 299) in [-1, 1) -> (N, 2048) pool_3 features."""
+        if x.shape[1] != 3:
+            raise ValueError(f"Inception needs 3 channels, got {x.shape[1]}")
+        x = x.contiguous(memory_format=torch.channels_last)
+        s = self.stem
+        x = _max3s2(s[2](s[1](s[0](x))))
+        x = _max3s2(s[4](s[3](x)))
+        for m in self.a:
+            x = torch.cat([m["conv"](x), self._chain(m["tower"], x), self._chain(m["tower_1"], x),
+                           m["pool_conv"](_avg3(x))], 1)
+        x = torch.cat([self.b["conv"](x), self._chain(self.b["tower"], x), _max3s2(x)], 1)
+        for m in self.c:
+            x = torch.cat([m["conv"](x), self._chain(m["tower"], x), self._chain(m["tower_1"], x),
+                           m["pool_conv"](_avg3(x))], 1)
+        x = torch.cat([self._chain(self.d["tower"], x), self._chain(self.d["tower_1"], x), _max3s2(x)], 1)
+        for k, m in enumerate(self.e):
+            a = m["tower_conv"](x)
+            b = m["tower_1_conv_1"](m["tower_1_conv"](x))
+            pool = _avg3(x) if k == 0 else _max3(x)
+            x = torch.cat([m["conv"](x), m["tower_mixed_conv"](a), m["tower_mixed_conv_1"](a),
+                           m["tower_1_mixed_conv"](b), m["tower_1_mixed_conv_1"](b), m["tower_2_conv"](pool)], 1)
+        return F.avg_pool2d(x, 8, 8).reshape(-1, FEATURE_DIM)

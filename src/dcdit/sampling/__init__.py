@@ -1,9 +1,11 @@
-"""Sampling: DDPM / DDIM with guidance, Lite-CFG and elastic compute budgets; batched and DDP generation.
+"""Sampling: DDPM / DDIM and diffusers' solvers (DPM-Solver++, UniPC, Euler) with guidance, Lite-CFG and
+elastic compute budgets, in fp32 or bf16/fp16; batched and DDP generation.
 
 Main entry points:
 
 * :func:`sample` - one batch -> (samples, :class:`SampleStats`): per-step
   kept-token shares and FLOPs; per-sample seeds make results batch-invariant.
+  ``sampler`` is one of :data:`SAMPLERS`; ``precision`` one of :data:`PRECISIONS`.
 * :class:`Budget` / :func:`solve_budget` - a tail-drop fraction from a
   kept-share or GFLOPs target (bisection on a measured probe run).
 * :func:`generate_local` / :func:`merge_ranks` / :func:`save_outputs` - many
@@ -29,11 +31,21 @@ from dcdit.sampling.generate import (
     save_outputs,
 )
 from dcdit.sampling.guidance import make_model_fn, model_info
-from dcdit.sampling.sampler import SAMPLERS, SampleStats, create_sampling_diffusion, sample, sampling_diffusion_for
+from dcdit.sampling.precision import PRECISIONS, autocast_for, resolve_precision
+from dcdit.sampling.sampler import (
+    DIFFUSION_SAMPLERS,
+    SAMPLERS,
+    SampleStats,
+    create_sampling_diffusion,
+    sample,
+    sampling_diffusion_for,
+)
+from dcdit.sampling.schedulers import SCHEDULERS, SchedulerSampling
 from dcdit.sampling.seeds import SampleNoise, derive_seed, labels_for_indices, parse_classes, shard_indices
 
 __all__ = [
-    "sample", "SampleStats", "SAMPLERS", "create_sampling_diffusion", "sampling_diffusion_for",
+    "sample", "SampleStats", "SAMPLERS", "DIFFUSION_SAMPLERS", "create_sampling_diffusion", "sampling_diffusion_for",
+    "SCHEDULERS", "SchedulerSampling", "PRECISIONS", "resolve_precision", "autocast_for",
     "diffusion_for_checkpoint",
     "Budget", "BudgetSolution", "BUDGET_KINDS", "bisect_fraction", "probe_diffusion", "solve_budget",
     "resolve_tail_drop",

@@ -3,8 +3,8 @@
 DC-DiT's cost falls monotonically (in steps) as the tail-drop fraction ``f``
 grows. A target is met by bisection on ``f`` against a *measurement*: a probe
 run of the first few samples of the real run -- the same seeds, sampler
-(DDPM/DDIM, eta), clipping, guidance and, by default, every step of the real
-schedule, so the probe's samples follow exactly the trajectories the real run
+(DDPM/DDIM with eta, or a diffusers solver), precision, clipping, guidance
+and, by default, every step of the real schedule, so the probe's samples follow exactly the trajectories the real run
 gives them -- whose FLOPs are counted per step or whose kept-token share is
 averaged. What is left between probe and real run is sampling variation: the
 router keeps more tokens on some images than on others, so a probe of n of the
@@ -146,10 +146,13 @@ def bisect_fraction(measure: Callable[[float], float], target: float, kind: str 
 def probe_diffusion(diffusion, steps: int = 10):
     """A diffusion with ``steps`` of ``diffusion``'s steps (evenly spread, first and last kept).
 
-    The model still sees the original timesteps.
+    The model still sees the original timesteps. A diffusers solver setup
+    (``SchedulerSampling``) gives the same solver with ``steps`` steps instead.
     """
     from dcdit.diffusion import SpacedDiffusion
 
+    if hasattr(diffusion, "with_steps"):  # a diffusers scheduler: its own spacing for fewer steps
+        return diffusion.with_steps(steps)
     S = diffusion.num_timesteps
     keep = sorted({int(round(v)) for v in np.linspace(0, S - 1, min(steps, S))})
     probe = SpacedDiffusion(keep, betas=diffusion.betas, model_mean_type=diffusion.model_mean_type,
@@ -174,15 +177,17 @@ def solve_budget(
     probe_size: int = 4,
     probe_steps: Optional[int] = None,
     max_fraction: float = MAX_FRACTION,
-    sampler: str = "ddim",
+    sampler: Optional[str] = None,
     eta: float = 0.0,
     clip_denoised: bool = False,
+    precision: str = "fp32",
 ) -> BudgetSolution:
     """The tail-drop fraction meeting ``budget`` for this model and sampling setup.
 
     The probe samples the first ``probe_size`` labels (with their seeds and
-    ``indices``) exactly as the real run will: ``sampler``, ``eta``,
-    ``clip_denoised`` and guidance as given, over all of ``diffusion``'s steps.
+    ``indices``) exactly as the real run will: ``sampler`` (None: the diffusion's
+    own, as :func:`~dcdit.sampling.sample`), ``eta``, ``clip_denoised``,
+    ``precision`` and guidance as given, over all of ``diffusion``'s steps.
     ``probe_steps`` (fewer steps, evenly spread) makes the probe cheaper but
     its trajectories differ from the real run's, so it can miss the target by
     more. A ``tail_drop`` budget is returned as is.
@@ -204,7 +209,7 @@ def solve_budget(
     def measure(f: float) -> float:
         _, stats = sample(model, probe, labels, seed=seed, indices=indices, sampler=sampler, eta=eta,
                           cfg_scale=cfg_scale, guidance_channels=guidance_channels, tail_drop=f,
-                          uncond_drop=uncond_drop, clip_denoised=clip_denoised,
+                          uncond_drop=uncond_drop, clip_denoised=clip_denoised, precision=precision,
                           measure_flops=budget.kind == "gflops")
         if budget.kind == "gflops":
             return stats.gflops_per_step
@@ -224,9 +229,10 @@ def resolve_tail_drop(
     guidance_channels: Optional[int] = None,
     uncond_drop: Optional[float] = None,
     probe_steps: Optional[int] = None,
-    sampler: str = "ddim",
+    sampler: Optional[str] = None,
     eta: float = 0.0,
     clip_denoised: bool = False,
+    precision: str = "fp32",
     num_samples: Optional[int] = None,
     rank: int = 0,
     world_size: int = 1,
@@ -234,7 +240,7 @@ def resolve_tail_drop(
 ) -> float:
     """The tail-drop fraction a sampling run uses: 0 without a budget, a tail_drop budget's value,
     else solved once (rank 0, on ``probe_labels``: the run's first samples, sampled exactly as the
-    run will be: ``sampler``, ``eta``, ``clip_denoised``, guidance) and shared with every rank.
+    run will be: ``sampler``, ``eta``, ``clip_denoised``, ``precision``, guidance) and shared with every rank.
 
     A budget that cannot be met raises the same ValueError on every rank.
     """
@@ -248,7 +254,7 @@ def resolve_tail_drop(
             sol = solve_budget(model, budget, probe_labels, diffusion=diffusion, seed=seed, cfg_scale=cfg_scale,
                                guidance_channels=guidance_channels, uncond_drop=uncond_drop,
                                probe_size=len(probe_labels), probe_steps=probe_steps, sampler=sampler, eta=eta,
-                               clip_denoised=clip_denoised)
+                               clip_denoised=clip_denoised, precision=precision)
         except ValueError as e:
             error = str(e)
         else:

@@ -1,9 +1,12 @@
-"""Batched DDPM / DDIM sampling with per-sample seeds, guidance, tail dropping and statistics.
+"""Batched sampling (DDPM, DDIM, DPM-Solver++, UniPC, Euler) with per-sample seeds, guidance, tail dropping
+and statistics.
 
-:func:`sample` is the library's one sampling loop. Each step is the
-diffusion's own step function (``p_sample`` / ``ddim_sample``) fed noise from
-the sample's own stream (:class:`~dcdit.sampling.seeds.SampleNoise`), so a
-sample's result does not depend on its batch. Each step's network call can be
+:func:`sample` is the library's one sampling loop. For ``ddpm`` / ``ddim`` each
+step is the diffusion's own step function (``p_sample`` / ``ddim_sample``) fed
+noise from the sample's own stream (:class:`~dcdit.sampling.seeds.SampleNoise`),
+so a sample's result does not depend on its batch. The other samplers are
+diffusers' schedulers (:mod:`dcdit.sampling.schedulers`, one adapter each):
+deterministic solvers whose update is elementwise, so the same holds. Each step's network call can be
 run under the FLOP counter, and DC-DiT routing is turned into kept-token
 shares, so a run reports what it cost step by step (DC-DiT's cost changes
 with t). Compute budgets are solved above this loop (:mod:`dcdit.sampling.budget`)
@@ -21,20 +24,30 @@ import torch.nn as nn
 from dcdit.diffusion.factory import MEAN_TYPES
 from dcdit.flops import count_flops
 from dcdit.models import is_dcdit
+from dcdit.diffusion.gaussian_diffusion import split_model_output
+from dcdit.diffusion.schedules import get_named_beta_schedule
 from dcdit.sampling.guidance import make_model_fn, model_info
+from dcdit.sampling.precision import autocast_for, resolve_precision
+from dcdit.sampling.schedulers import SCHEDULERS, SchedulerSampling, scheduler_sampling
 from dcdit.sampling.seeds import SampleNoise
 from dcdit.utils import NonFiniteError, unwrap
 
-__all__ = ["SAMPLERS", "SampleStats", "sample", "create_sampling_diffusion", "sampling_diffusion_for"]
+__all__ = ["SAMPLERS", "DIFFUSION_SAMPLERS", "SampleStats", "sample", "create_sampling_diffusion",
+           "sampling_diffusion_for"]
 
-SAMPLERS = ("ddpm", "ddim")
+DIFFUSION_SAMPLERS = ("ddpm", "ddim")  # our diffusion's own steps
+SAMPLERS = DIFFUSION_SAMPLERS + tuple(SCHEDULERS)  # + diffusers' solvers: "dpm++2m", "unipc", "euler"
 
 
 def create_sampling_diffusion(sampler: str, steps: int, learn_sigma: bool = True,
                               noise_schedule: str = "linear", diffusion_steps: int = 1000,
                               prediction: str = "epsilon"):
-    """The respaced diffusion for ``steps`` sampling steps ("ddimN" spacing for DDIM when realisable).
+    """What :func:`sample` steps through for ``steps`` sampling steps of ``sampler``.
 
+    ``ddpm`` / ``ddim``: the respaced diffusion ("ddimN" spacing for DDIM when
+    realisable). A diffusers sampler (``dpm++2m``, ``unipc``, ``euler``): a
+    :class:`~dcdit.sampling.schedulers.SchedulerSampling` on the same betas
+    (``noise_schedule``, ``diffusion_steps``), "trailing" timesteps.
     ``learn_sigma`` and ``prediction`` describe the model's output (``model_info(model)`` has both).
     """
     from dcdit.diffusion import create_diffusion, space_timesteps
@@ -43,6 +56,9 @@ def create_sampling_diffusion(sampler: str, steps: int, learn_sigma: bool = True
         raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
     if not isinstance(steps, int) or not 1 <= steps <= diffusion_steps:
         raise ValueError(f"sampling steps must be an integer in 1..{diffusion_steps}, got {steps!r}")
+    if sampler in SCHEDULERS:
+        return scheduler_sampling(sampler, steps, get_named_beta_schedule(noise_schedule, diffusion_steps),
+                                  prediction, learn_sigma)
     spacing = str(steps)
     if sampler == "ddim":
         try:
@@ -180,7 +196,7 @@ def sample(
     *,
     seed: int = 0,
     indices: Optional[Sequence[int]] = None,
-    sampler: str = "ddim",
+    sampler: Optional[str] = None,
     eta: float = 0.0,
     cfg_scale: float = 1.0,
     guidance_channels: Optional[int] = None,
@@ -188,6 +204,7 @@ def sample(
     uncond_drop: Optional[float] = None,
     clip_denoised: bool = False,
     measure_flops: bool = True,
+    precision: str = "fp32",
     callback: Optional[Callable[[dict], None]] = None,
     progress: bool = False,
     device: Optional[torch.device | str] = None,
@@ -197,31 +214,48 @@ def sample(
 
     Args:
         model: DiT or DC-DiT (eval mode).
-        diffusion: a (respaced) diffusion, e.g. from :func:`create_sampling_diffusion`.
+        diffusion: what to step through, from :func:`create_sampling_diffusion` /
+            :func:`sampling_diffusion_for`: a respaced diffusion (ddpm, ddim) or a
+            diffusers scheduler setup (dpm++2m, unipc, euler).
         labels: (n,) class labels.
         seed, indices: global seed and the samples' global indices (default 0..n-1);
             they fix each sample's noise independently of the batch.
-        sampler: "ddpm" (ancestral) or "ddim" (with ``eta``; 0 is deterministic).
+        sampler: one of SAMPLERS; None: the diffusers sampler ``diffusion`` was built
+            for, else "ddim". "ddpm" is ancestral, "ddim" takes ``eta`` (0: deterministic);
+            the diffusers samplers are deterministic ODE solvers (``eta`` must be 0).
         cfg_scale, guidance_channels: classifier-free guidance (1.0: none).
         tail_drop: DC-DiT tail-drop fraction (conditional half under guidance); a kept-share or
             GFLOPs budget is turned into one by :func:`dcdit.sampling.budget.solve_budget`.
         uncond_drop: Lite-CFG fraction for the unconditional half.
         clip_denoised: clamp predicted x_0 to [-1, 1] (pixel models; latents: False).
         measure_flops: count each step's FLOPs (slows CPU runs a little).
+        precision: "fp32" (exact, the default), "bf16", "fp16", or "auto" (bf16 where the
+            device computes it natively, else fp32; see :mod:`dcdit.sampling.precision`).
+            Only the network calls run in reduced precision; the updates stay fp32.
         callback: called after every step with a dict: "i" (step index, counting
             down), "step" (0-based), "num_steps", "t" (original timesteps, (n,)),
-            "x_t" (the step's noisy input), "sample", "pred_xstart" (conditional
-            half, (n, C, H, W)), "extras" (routing or None) and "flops" (FlopReport or None).
+            "x_t" (the step's noisy network input), "sample" (the next x; Euler keeps it
+            scaled by 1/sqrt(abar)), "pred_xstart" (conditional half, (n, C, H, W)),
+            "extras" (routing or None) and "flops" (FlopReport or None).
         progress: show a per-step tqdm bar.
         device: where to sample (default: the model's device).
         allow_nonfinite: return samples holding NaN or inf instead of raising
             :class:`~dcdit.utils.NonFiniteError` (checked once, on the final samples: a
             NaN or inf anywhere in the loop reaches them, so no per-step check is needed).
     """
-    if sampler not in SAMPLERS:
+    scheduled = isinstance(diffusion, SchedulerSampling)
+    if sampler is None:
+        sampler = diffusion.sampler if scheduled else "ddim"
+    if sampler not in SAMPLERS and not (scheduled and sampler == diffusion.sampler):
         raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    if scheduled != (sampler not in DIFFUSION_SAMPLERS) or (scheduled and sampler != diffusion.sampler):
+        built = diffusion.sampler if scheduled else "ddpm/ddim"
+        raise ValueError(f"sampler {sampler!r} cannot run on a diffusion built for {built}: "
+                         f"build it with sampling_diffusion_for(model, {sampler!r}, steps)")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
+    if scheduled and eta != 0:
+        raise ValueError(f"eta applies to ddim only; {sampler} is deterministic (give eta=0)")
     info = model_info(model)
     reads = getattr(diffusion, "model_mean_type", None)
     if reads is not None and reads != MEAN_TYPES[info["prediction"]]:
@@ -240,6 +274,7 @@ def sample(
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
+    precision = resolve_precision(precision, device)
 
     fn = make_model_fn(model, cfg_scale, guidance_channels, tail_drop, uncond_drop)
     guided = cfg_scale != 1.0
@@ -264,27 +299,53 @@ def sample(
         iterator = tqdm(steps, desc=sampler.upper(), leave=False)
     report = None  # the FLOP report of the current step's network call
 
+    def network(xx: torch.Tensor, tt: torch.Tensor):
+        """The (guided) network in the run's precision; the prediction comes back in fp32."""
+        with autocast_for(precision, device):
+            out = fn(xx, tt, y)
+        if precision == "fp32":
+            return out
+        pred, extras = split_model_output(out)
+        return pred.float() if extras is None else (pred.float(), extras)
+
     def call(xx: torch.Tensor, tt: torch.Tensor):
         nonlocal report
         if not measure_flops:
-            return fn(xx, tt, y)
-        report, result = count_flops(lambda: fn(xx, tt, y), model, batch_size=n)
+            return network(xx, tt)
+        report, result = count_flops(lambda: network(xx, tt), model, batch_size=n)
         return result
 
+    def net(xv: torch.Tensor, tv: torch.Tensor):
+        """Scheduler path: (n, ...) in, the conditional half's (output, extras) out."""
+        pred, extras = split_model_output(call(torch.cat([xv, xv]) if guided else xv,
+                                               torch.cat([tv, tv]) if guided else tv))
+        return pred[:n], extras
+
+    scheduler = None
+    if scheduled:
+        scheduler = diffusion.make()  # fresh solver state for this run
+        x = x * scheduler.init_noise_sigma
+
     for step, i in enumerate(iterator):
-        t = torch.full((n,), i, device=device, dtype=torch.long)
-        xin = torch.cat([x, x]) if guided else x
-        tin = torch.cat([t, t]) if guided else t
         report = None
-        # the step's noise from each sample's own stream (none needed at t = 0 or by deterministic DDIM)
-        z = noise.draw(device, x.dtype) if i != 0 and (sampler == "ddpm" or eta > 0) else torch.zeros_like(x)
-        zin = torch.cat([z, z]) if guided else z
-        if sampler == "ddpm":
-            out = diffusion.p_sample(call, xin, tin, clip_denoised=clip_denoised, noise=zin)
+        x_t = x
+        if scheduled:
+            out = diffusion.step(scheduler, net, x, step, clip_denoised=clip_denoised)
+            x_next, pred_xstart, extras, x_t = out["sample"], out["pred_xstart"], out["extras"], out["x_t"]
+            timesteps.append(out["t"])
         else:
-            out = diffusion.ddim_sample(call, xin, tin, clip_denoised=clip_denoised, eta=eta, noise=zin)
-        x_next, pred_xstart, extras = out["sample"][:n], out["pred_xstart"][:n], out["extras"]
-        timesteps.append(int(tmap[i]) if tmap is not None else i)
+            t = torch.full((n,), i, device=device, dtype=torch.long)
+            xin = torch.cat([x, x]) if guided else x
+            tin = torch.cat([t, t]) if guided else t
+            # the step's noise from each sample's own stream (none needed at t = 0 or by deterministic DDIM)
+            z = noise.draw(device, x.dtype) if i != 0 and (sampler == "ddpm" or eta > 0) else torch.zeros_like(x)
+            zin = torch.cat([z, z]) if guided else z
+            if sampler == "ddpm":
+                out = diffusion.p_sample(call, xin, tin, clip_denoised=clip_denoised, noise=zin)
+            else:
+                out = diffusion.ddim_sample(call, xin, tin, clip_denoised=clip_denoised, eta=eta, noise=zin)
+            x_next, pred_xstart, extras = out["sample"][:n], out["pred_xstart"][:n], out["extras"]
+            timesteps.append(int(tmap[i]) if tmap is not None else i)
         if routed and extras is not None:  # shares of the conditional half, per stage: (stages, n)
             kept.append(np.stack([st.kept_share()[:n].cpu().numpy() for st in extras]))
             natural.append(np.stack([st.kept_share(natural=True)[:n].cpu().numpy() for st in extras]))
@@ -296,7 +357,7 @@ def sample(
         if callback is not None:
             callback({
                 "i": i, "step": step, "num_steps": len(steps), "t": torch.full((n,), timesteps[-1]),
-                "x_t": x, "sample": x_next, "pred_xstart": pred_xstart, "extras": extras, "flops": report,
+                "x_t": x_t, "sample": x_next, "pred_xstart": pred_xstart, "extras": extras, "flops": report,
             })
         x = x_next
     if not allow_nonfinite:
@@ -313,4 +374,3 @@ def sample(
         num_images=n,
     )
     return x, stats
-
