@@ -40,12 +40,12 @@ DEMO_CONFIG: dict = {
     "diffusion": {"min_snr_gamma": 5.0, "prediction": "v"},
     "optim": {"lr": 1.0e-3, "warmup_steps": 200},
     "train": {
-        "steps": 3500, "global_batch_size": 64,
+        "steps": 3000, "global_batch_size": 64,
         "ema_decay": 0.999, "ema_warmup": True, "log_interval": 50, "ckpt_interval": 250,
         "keep_last_k": 1, "device": "cpu", "tensorboard": False, "precision": "bf16", "num_threads": 2,
     },
     "ratio": {"weight": 0.03, "target_N": 4.0, "group_size": 16},
-    "multibudget": {"enabled": True, "start_step": 2333, "fractions": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]},
+    "multibudget": {"enabled": True, "start_step": 2000, "fractions": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]},
     "samples": {"interval": 0},
 }
 DEMO_CFG_SCALE = 3.0  # guidance for the report's samples and their class accuracy
