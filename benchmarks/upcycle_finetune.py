@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
 
     clf = Path(a.classifier)
-    if not (clf / "config.json").is_file():
+    if not (clf / "classifier.json").is_file():  # what save_classifier / dcdit train-classifier write
         clf = out / "classifier"
-        if not (clf / "config.json").is_file():
+        if not (clf / "classifier.json").is_file():
             cli(["train-classifier", "--source", "mnist", "--steps", "10" if a.smoke else "600", "--out", str(clf)])
 
     up = out / "upcycled"
