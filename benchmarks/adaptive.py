@@ -13,7 +13,7 @@ and class accuracy by the in-domain classifier. Each run adds what the router do
 * kept share against t over the sampling run (noisiest / cleanest step),
 * what the tokens buy (``dcdit.analysis.what_tokens_buy``): per t, the training loss with half of
   the kept tokens tail-dropped minus the loss with all of them, and the router's gradient signal
-  (mean -dL/dp: how hard the diffusion loss pulls for more tokens at t),
+  from the diffusion loss (mean -dL/dp: how much timestep t trains the router),
 * segmentation ROC-AUC of the router's boundary probability against the digit-edge map
   (``dcdit.analysis.routing_vs_detail``; a grid token is positive when its cell holds an edge
   pixel) and against the digit's ink (positive when its cell holds a pixel > 0.5), per t,
@@ -144,6 +144,38 @@ def stage_variant(ctx: Ctx, name: str, seed: int, upto: int | None = None) -> di
             "signal": sig}
 
 
+def signal_of_checkpoints(ckpts: list[str], n: int = 128) -> dict:
+    """``what_tokens_buy`` on any checkpoints (e.g. the shipped ``pretrained:`` models), MNIST test digits
+    at the checkpoint's size, each with its own prediction type and the recipe's Min-SNR-5 weight."""
+    from dcdit.analysis import what_tokens_buy
+    from dcdit.checkpoint import load_model
+    from dcdit.data import DataConfig, build_dataset
+    from dcdit.diffusion import create_diffusion
+    from dcdit.sampling import model_info
+
+    out = {}
+    for ckpt in ckpts:
+        model = load_model(ckpt).eval()
+        info = model_info(model)
+        diffusion = create_diffusion("", min_snr_gamma=5.0, prediction=info["prediction"],
+                                     learn_sigma=info["learn_sigma"])
+        test = build_dataset(DataConfig(source="mnist", split="test", image_size=info["input_hw"][0]))
+        out[ckpt] = {"prediction": info["prediction"],
+                     "per_t": what_tokens_buy(model, diffusion, test, SEG_TIMESTEPS, num_images=n)}
+    return out
+
+
+def signal_table(signals: dict) -> str:
+    lines = ["| model | prediction | t | weighted MSE, all kept tokens | + with half of them dropped "
+             "| router signal (mean -dL/dp) | kept share |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name, sig in signals.items():
+        for r in sig["per_t"]:
+            lines.append(f"| {name} | {sig['prediction']} | {r['t']} | {r['mse']['0']:.2e} | "
+                         f"{r['token_value'] / max(r['mse']['0'], 1e-12):+.1%} | {r['pull']:+.1e} | "
+                         f"{r['kept_share']['0']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def report(out: Path, plot_dir: Path | None) -> str:
     rows = []
     for p in sorted(out.glob("eval_*_s*.json")):
@@ -184,8 +216,19 @@ def main(argv=None) -> int:
                     help="stop each run at this step and score that checkpoint (tagged NAME@STEP); rerun to go on")
     ap.add_argument("--smoke", action="store_true", help="tiny everything (plumbing check)")
     ap.add_argument("--report", default=None, metavar="DIR", help="write table.md and results.json here and stop")
+    ap.add_argument("--signal", default=None, metavar="CKPT[,CKPT]",
+                    help="only: what the tokens buy, per t, for these checkpoints (e.g. pretrained:mnist-dcdit-n4); "
+                         "JSON into --out/signal_checkpoints.json")
     args = ap.parse_args(argv)
     out = Path(args.out)
+    if args.signal:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        sig = signal_of_checkpoints(args.signal.split(","))
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "signal_checkpoints.json", sig)
+        print(signal_table(sig))
+        return 0
     if args.report:
         print(report(out, Path(args.report)))
         return 0

@@ -113,8 +113,8 @@ def what_tokens_buy(
     batch_size: int = 64,
     seed: int = 0,
 ) -> list[dict]:
-    """Per timestep: what the main network's tokens are worth to the training loss, and where the loss
-    asks the router for them.
+    """Per timestep: what the main network's tokens are worth to the training loss, and how strongly
+    that timestep trains the router.
 
     ``diffusion`` is the training diffusion (its prediction type and Min-SNR weight: with Min-SNR the
     epsilon and v losses are the same function of the predicted x_0, ``min(SNR, gamma) |x0_hat - x0|^2``,
@@ -122,10 +122,12 @@ def what_tokens_buy(
     and the weighted MSE is measured at each tail-drop fraction in ``fractions``.
 
     Rows: ``t``; ``mse`` and ``kept_share`` per fraction; ``token_value`` = MSE at the largest fraction
-    minus MSE at the smallest (what the dropped tokens were worth at t); ``pull`` = mean over tokens of
-    ``-dL/dp`` at the smallest fraction (positive: the loss asks the router for more tokens at t; the
-    router's own training signal, before the ratio loss) and ``pull_auc`` = ROC-AUC of ``-dL/dp``
-    against the detail cells (does the loss ask for tokens on the detail?).
+    minus MSE at the smallest (what the dropped tokens were worth at t: the discrete value of the
+    tokens); ``pull`` = mean over tokens of ``-dL/dp`` at the smallest fraction, the router's training
+    signal from the diffusion loss at t (before the ratio loss). Its magnitude says how much timestep
+    t trains the router; its sign is not a token count, since p acts through the STE and the dechunk
+    weights, not through the discrete mask. ``pull_auc`` = ROC-AUC of ``-dL/dp`` against the detail
+    cells.
     """
     n = min(num_images, len(dataset))
     if hasattr(dataset, "get_with_detail"):
