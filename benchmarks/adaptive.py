@@ -107,14 +107,13 @@ def stage_variant(ctx: Ctx, name: str, seed: int, upto: int | None = None) -> di
     warm-up, multi-budget starts at its own step): results are tagged ``name@upto``, and a later call
     with a larger ``upto`` continues the same run directory.
     """
-    from dcdit.models import is_dcdit
-
     s = ctx.s
     steps = upto or s.steps
     tag = name if steps == s.steps else f"{name}@{steps}"
     run_dir = ctx.out / "runs" / f"{name}_s{seed}"
     d = variant_config(s, name, seed)
     d["train"]["steps"] = steps
+    routed = d["model"]["arch"] == "dcdit"
     tr = cached(ctx.out / f"train_{tag}_s{seed}.json", lambda: train_run(d, run_dir, steps))
     name = tag
 
@@ -122,7 +121,7 @@ def stage_variant(ctx: Ctx, name: str, seed: int, upto: int | None = None) -> di
         model = load(run_dir, f"ckpt-{steps:07d}")
         res = score(ctx, model, s.n_fid, seed, 0.0, f"{name}_s{seed}", grid=True)
         res["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-        if is_dcdit(model):
+        if routed:
             res["segmentation"] = segmentation(model, seed)
         return res
 
@@ -139,7 +138,7 @@ def stage_variant(ctx: Ctx, name: str, seed: int, upto: int | None = None) -> di
                                      learn_sigma=info["learn_sigma"])
         return {"per_t": what_tokens_buy(model, diffusion, mnist("test"), SEG_TIMESTEPS, num_images=128, seed=seed)}
 
-    sig = cached(ctx.out / f"signal_{name}_s{seed}.json", signal) if is_dcdit(load(run_dir)) else None
+    sig = cached(ctx.out / f"signal_{name}_s{seed}.json", signal) if routed else None
     return {"name": name, "seed": seed, "change": VARIANTS[name.split("@")[0]][0], "config": d, "train": tr, "eval": ev,
             "signal": sig}
 
