@@ -180,21 +180,27 @@ def report(out: Path, plot_dir: Path | None) -> str:
     for p in sorted(out.glob("eval_*_s*.json")):
         name, seed = p.stem.removeprefix("eval_").rsplit("_s", 1)
         ev, tr = read_json(p), read_json(out / f"train_{name}_s{seed}.json") or {}
-        seg = ev.get("segmentation") or {}
+        seg = dict(ev.get("segmentation") or {})
+        sig = read_json(out / f"signal_{name}_s{seed}.json")
+        if sig:  # the router's gradient at the noisiest scored t relative to the cleanest
+            per_t = sorted(sig["per_t"], key=lambda r: r["t"])
+            seg["signal_ratio"] = abs(per_t[-1]["pull"]) / max(abs(per_t[0]["pull"]), 1e-30)
         rows.append((name, int(seed), ev, tr, seg))
     lines = ["| variant | seed | change | FID@2000 | FID@500 | class acc | GFLOPs/img | kept share noisiest / cleanest (ratio) "
-             "| AUC edges t<=250 | AUC ink t<=250 | AUC ink t=950 | train min |",
-             "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+             "| AUC edges t<=250 | AUC ink t<=250 | AUC ink t=950 | router signal t=950 / t=25 | train min |",
+             "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for name, seed, ev, tr, seg in rows:
         kn, kc = ev.get("kept_share_noisiest"), ev.get("kept_share_cleanest")
         kept = f"{kn:.3f} / {kc:.3f} ({kn / kc:.2f})" if kn is not None else ""
         ink950 = next((r["auc"] for r in seg.get("ink", []) if r["t"] == 950), None)
         fmt = lambda v: "" if v is None else f"{v:.3f}"
         fmt1 = lambda v: "" if v is None else f"{v:.1f}"
+        sci = lambda v: "" if v is None else f"{v:.1e}"
         mins = tr.get("train_seconds_at_median_rate")
         lines.append(f"| {name} | {seed} | {VARIANTS.get(name.split('@')[0], ('?',))[0]} | {ev['fid']:.1f} | {fmt1(ev.get('fid_at', {}).get('500'))} | {ev['class_acc']:.3f} "
                      f"| {ev['gflops_per_image']:.2f} | {kept} | {fmt(seg.get('auc_edges_late'))} "
-                     f"| {fmt(seg.get('auc_ink_late'))} | {fmt(ink950)} | {'' if mins is None else f'{mins / 60:.1f}'} |")
+                     f"| {fmt(seg.get('auc_ink_late'))} | {fmt(ink950)} | {sci(seg.get('signal_ratio'))} "
+                     f"| {'' if mins is None else f'{mins / 60:.1f}'} |")
     table = "\n".join(lines) + "\n"
     if plot_dir is not None:
         plot_dir.mkdir(parents=True, exist_ok=True)
