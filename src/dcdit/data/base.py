@@ -87,6 +87,13 @@ def as_int_labels(labels, what: str) -> np.ndarray:
     raise ValueError(f"{what}: labels must be integers (class indices), got dtype {labels.dtype}")
 
 
+def random_subset(ds: DcditDataset, num_samples: int | None, seed: int) -> DcditDataset:
+    """``num_samples`` items of ``ds`` drawn without replacement by ``seed``, in index order (all when None or more)."""
+    if num_samples is None or num_samples >= len(ds):
+        return ds
+    return SubsetDataset(ds, np.sort(np.random.default_rng(seed).choice(len(ds), num_samples, replace=False)))
+
+
 def check_labels(labels: np.ndarray, num_classes: int | None, what: str) -> int:
     """Validate integer labels and return the class count to use."""
     labels = np.asarray(labels)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dcdit.data.base import DcditDataset, SubsetDataset, check_labels
+from dcdit.data.base import DcditDataset, check_labels, random_subset
 from dcdit.data.config import DataConfig, DataError
 from dcdit.data.mnist import load_mnist_splits
 from dcdit.data.shapes import _Draws
@@ -110,7 +110,4 @@ def build(cfg: DataConfig):
                        cfg.random_flip)
     if cfg.num_classes is not None:
         ds.num_classes = check_labels(ds.labels, cfg.num_classes, "canvas")
-    if cfg.num_samples is not None and cfg.num_samples < len(ds):
-        idx = np.sort(np.random.default_rng(cfg.seed).choice(len(ds), cfg.num_samples, replace=False))
-        ds = SubsetDataset(ds, idx)
-    return ds
+    return random_subset(ds, cfg.num_samples, cfg.seed)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dcdit.data.base import DcditDataset, SubsetDataset, check_labels
+from dcdit.data.base import DcditDataset, check_labels, random_subset
 from dcdit.data.config import DataConfig, DataError
 from dcdit.data.transforms import center_crop_arr, convert_channels
 
@@ -96,6 +96,5 @@ def build(cfg: DataConfig):
         raise DataError("data.path must name the image folder for source 'folder'")
     ds = ImageFolderDataset(cfg.path, cfg.image_size or 256, cfg.channels or 3, cfg.num_classes, cfg.skip_corrupt,
                             cfg.random_flip, cfg.in_memory)
-    if cfg.num_samples is not None and cfg.num_samples < len(ds):
-        ds = SubsetDataset(ds, np.sort(np.random.default_rng(cfg.seed).choice(len(ds), cfg.num_samples, replace=False)))
+    ds = random_subset(ds, cfg.num_samples, cfg.seed)
     return ds

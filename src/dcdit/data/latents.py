@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dcdit.data.base import DcditDataset, SubsetDataset, as_int_labels, check_labels
+from dcdit.data.base import DcditDataset, as_int_labels, check_labels, random_subset
 from dcdit.data.config import DataConfig, DataError
 
 INDEX_NAME = "index.json"
@@ -286,6 +286,5 @@ def build(cfg: DataConfig):
                         f"{ds.pixel_size}px images, not image_size={cfg.image_size} (give either size)")
     if cfg.channels is not None and cfg.channels != ds.channels:
         raise DataError(f"{cfg.path}: latents have {ds.channels} channels, not channels={cfg.channels}")
-    if cfg.num_samples is not None and cfg.num_samples < len(ds):
-        ds = SubsetDataset(ds, np.sort(np.random.default_rng(cfg.seed).choice(len(ds), cfg.num_samples, replace=False)))
+    ds = random_subset(ds, cfg.num_samples, cfg.seed)
     return ds

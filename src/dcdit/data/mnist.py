@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dcdit.data.base import DcditDataset, SubsetDataset, check_labels
+from dcdit.data.base import DcditDataset, check_labels, random_subset
 from dcdit.data.config import DataConfig, DataError
 from dcdit.data.transforms import convert_channels
 
@@ -99,7 +99,4 @@ def build(cfg: DataConfig):
     ds = MnistDataset(cfg.split, cfg.image_size or 32, cfg.channels or 1, cfg.path, cfg.random_flip)
     if cfg.num_classes is not None:
         ds.num_classes = check_labels(ds.labels, cfg.num_classes, "MNIST")
-    if cfg.num_samples is not None and cfg.num_samples < len(ds):
-        idx = np.sort(np.random.default_rng(cfg.seed).choice(len(ds), cfg.num_samples, replace=False))
-        ds = SubsetDataset(ds, idx)
-    return ds
+    return random_subset(ds, cfg.num_samples, cfg.seed)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dcdit.data.base import DcditDataset, SubsetDataset, as_int_labels, check_labels
+from dcdit.data.base import DcditDataset, as_int_labels, check_labels, random_subset
 from dcdit.data.config import DataConfig, DataError
 from dcdit.data.transforms import convert_channels
 
@@ -73,6 +73,5 @@ def build(cfg: DataConfig):
     if not cfg.path:
         raise DataError("data.path must name the .npz file for source 'npz'")
     ds = NpzDataset(cfg.path, cfg.channels, cfg.image_size, cfg.num_classes, cfg.random_flip)
-    if cfg.num_samples is not None and cfg.num_samples < len(ds):
-        ds = SubsetDataset(ds, np.sort(np.random.default_rng(cfg.seed).choice(len(ds), cfg.num_samples, replace=False)))
+    ds = random_subset(ds, cfg.num_samples, cfg.seed)
     return ds
