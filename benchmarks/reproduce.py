@@ -107,6 +107,8 @@ class Settings:
     shapes_train_images: int = 10000
     shapes_timesteps: list = field(default_factory=lambda: [25, 50, 100, 150, 250, 500, 750, 950])
     extractor: str = "inception"      # FID features ("classifier": the in-domain classifier's, for --smoke)
+    source: str = "mnist"             # data source of the classifier and the FID reference (canvas.py: "canvas")
+    image_size: int = 32
 
 
 def smoke_settings() -> Settings:
@@ -147,9 +149,14 @@ def cached(path: Path, fn):
 
 
 def mnist(split: str):
+    return dataset(Settings(), split)
+
+
+def dataset(s: Settings, split: str):
+    """The run's data (``s.source`` at ``s.image_size``), split ``split``."""
     from dcdit.data import DataConfig, build_dataset
 
-    return build_dataset(DataConfig(source="mnist", split=split, image_size=32))
+    return build_dataset(DataConfig(source=s.source, split=split, image_size=s.image_size))
 
 
 def dataset_uint8(ds, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -312,8 +319,8 @@ class Ctx:
     def reference(self, kind: str | None = None):
         kind = kind or self.s.extractor
         if kind not in self._refs:
-            imgs, labels = dataset_uint8(mnist("test"), self.s.n_ref)
-            self._refs[kind] = self.features(imgs, labels, "mnist-test", kind)
+            imgs, labels = dataset_uint8(dataset(self.s, "test"), self.s.n_ref)
+            self._refs[kind] = self.features(imgs, labels, f"{self.s.source}-test", kind)
         return self._refs[kind]
 
     def fid(self, feats: np.ndarray, kind: str | None = None) -> float:
@@ -394,9 +401,9 @@ def stage_classifier(ctx: Ctx, seed: int) -> dict:
         from dcdit.evaluation import save_classifier, train_classifier
         from dcdit.evaluation.classifier import dataset_accuracy
 
-        clf = train_classifier(mnist("train"), steps=ctx.s.classifier_steps, batch_size=128, seed=seed,
+        clf = train_classifier(dataset(ctx.s, "train"), steps=ctx.s.classifier_steps, batch_size=128, seed=seed,
                                log=log, log_every=100)
-        acc = dataset_accuracy(clf, mnist("test"))
+        acc = dataset_accuracy(clf, dataset(ctx.s, "test"))
         save_classifier(clf, ctx.clf_dir, extra={"test_accuracy": acc})
         return {"test_accuracy": acc, "steps": ctx.s.classifier_steps, "batch": 128, "path": str(ctx.clf_dir)}
 

@@ -451,8 +451,9 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                  f"{world} process(es) on {device}, batch {tc.global_batch_size} = {world} x {accum} x {micro}"
                  + (f" | resumed at step {step}" if step else ""))
         if dcdit:
+            target = ratio_targets(cfg.ratio, tc.steps, n_stages, model.config.get("downsample_factor"))
             log.info("comp = compression L / kept tokens (product over stages): the router's own choice / "
-                     "after tail dropping; N = 4 aims at ~4x")
+                     f"after tail dropping; the ratio loss aims at ~{math.prod(target):g}x (N = {target})")
         if ckpt_dir is not None and step >= tc.steps:
             log.info(f"nothing to train: {run_dir} is at step {step} and train.steps is {tc.steps}; "
                      f"to train further, resume with --set train.steps=N (N > {step})")
