@@ -3,7 +3,8 @@
 Read with ``ast`` (nothing is imported), so an import hidden inside a function
 counts as much as one at the top of a module: a cycle is a cycle whenever it is
 taken. ``from dcdit.a import b`` is an edge to ``dcdit.a.b`` when that is a
-module, else to ``dcdit.a``.
+module, else to ``dcdit.a``; importing ``dcdit.a.b`` from outside ``dcdit.a``
+is also an edge to the package ``dcdit.a`` (its ``__init__`` runs first).
 """
 from __future__ import annotations
 
@@ -45,6 +46,12 @@ def import_graph(root: Path = SRC) -> dict[str, dict[str, list[int]]]:
                     target = target.rpartition(".")[0]
                 if target.startswith("dcdit") and target != name:
                     edges.setdefault(target, []).append(node.lineno)
+                # importing dcdit.a.b from outside dcdit.a runs dcdit/a/__init__.py first
+                parts = target.split(".")
+                for k in range(2, len(parts)):
+                    parent = ".".join(parts[:k])
+                    if not (name + ".").startswith(parent + "."):
+                        edges.setdefault(parent, []).append(node.lineno)
         graph[name] = edges
     return graph
 
@@ -114,9 +121,9 @@ def test_graph_reader_sees_lazy_and_relative_imports(tmp_path):
     (pkg / "high.py").write_text("from dcdit.low import core\nimport dcdit.low.core as c\n")
     g = import_graph(pkg)
     assert g["dcdit.low.core"] == {"dcdit.high": [2]}
-    assert g["dcdit.high"] == {"dcdit.low.core": [1, 2]}
+    assert g["dcdit.high"] == {"dcdit.low.core": [1, 2], "dcdit.low": [1, 2]}
     assert g["dcdit.low"] == {"dcdit.low.core": [1]}
-    assert find_cycles(g) == [["dcdit.high", "dcdit.low.core"]]
+    assert find_cycles(g) == [["dcdit.high", "dcdit.low", "dcdit.low.core"]]
 
 
 def test_no_import_cycle():

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from dcdit.models.dit import describe_dit, registry_num_heads
 from dcdit.models.factory import build_model, model_config
+from dcdit.pretrained import resolve_pretrained
 from dcdit.utils import NonFiniteError, atomic_write, first_nonfinite, save_json, unwrap
 
 CONFIG_NAME = "config.json"
@@ -154,8 +155,6 @@ def load_model(
     Weights holding NaN or inf raise :class:`~dcdit.utils.NonFiniteError` unless ``allow_nonfinite``.
     """
     if str(path).startswith("pretrained:"):  # a checkpoint shipped with the package
-        from dcdit.pretrained import resolve_pretrained
-
         path = resolve_pretrained(str(path))
     path = Path(path)
     if not path.exists():

@@ -1,6 +1,9 @@
 """`dcdit demo`: the main job on a built-in default."""
 from __future__ import annotations
 
+# dcdit's own modules are imported inside the functions: `dcdit --help` imports every subcommand's module
+# (dcdit.cli), so torch-heavy imports wait until a command runs.
+
 HELP = "Train a small DC-DiT on MNIST for a fixed number of steps, sample, score, and write runs/demo/report.md."
 
 

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+# dcdit's own modules are imported inside the functions: `dcdit --help` imports every subcommand's module
+# (dcdit.cli), so torch-heavy imports wait until a command runs.
+
 HELP = "Score samples against a reference: FID, sFID, IS, precision/recall, KID, class accuracy."
 
 

@@ -10,6 +10,9 @@ saved in a local folder; nothing is downloaded.
 """
 from __future__ import annotations
 
+# dcdit's own modules are imported inside the functions: `dcdit --help` imports every subcommand's module
+# (dcdit.cli), so torch-heavy imports wait until a command runs.
+
 HELP = "Encode an image folder (one sub-folder per class) into VAE latent shards for the 'latents' data source."
 
 

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+# dcdit's own modules are imported inside the functions: `dcdit --help` imports every subcommand's module
+# (dcdit.cli), so torch-heavy imports wait until a command runs.
+
 HELP = "FLOPs per component, per sampling step and per image over a real sampling run (each step counted)."
 
 

@@ -1,6 +1,9 @@
 """`dcdit info`: the model registry with parameter counts and compute."""
 from __future__ import annotations
 
+# dcdit's own modules are imported inside the functions: `dcdit --help` imports every subcommand's module
+# (dcdit.cli), so torch-heavy imports wait until a command runs.
+
 HELP = "List the model registry (DiT and DC-DiT presets) and the shipped pretrained checkpoints."
 
 

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+# dcdit's own modules are imported inside the functions: `dcdit --help` imports every subcommand's module
+# (dcdit.cli), so torch-heavy imports wait until a command runs.
+
 HELP = ("Write a data set as an ADM-format reference .npz (arr_0 uint8 NHWC RGB, arr_1 labels), "
         "optionally with Inception statistics (mu/sigma, sFID mu_s/sigma_s).")
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+# dcdit's own modules are imported inside the functions: `dcdit --help` imports every subcommand's module
+# (dcdit.cli), so torch-heavy imports wait until a command runs.
+
 HELP = ("Sample images from a checkpoint: DDPM/DDIM or diffusers' DPM-Solver++/UniPC/Euler, guidance, Lite-CFG, "
         "compute budgets; PNG grid and/or ADM .npz.")
 

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+# dcdit's own modules are imported inside the functions: `dcdit --help` imports every subcommand's module
+# (dcdit.cli), so torch-heavy imports wait until a command runs.
+
 HELP = "Plot routing maps over the denoising steps, kept share / FLOPs vs timestep, and a class grid (PNG)."
 
 

@@ -50,7 +50,7 @@ from dcdit.chunking import (
     ste,
     ste_residual,
 )
-from dcdit.models.config import DCDiTConfig, StagePlan
+from dcdit.models.config import DCDIT_PRESETS, DCDiTConfig, StagePlan
 from dcdit.models.layers import (
     xavier_linear_init,
     DiTBlock,
@@ -653,8 +653,6 @@ class DCDiT(DCStage):
 
 def build_dcdit(name: str, **overrides) -> DCDiT:
     """DC-DiT from a preset name such as "DC-DiT-B-N4"; keywords override config fields (input_size, ...)."""
-    from dcdit.models.config import DCDIT_PRESETS
-
     if name not in DCDIT_PRESETS:
         raise ValueError(f"unknown DC-DiT preset {name!r}; choose one of {', '.join(DCDIT_PRESETS)}")
     return DCDiT(DCDiTConfig.from_dict({**DCDIT_PRESETS[name], **overrides}))

@@ -23,6 +23,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch.nn as nn
 
+from dcdit.diffusion import SpacedDiffusion
+from dcdit.models import is_dcdit
+from dcdit.sampling.sampler import sample
+from dcdit.utils import unwrap
+
 __all__ = ["BUDGET_KINDS", "Budget", "BudgetSolution", "bisect_fraction", "probe_diffusion", "solve_budget",
            "resolve_tail_drop"]
 
@@ -149,8 +154,6 @@ def probe_diffusion(diffusion, steps: int = 10):
     The model still sees the original timesteps. A diffusers solver setup
     (``SchedulerSampling``) gives the same solver with ``steps`` steps instead.
     """
-    from dcdit.diffusion import SpacedDiffusion
-
     if hasattr(diffusion, "with_steps"):  # a diffusers scheduler: its own spacing for fewer steps
         return diffusion.with_steps(steps)
     S = diffusion.num_timesteps
@@ -192,10 +195,6 @@ def solve_budget(
     its trajectories differ from the real run's, so it can miss the target by
     more. A ``tail_drop`` budget is returned as is.
     """
-    from dcdit.models import is_dcdit
-    from dcdit.sampling.sampler import sample
-    from dcdit.utils import unwrap
-
     if budget.kind == "tail_drop":
         return BudgetSolution(float(budget.value), float(budget.value), float(budget.value), "tail_drop")
     if not is_dcdit(model):

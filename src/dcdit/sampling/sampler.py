@@ -21,11 +21,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dcdit.diffusion import create_diffusion, space_timesteps
 from dcdit.diffusion.factory import MEAN_TYPES
-from dcdit.flops import count_flops
-from dcdit.models import is_dcdit
 from dcdit.diffusion.gaussian_diffusion import split_model_output
 from dcdit.diffusion.schedules import get_named_beta_schedule
+from dcdit.flops import count_flops
+from dcdit.models import is_dcdit
 from dcdit.sampling.guidance import make_model_fn, model_info
 from dcdit.sampling.precision import autocast_for, resolve_precision
 from dcdit.sampling.schedulers import SCHEDULERS, SchedulerSampling, scheduler_sampling
@@ -50,8 +51,6 @@ def create_sampling_diffusion(sampler: str, steps: int, learn_sigma: bool = True
     (``noise_schedule``, ``diffusion_steps``), "trailing" timesteps.
     ``learn_sigma`` and ``prediction`` describe the model's output (``model_info(model)`` has both).
     """
-    from dcdit.diffusion import create_diffusion, space_timesteps
-
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
     if not isinstance(steps, int) or not 1 <= steps <= diffusion_steps:

@@ -29,6 +29,7 @@ import yaml
 
 from dcdit.data.config import DataConfig
 from dcdit.models.config import PREDICTIONS
+from dcdit.utils import atomic_write
 
 PRECISIONS = ("fp32", "bf16")
 ARCHS = ("dit", "dcdit")
@@ -413,7 +414,5 @@ def load_train_config(path: Optional[str | Path] = None, overrides: Optional[lis
 
 def save_train_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from dcdit.utils import atomic_write
-
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
