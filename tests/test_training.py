@@ -229,12 +229,12 @@ def test_dcdit_ratio_loss_multibudget_and_compression_logged(tmp_path):
     assert type(load_model(run)).__name__ == "DCDiT"
 
 
-def test_multibudget_fraction_same_on_every_rank():
-    from dcdit.training.trainer import budget_fraction
+def test_multimultibudget_tail_drop_same_on_every_rank():
+    from dcdit.training.trainer import multibudget_tail_drop
 
     cfg = load_train_config(None, ["multibudget.enabled=true", "multibudget.start_step=10"])
-    draws = [budget_fraction(cfg, 0, step) for step in range(300)]
-    assert draws == [budget_fraction(cfg, 0, step) for step in range(300)]  # a function of (seed, step) only
+    draws = [multibudget_tail_drop(cfg, 0, step) for step in range(300)]
+    assert draws == [multibudget_tail_drop(cfg, 0, step) for step in range(300)]  # a function of (seed, step) only
     assert set(draws[:10]) == {0.0} and set(draws[10:]) == set(cfg.multibudget.fractions)
 
 

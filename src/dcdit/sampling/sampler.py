@@ -27,7 +27,7 @@ from dcdit.diffusion.gaussian_diffusion import split_model_output
 from dcdit.diffusion.schedules import get_named_beta_schedule
 from dcdit.flops import count_flops
 from dcdit.models import is_dcdit
-from dcdit.sampling.guidance import make_model_fn, model_info
+from dcdit.sampling.guidance import is_guided, make_model_fn, model_info
 from dcdit.sampling.precision import autocast_for, resolve_precision
 from dcdit.sampling.schedulers import SCHEDULERS, SchedulerSampling, scheduler_sampling
 from dcdit.sampling.seeds import SampleNoise
@@ -276,7 +276,7 @@ def sample(
     precision = resolve_precision(precision, device)
 
     fn = make_model_fn(model, cfg_scale, guidance_channels, tail_drop, uncond_drop)
-    guided = cfg_scale != 1.0
+    guided = is_guided(cfg_scale)
     routed = is_dcdit(model)
     shape = (info["in_channels"], *info["input_hw"])
     noise = SampleNoise(seed, indices, shape)

@@ -29,6 +29,7 @@ import yaml
 
 from dcdit.data.config import DataConfig
 from dcdit.models.config import PREDICTIONS
+from dcdit.sampling.budget import parse_tail_drop
 from dcdit.utils import atomic_write
 
 PRECISIONS = ("fp32", "bf16")
@@ -255,8 +256,10 @@ def validate(cfg: TrainConfig) -> None:
             raise _err(f"ratio.{key}", f"every N must be > 1, got {v}")
     if r.group_size is not None and r.group_size <= 0:
         raise _err("ratio.group_size", f"must be positive, got {r.group_size}")
-    if not mb.fractions or not all(0.0 <= f < 1.0 for f in mb.fractions):
-        raise _err("multibudget.fractions", f"expected a non-empty list of numbers in [0, 1), got {mb.fractions}")
+    if not mb.fractions:
+        raise _err("multibudget.fractions", "expected a non-empty list of tail-drop fractions in [0, 1)")
+    for i, tail_drop in enumerate(mb.fractions):
+        parse_tail_drop(tail_drop, f"multibudget.fractions[{i}]")
     if s.interval < 0 or s.num <= 0 or s.steps <= 0:
         raise _err("samples", f"interval must be >= 0 and num, steps positive (got {s.interval}, {s.num}, {s.steps})")
 

@@ -191,8 +191,8 @@ def draw_global_batch(seed: int, step: int, global_batch: int, sample_shape: tup
     return t, noise, drop
 
 
-def budget_fraction(cfg: TrainConfig, seed: int, step: int) -> float:
-    """Multi-budget tail-drop fraction of a step: uniform over the set, a function of (seed, step) only."""
+def multibudget_tail_drop(cfg: TrainConfig, seed: int, step: int) -> float:
+    """Multi-budget tail drop of a step: uniform over ``multibudget.fractions``, a function of (seed, step) only."""
     mb = cfg.multibudget
     if not mb.enabled or step < mb.start_step:
         return 0.0
@@ -495,7 +495,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                 torch.manual_seed(mix_seed(tc.seed, step, info.rank, _GLOBAL))
                 t_all, noise_all, drop_all = draw_global_batch(tc.seed, step, tc.global_batch_size, sample_shape,
                                                                run.diffusion.num_timesteps, run.drop_prob, device)
-                tail_drop = budget_fraction(cfg, tc.seed, step) if dcdit else 0.0
+                tail_drop = multibudget_tail_drop(cfg, tc.seed, step) if dcdit else 0.0
                 lr = lr_at(cfg.optim, step, tc.steps)
                 if ratio_weight > 0 and n_stages:
                     ratio_N = ratio_targets(cfg.ratio, step, n_stages, model.config.get("downsample_factor"))
