@@ -242,7 +242,7 @@ def test_bf16_runs_the_network_in_bf16_and_fp32_is_exact(sampler):
 
 
 def test_cli_choices_match_the_library():
-    from dcdit.cli.sample import PRECISION_CHOICES, SAMPLER_CHOICES
+    from dcdit.cli.options import PRECISION_CHOICES, SAMPLER_CHOICES
     from dcdit.sampling import PRECISIONS
 
     assert SAMPLER_CHOICES == SAMPLERS and PRECISION_CHOICES == PRECISIONS

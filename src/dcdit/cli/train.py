@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-# dcdit's own modules are imported inside the functions: `dcdit --help` imports every subcommand's module
-# (dcdit.cli), so torch-heavy imports wait until a command runs.
+# dcdit's torch-heavy modules are imported inside the functions: `dcdit --help` imports every subcommand's
+# module (dcdit.cli), so they wait until a command runs. dcdit.cli.options imports argparse only.
 
 HELP = "Train a DiT or DC-DiT from a YAML config (torchrun for several processes); resume exactly."
 

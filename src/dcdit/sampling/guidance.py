@@ -6,6 +6,8 @@ diffusion loops expect. DiT models return a tensor; DC-DiT models return
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Callable, Optional
 
 import torch
@@ -14,7 +16,7 @@ import torch.nn as nn
 from dcdit.models import is_dcdit
 from dcdit.utils import unwrap
 
-__all__ = ["model_info", "make_model_fn", "is_guided"]
+__all__ = ["model_info", "make_model_fn", "is_guided", "check_cfg_scale"]
 
 
 def model_info(model: nn.Module) -> dict:
@@ -33,6 +35,15 @@ def model_info(model: nn.Module) -> dict:
     info["learn_sigma"] = bool(cfg.get("learn_sigma", getattr(m, "learn_sigma", True)))
     info["prediction"] = str(cfg.get("prediction", "epsilon"))  # configs written before it existed: epsilon
     return info
+
+
+def check_cfg_scale(cfg_scale: Any, name: str = "cfg scale") -> float:
+    """A classifier-free guidance scale: a finite number >= 0 (1: no guidance, 0: the unconditional model),
+    else ValueError naming ``name`` and the value."""
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not math.isfinite(cfg_scale) \
+            or cfg_scale < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (1: no guidance), got {cfg_scale!r}")
+    return float(cfg_scale)
 
 
 def is_guided(cfg_scale: float) -> bool:
@@ -62,8 +73,7 @@ def make_model_fn(
     The fractions are not checked here: user input is checked where it enters
     (:func:`dcdit.sampling.budget.parse_tail_drop`), and ``DCDiT.forward`` checks what reaches the model.
     """
-    if cfg_scale < 0:
-        raise ValueError(f"cfg scale must be >= 0, got {cfg_scale}")
+    check_cfg_scale(cfg_scale)
     if guidance_channels is not None:
         c = model_info(model)["in_channels"]
         if isinstance(guidance_channels, bool) or not isinstance(guidance_channels, int) or not 1 <= guidance_channels <= c:

@@ -30,6 +30,7 @@ import yaml
 from dcdit.data.config import DataConfig
 from dcdit.models.config import PREDICTIONS
 from dcdit.sampling.budget import parse_tail_drop
+from dcdit.sampling.guidance import check_cfg_scale
 from dcdit.utils import atomic_write
 
 PRECISIONS = ("fp32", "bf16")
@@ -260,8 +261,19 @@ def validate(cfg: TrainConfig) -> None:
         raise _err("multibudget.fractions", "expected a non-empty list of tail-drop fractions in [0, 1)")
     for i, tail_drop in enumerate(mb.fractions):
         parse_tail_drop(tail_drop, f"multibudget.fractions[{i}]")
-    if s.interval < 0 or s.num <= 0 or s.steps <= 0:
-        raise _err("samples", f"interval must be >= 0 and num, steps positive (got {s.interval}, {s.num}, {s.steps})")
+    validate_samples(s, cfg.diffusion.diffusion_steps)
+
+
+def validate_samples(s: SamplesConfig, diffusion_steps: int) -> None:
+    """Every ``samples`` key, checked at load as the sampler would check it at the first grid, mid-run."""
+    if s.interval < 0:
+        raise _err("samples.interval", f"must be >= 0 (0: no grids), got {s.interval}")
+    if s.num <= 0:
+        raise _err("samples.num", f"must be positive, got {s.num}")
+    if not 1 <= s.steps <= diffusion_steps:
+        raise _err("samples.steps", f"must be an integer in 1..{diffusion_steps} (diffusion.diffusion_steps), "
+                                    f"got {s.steps}")
+    check_cfg_scale(s.cfg_scale, "samples.cfg_scale")
 
 
 # ---------------------------------------------------------------- typed conversion
