@@ -47,8 +47,8 @@ def test_real_run_lands_within_3_percent(trained, sampler, clip):
     full = sample(model, d, LABELS, tail_drop=0.0, measure_flops=False, **kw)[1].mean_kept_share[0]
     target = round(0.6 * full, 4)  # needs a real tail drop (~0.4)
     sol = solve_budget(model, Budget("keep_share", target), LABELS, diffusion=d, probe_size=len(LABELS), **kw)
-    assert 0.2 < sol.fraction < 0.7
-    _, real = sample(model, d, LABELS, tail_drop=sol.fraction, measure_flops=False, **kw)
+    assert 0.2 < sol.tail_drop < 0.7
+    _, real = sample(model, d, LABELS, tail_drop=sol.tail_drop, measure_flops=False, **kw)
     assert abs(_value(real, "keep_share") - target) <= 0.03 * target, (sampler, clip, _value(real, "keep_share"), sol)
     assert real.mean_kept_share[0] == pytest.approx(sol.measured)  # the probe *is* the real run's sampling
 
@@ -65,8 +65,8 @@ def test_old_style_probe_misses_where_the_matched_one_hits(trained):
                            sampler="ddpm", clip_denoised=True)
     run = lambda f: sample(model, d, LABELS, sampler="ddpm", clip_denoised=True, tail_drop=f,
                            measure_flops=False)[1].mean_kept_share[0]
-    assert abs(run(matched.fraction) - target) <= 0.03 * target
-    assert abs(run(matched.fraction) - target) < abs(run(short.fraction) - target)
+    assert abs(run(matched.tail_drop) - target) <= 0.03 * target
+    assert abs(run(matched.tail_drop) - target) < abs(run(short.tail_drop) - target)
 
 
 def test_cli_gflops_budget_reports_achieved_within_3_percent(trained, tmp_path, capsys):

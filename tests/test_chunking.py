@@ -1,6 +1,7 @@
 """Routing rules, chunk, dechunk and the packed per-sequence ops, against brute-force versions."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -137,8 +138,11 @@ def test_tail_drop_ties_drop_lower_index_first():
 def test_check_tail_drop_validates():
     assert check_tail_drop(0.25, 3, torch.device("cpu")) == 0.25
     assert check_tail_drop(torch.tensor([0.0, 0.5]), 2, torch.device("cpu")).dtype == torch.float32
-    for bad in (1.0, -0.1, "0.3", torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.2, 1.0])):
-        with pytest.raises(ValueError):
+    assert check_tail_drop(np.float32(0.5), 2, torch.device("cpu")) == 0.5  # any real number
+    for bad, msg in ((1.0, r"\[0, 1\), got 1.0"), (-0.1, "got -0.1"), (float("nan"), "got nan"), ("0.3", "got str"),
+                     (torch.tensor([0.1, 0.2, 0.3]), r"\(2,\) tensor"), (torch.tensor([0.2, 1.0]), r"got \[0.2.*, 1.0\]"),
+                     (torch.tensor([0.2, float("nan")]), "nan"), (True, "got bool")):
+        with pytest.raises(ValueError, match=msg):
             check_tail_drop(bad, 2, torch.device("cpu"))
 
 

@@ -307,6 +307,10 @@ def test_guided_forward_and_lite_cfg():
     assert (rl.num_kept[2:] < r.num_kept[2:]).all() and torch.isfinite(lite).all()
     with pytest.raises(ValueError):
         model.forward_with_cfg(x[:3], t[:3], y[:3], 3.0)
+    with pytest.raises(ValueError, match=r"\[0, 1\), got \[0.0, 0.0, 1.5, 1.5\]"):  # checked once, by forward
+        model.forward_with_cfg(x, t, y, 3.0, cond_tail_drop=0.0, uncond_tail_drop=1.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\), got 1.5"):
+        model.forward_with_cfg(x, t, y, 3.0, cond_tail_drop=1.5)
 
 
 # --------------------------------------------------------------------------- #

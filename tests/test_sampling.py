@@ -16,7 +16,9 @@ from dcdit.models import DCDiT, build_dit
 from dcdit.sampling import (
     Budget,
     SampleStats,
-    bisect_fraction,
+    bisect_tail_drop,
+    parse_tail_drop,
+    parse_tail_drops,
     create_sampling_diffusion,
     derive_seed,
     labels_for_indices,
@@ -136,21 +138,36 @@ def step_cost(f):
 
 @pytest.mark.parametrize("target", [3.3, 5.0, 7.9, 10.9])
 def test_bisection_on_stub_cost_lands_within_5_percent(target):
-    sol = bisect_fraction(step_cost, target, "gflops")
-    assert abs(step_cost(sol.fraction) - target) <= 0.05 * target
+    sol = bisect_tail_drop(step_cost, target, "gflops")
+    assert abs(step_cost(sol.tail_drop) - target) <= 0.05 * target
     assert len(sol.evaluations) <= 12 and sol.reachable == (step_cost(0.99), step_cost(0.0))
 
 
 def test_budget_errors():
     with pytest.raises(ValueError, match=r"outside the reachable range 3\.05.*11"):
-        bisect_fraction(step_cost, 20.0, "gflops")
+        bisect_tail_drop(step_cost, 20.0, "gflops")
     with pytest.raises(ValueError, match="within 5%"):  # a cost that jumps over the target
-        bisect_fraction(lambda f: 10.0 if f < 0.5 else 2.0, 6.0, "gflops")
+        bisect_tail_drop(lambda f: 10.0 if f < 0.5 else 2.0, 6.0, "gflops")
     with pytest.raises(ValueError, match="--tail-drop and --gflops"):
         Budget.from_options(tail_drop=0.1, gflops=3.0)
     with pytest.raises(ValueError, match="keep share"):
         Budget("keep_share", 1.5)
     assert Budget.from_options() is None
+
+
+def test_parse_tail_drop_is_the_one_user_input_check():
+    assert parse_tail_drop("0.25") == 0.25 and parse_tail_drop(0) == 0.0
+    assert parse_tail_drops(" 0, 0.3,0.6 ", "--tail-drop") == [0.0, 0.3, 0.6]
+    for bad, msg in (("1", "x must lie in \\[0, 1\\), got '1'"), (-0.5, "got -0.5"), ("nan", "got 'nan'"),
+                     ("abc", "x must be a number in \\[0, 1\\), got 'abc'"), (None, "got None"), (True, "got True")):
+        with pytest.raises(ValueError, match=msg):
+            parse_tail_drop(bad, "x")
+    with pytest.raises(ValueError, match="--tail-drop must lie in .*got '1.2'"):
+        parse_tail_drops("0,1.2", "--tail-drop")
+    with pytest.raises(ValueError, match="comma-separated"):
+        parse_tail_drops(" , ", "--tail-drop")
+    with pytest.raises(ValueError, match="tail_drop must lie in"):
+        Budget("tail_drop", 1.0)
 
 
 def test_probe_diffusion_keeps_original_timesteps():
@@ -171,7 +188,7 @@ def test_budget_on_tiny_dcdit_lands_within_5_percent(dcdit, kind):
     target = 0.5 * (value(lo) + value(hi))
     count = kind == "gflops"
     sol = solve_budget(dcdit, Budget(kind, target), labels, diffusion=d, probe_steps=2)
-    _, real = sample(dcdit, d, labels + [3, 4], tail_drop=sol.fraction, measure_flops=count)  # more samples
+    _, real = sample(dcdit, d, labels + [3, 4], tail_drop=sol.tail_drop, measure_flops=count)  # more samples
     assert abs(value(real) - target) <= 0.05 * target, (value(real), target, sol)
     with pytest.raises(ValueError, match="reachable range"):
         solve_budget(dcdit, Budget(kind, 0.2 * value(lo)), labels, diffusion=d, probe_steps=2)

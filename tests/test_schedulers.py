@@ -188,10 +188,10 @@ def test_budget_with_a_diffusers_sampler():
     _, st0 = sample(m, d, [0, 1], measure_flops=False)
     target = 0.7 * float(st0.kept_share[:, 0].mean())
     sol = solve_budget(m, Budget("keep_share", target), [0, 1], diffusion=d, probe_size=2)
-    _, st = sample(m, d, [0, 1], tail_drop=sol.fraction, measure_flops=False)
+    _, st = sample(m, d, [0, 1], tail_drop=sol.tail_drop, measure_flops=False)
     assert float(st.kept_share[:, 0].mean()) == pytest.approx(target, rel=0.05)
     short = solve_budget(m, Budget("keep_share", target), [0, 1], diffusion=d, probe_size=2, probe_steps=2)
-    assert 0 < short.fraction < 1 and short.relative_error < 0.05
+    assert 0 < short.tail_drop < 1 and short.relative_error < 0.05
 
 
 # ----------------------------------------------------------------- precision
@@ -242,7 +242,7 @@ def test_bf16_runs_the_network_in_bf16_and_fp32_is_exact(sampler):
 
 
 def test_cli_choices_match_the_library():
-    from dcdit.cli.sample import PRECISION_CHOICES, SAMPLER_CHOICES
+    from dcdit.cli.options import PRECISION_CHOICES, SAMPLER_CHOICES
     from dcdit.sampling import PRECISIONS
 
     assert SAMPLER_CHOICES == SAMPLERS and PRECISION_CHOICES == PRECISIONS

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from dcdit.cli import main
-from dcdit.models.dit import DiT
-from dcdit.training.upcycle import describe_dit, upcycle
+from dcdit.models.dit import DiT, describe_dit
+from dcdit.training.upcycle import upcycle
 
 from test_training import CONFIGS
 

@@ -27,7 +27,9 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dcdit.models.dit import describe_dit, registry_num_heads
 from dcdit.models.factory import build_model, model_config
+from dcdit.pretrained import resolve_pretrained
 from dcdit.utils import NonFiniteError, atomic_write, first_nonfinite, save_json, unwrap
 
 CONFIG_NAME = "config.json"
@@ -112,15 +114,13 @@ def infer_config(state: dict, path: str | os.PathLike = "weights") -> dict:
     which no shape carries, is the DiT registry's for that width (S/B/L/XL).
     Raises ValueError saying what is missing for anything else.
     """
-    from dcdit.training.upcycle import _expected_heads, describe_dit
-
     try:
         info = describe_dit(state)
     except ValueError as e:
         raise ValueError(f"no model config for {path} and its weights are {str(e)[0].lower() + str(e)[1:]}: "
                          f"put a {CONFIG_NAME} beside it (dcdit model directories carry one)") from None
     hidden = info["hidden_size"]
-    heads = _expected_heads(hidden)
+    heads = registry_num_heads(hidden)
     if heads is None:
         raise ValueError(f"no model config for {path}: a DiT of width {hidden} is no registry size "
                          f"(S/B/L/XL), so its head count is unknown; put a {CONFIG_NAME} beside it")
@@ -155,8 +155,6 @@ def load_model(
     Weights holding NaN or inf raise :class:`~dcdit.utils.NonFiniteError` unless ``allow_nonfinite``.
     """
     if str(path).startswith("pretrained:"):  # a checkpoint shipped with the package
-        from dcdit.pretrained import resolve_pretrained
-
         path = resolve_pretrained(str(path))
     path = Path(path)
     if not path.exists():

@@ -23,6 +23,24 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from dcdit.analysis import routing_vs_detail
+from dcdit.checkpoint import load_model
+from dcdit.data import build_dataset
+from dcdit.data.shapes import class_spec
+from dcdit.data.transforms import to_uint8_images
+from dcdit.diffusion import create_diffusion
+from dcdit.evaluation import classifier_accuracy, load_classifier, save_classifier, train_classifier
+from dcdit.evaluation.classifier import dataset_accuracy
+from dcdit.flops import dit_macs
+from dcdit.pretrained import list_pretrained
+from dcdit.sampling import diffusion_for_checkpoint, sample
+from dcdit.training import config_from_dict, train
+from dcdit.training.config import apply_override
+from dcdit.training.rundir import training_seconds
+from dcdit.training.state import find_checkpoint
+from dcdit.viz import RoutingRecorder, plot_boundary_maps, plot_class_grid, plot_cost_over_time
+from dcdit.viz.plots import plot_bars
+
 # Small enough to learn digits on a 2-core CPU in minutes: MNIST at 16x16 (digits
 # stay legible; a 32x32 model needs ~4x the compute per image, see BENCHMARKS.md
 # "Learning speed"), a 2x2 patch stem -> an 8x8 grid (L = 64); at N = 4 the
@@ -68,10 +86,6 @@ def _dit_baseline_config(model_cfg: dict, patch_size: int) -> dict:
 
 def _classifier(out: Path, cfg, seed: int):
     """The independent judge: a small CNN trained on the demo's data (cached in out/classifier)."""
-    from dcdit.data import build_dataset
-    from dcdit.evaluation import load_classifier, save_classifier, train_classifier
-    from dcdit.evaluation.classifier import dataset_accuracy
-
     path = out / "classifier"
     if (path / "classifier.json").is_file():
         return load_classifier(path), json.loads((path / "classifier.json").read_text()).get("test_accuracy")
@@ -96,20 +110,6 @@ def run_demo(out: str | Path = "runs/demo", steps: Optional[int] = None, sample_
     import numpy as np
     import torch
 
-    from dcdit.analysis import routing_vs_detail
-    from dcdit.checkpoint import load_model
-    from dcdit.data import build_dataset
-    from dcdit.diffusion import create_diffusion
-    from dcdit.evaluation import classifier_accuracy
-    from dcdit.flops import dit_macs
-    from dcdit.sampling import diffusion_for_checkpoint, sample
-    from dcdit.training import config_from_dict, train
-    from dcdit.data.transforms import to_uint8_images
-    from dcdit.training.config import apply_override
-    from dcdit.training.rundir import training_seconds
-    from dcdit.training.state import find_checkpoint
-    from dcdit.viz import RoutingRecorder, plot_boundary_maps, plot_class_grid, plot_cost_over_time
-    from dcdit.viz.plots import plot_bars
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,9 +224,6 @@ def _elastic_grid(model, diffusion, probe, seed: int, cfg_scale: float, path: Pa
     import numpy as np
     import torch
 
-    from dcdit.data.transforms import to_uint8_images
-    from dcdit.sampling import sample
-    from dcdit.viz import plot_class_grid
 
     rows, imgs = [], []
     for f in ELASTIC_FRACTIONS:
@@ -253,12 +250,6 @@ def _shipped_section(out: Path, cfg, dataset, sample_steps: int, seed: int, cfg_
     import numpy as np
     import torch
 
-    from dcdit.analysis import routing_vs_detail
-    from dcdit.checkpoint import load_model
-    from dcdit.diffusion import create_diffusion
-    from dcdit.pretrained import list_pretrained
-    from dcdit.sampling import diffusion_for_checkpoint, sample
-    from dcdit.viz import RoutingRecorder, plot_boundary_maps
 
     name = SHIPPED_FOR.get((cfg.data.source, cfg.data.image_size))
     if name is None or name not in list_pretrained():
@@ -285,8 +276,6 @@ def _shipped_section(out: Path, cfg, dataset, sample_steps: int, seed: int, cfg_
 
 def _class_names(source: str, classes: list[int]) -> list[str]:
     if source == "shapes":
-        from dcdit.data.shapes import class_spec
-
         return [" ".join(class_spec(c)) for c in classes]
     if source in ("mnist", "canvas"):
         return [f"digit {c}" for c in classes]

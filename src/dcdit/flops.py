@@ -19,6 +19,7 @@ within each sample's real segment is charged sum_i L_i^2, not B * max(L)^2.
 """
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -26,6 +27,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from dcdit.models import DCDIT_PRESETS, DCDiT, DCDiTConfig
 
 _aten = torch.ops.aten
 
@@ -179,9 +182,6 @@ def nominal_dcdit_report(name: str, input_size: int = 32, in_channels: int = 4, 
     the main network is counted analytically at K = L/N tokens per image.
     Single-stage layouts only. Returns params, kept K, L and MACs per image.
     """
-    import re
-
-    from dcdit.models import DCDIT_PRESETS, DCDiT, DCDiTConfig
 
     preset = dict(DCDIT_PRESETS[name])
     layout = preset["arch_layout"]

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from dcdit.data.shapes import DETAIL_THRESHOLD
+
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve by the rank-sum (Mann-Whitney U) identity, ties averaged."""
@@ -36,8 +38,6 @@ def edge_detail_map(x: torch.Tensor, threshold: Optional[float] = None) -> torch
     (``dcdit.data.shapes.DETAIL_THRESHOLD``): on data without a background
     gradient, such as MNIST, it marks the strokes' outlines.
     """
-    from dcdit.data.shapes import DETAIL_THRESHOLD
-
     thr = DETAIL_THRESHOLD if threshold is None else threshold
     img = (x.float() + 1) / 2  # (C, H, W) in [0, 1]
     pad = torch.nn.functional.pad(img[None], (1, 1, 1, 1), mode="replicate")[0]

@@ -14,6 +14,7 @@ learned router contributes: ``"learned"`` is the router above; ``"grid"`` and
 """
 from __future__ import annotations
 
+import numbers
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Union
@@ -75,7 +76,11 @@ def ste_residual(h: torch.Tensor, p: torch.Tensor, residual: torch.Tensor) -> to
 
 
 def check_tail_drop(tail_drop: TailDrop, batch: int, device: torch.device) -> TailDrop:
-    """Validate a drop fraction (a number or one per sample) in [0, 1); tensors come back float32 (B,)."""
+    """Validate a drop fraction (a number or one per sample) in [0, 1); tensors come back float32 (B,).
+
+    The model's one check (``DCDiT.forward`` calls it once per call); user input is checked where it
+    enters (:func:`dcdit.sampling.budget.parse_tail_drop`).
+    """
     if torch.is_tensor(tail_drop):
         if tail_drop.dim() == 0:
             tail_drop = tail_drop.expand(batch)
@@ -83,12 +88,10 @@ def check_tail_drop(tail_drop: TailDrop, batch: int, device: torch.device) -> Ta
             raise ValueError(f"tail_drop must be a float or a ({batch},) tensor, got shape {tuple(tail_drop.shape)}")
         tail_drop = tail_drop.to(dtype=torch.float32)
         # range check on host tensors only: on an accelerator it would cost a host sync every call
-        if tail_drop.device.type == "cpu" and tail_drop.numel() and (
-            bool((tail_drop < 0).any()) or bool((tail_drop >= 1).any())
-        ):
+        if tail_drop.device.type == "cpu" and not bool(((tail_drop >= 0) & (tail_drop < 1)).all()):  # NaN fails
             raise ValueError(f"tail_drop fractions must lie in [0, 1), got {tail_drop.tolist()}")
         return tail_drop.to(device=device)
-    if isinstance(tail_drop, bool) or not isinstance(tail_drop, (int, float)):
+    if isinstance(tail_drop, bool) or not isinstance(tail_drop, numbers.Real):
         raise ValueError(f"tail_drop must be a float or a ({batch},) tensor, got {type(tail_drop).__name__}")
     if not 0.0 <= float(tail_drop) < 1.0:
         raise ValueError(f"tail_drop must lie in [0, 1), got {tail_drop}")
@@ -173,8 +176,8 @@ def select_boundaries(
 
     prob: (B, M) with the forced tokens already at 1; valid: (B, M) bool.
     A token is kept iff p > 0.5 (the reference's argmax over (1 - p, p)); with
-    a drop fraction f, the floor(f * n_kept) kept tokens of lowest p are
-    dropped (ties: lower raster index first). f is a number or a (B,) tensor;
+    a drop fraction ``tail_drop``, the floor(tail_drop * n_kept) kept tokens of lowest p are
+    dropped (ties: lower raster index first). ``tail_drop`` is a number or a (B,) tensor;
     the count is computed in float32 exactly as the reference does.
     ``order`` (B, M): the tail-drop key in place of p (lowest dropped first),
     for the fixed routers, whose p is the same on every kept token.
@@ -184,8 +187,9 @@ def select_boundaries(
     if torch.is_tensor(tail_drop) or tail_drop > 0.0:
         B, M = prob.shape
         n = natural.sum(dim=1)  # (B,)
-        frac = tail_drop.to(prob.device, torch.float32) if torch.is_tensor(tail_drop) else tail_drop
-        n_drop = (n.float() * frac).long()  # floor, in float32 like the reference
+        if torch.is_tensor(tail_drop):
+            tail_drop = tail_drop.to(prob.device, torch.float32)
+        n_drop = (n.float() * tail_drop).long()  # floor, in float32 like the reference
         key = (prob if order is None else order).detach().masked_fill(~natural, float("inf"))
         order = torch.sort(key, dim=1, stable=True).indices
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(M, device=prob.device).expand(B, M))

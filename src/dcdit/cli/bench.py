@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import argparse
 
+from dcdit.cli.options import add_device, add_precision, add_sampler, add_tail_drops
+
+# dcdit's torch-heavy modules are imported inside the functions: `dcdit --help` imports every subcommand's
+# module (dcdit.cli), so they wait until a command runs. dcdit.cli.options imports argparse only.
+
 HELP = "Benchmark DiT vs DC-DiT (same main network size): latency, images/s and GFLOPs per step, in one run."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dcdit.cli.flops import fraction_list
-
     p.add_argument("--size", choices=("S", "B", "L", "XL"), default="S", help="main network size (default: S)")
     p.add_argument("--patch", type=int, default=2, help="DiT patch size (default: 2)")
     p.add_argument("--n", type=int, choices=(4, 16), default=4, help="DC-DiT compression preset N (default: 4)")
@@ -20,22 +23,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="load weights holding NaN or inf (a diverged run's) and keep non-finite outputs, for debugging")
     p.add_argument("--image-size", type=int, default=256, help="random models: image size (default: 256)")
     p.add_argument("--in-channels", type=int, default=4, help="random models: 4 = latents (size/8), else pixels")
-    p.add_argument("--tail-drop", type=fraction_list, default=[0.0, 0.3, 0.5],
-                   help="DC-DiT fractions to time (default: 0,0.3,0.5)")
+    add_tail_drops(p, [0.0, 0.3, 0.5], "DC-DiT tail-drop fractions to time")
     p.add_argument("--keep-share", type=float, default=None,
                    help="random DC-DiT: calibrate the untrained router to keep this share (default: 1/N)")
     p.add_argument("--no-calibrate", action="store_true", help="random DC-DiT: leave the router at its init")
     p.add_argument("--batch-size", type=int, default=4, help="images per sampling run (default: 4)")
-    from dcdit.cli.sample import SAMPLER_CHOICES, add_precision_argument
-
-    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddim", help="sampler (default: ddim)")
+    add_sampler(p)
     p.add_argument("--steps", type=int, default=5, help="sampling steps per timed run (default: 5)")
-    add_precision_argument(p)
+    add_precision(p)
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale (1: none)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    add_device(p)
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
 
 
@@ -51,13 +51,14 @@ def run(args) -> int:
     from dcdit.sampling import diffusion_for_checkpoint, model_info, resolve_precision, sample
     from dcdit.sampling.cost import build_named_model, calibrate_router_bias, measure_run_cost, time_interleaved
     from dcdit.sampling.seeds import labels_for_indices
+    from dcdit.cli.options import resolve_device
 
     for name in ("batch_size", "steps", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     log = lambda s: print(s, file=sys.stderr, flush=True)
 
     dit_name, dc_name = f"DiT-{args.size}/{args.patch}", f"DC-DiT-{args.size}-N{args.n}"
@@ -96,19 +97,19 @@ def run(args) -> int:
             dc, d0, labels, tail_drop=0.0, measure_flops=False, **common)[1].mean_kept_share[0])
         dc_label += f" (router calibrated: keeps {reached:.3f} at f=0)"
 
-    setups = []  # (label, arch, fraction, model, diffusion)
-    for model, ckpt, label, fractions in ((dit, args.dit_ckpt, dit_label, [0.0]),
-                                          (dc, args.dcdit_ckpt, dc_label, args.tail_drop)):
+    setups = []  # (label, arch, tail_drop, model, diffusion)
+    for model, ckpt, label, tail_drops in ((dit, args.dit_ckpt, dit_label, [0.0]),
+                                           (dc, args.dcdit_ckpt, dc_label, args.tail_drop)):
         diffusion = diffusion_for_checkpoint(ckpt, model, args.sampler, args.steps)
-        setups += [(label, type(model).__name__, f, model, diffusion) for f in fractions]
+        setups += [(label, type(model).__name__, tail_drop, model, diffusion) for tail_drop in tail_drops]
     rows = []
-    for label, arch, f, model, diffusion in setups:
-        log(f"counting FLOPs: {label} tail drop {f:g}")
-        cost = measure_run_cost(model, diffusion, labels, tail_drop=f, **common)
-        rows.append({"model": label, "arch": arch, "tail_drop": f, "kept_share": cost.kept_share,
+    for label, arch, tail_drop, model, diffusion in setups:
+        log(f"counting FLOPs: {label} tail drop {tail_drop:g}")
+        cost = measure_run_cost(model, diffusion, labels, tail_drop=tail_drop, **common)
+        rows.append({"model": label, "arch": arch, "tail_drop": tail_drop, "kept_share": cost.kept_share,
                      "gflops_per_step": cost.gflops_per_step, "gflops_per_image": cost.gflops_per_image})
     log(f"timing {len(setups)} setups, {args.warmup} warm-up + {args.repeats} interleaved repeats")
-    timings = time_interleaved([(m, d, labels, dict(common, tail_drop=f)) for _, _, f, m, d in setups],
+    timings = time_interleaved([(m, d, labels, dict(common, tail_drop=tail_drop)) for _, _, tail_drop, m, d in setups],
                                repeats=args.repeats, warmup=args.warmup)
     for r, timing in zip(rows, timings):
         r.update(timing.to_dict())

@@ -1,6 +1,11 @@
 """`dcdit demo`: the main job on a built-in default."""
 from __future__ import annotations
 
+from dcdit.cli.options import add_precision, add_seed
+
+# dcdit's torch-heavy modules are imported inside the functions: `dcdit --help` imports every subcommand's
+# module (dcdit.cli), so they wait until a command runs. dcdit.cli.options imports argparse only.
+
 HELP = "Train a small DC-DiT on MNIST for a fixed number of steps, sample, score, and write runs/demo/report.md."
 
 
@@ -10,10 +15,8 @@ def add_arguments(parser) -> None:
                         help="training steps (default: the demo config's; fixed, so a busy machine takes longer)")
     parser.add_argument("--cfg-scale", type=float, default=3.0, help="guidance of the report's samples (default: 3)")
     parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the report's samples (default: 50)")
-    parser.add_argument("--seed", type=int, default=0)
-    from dcdit.cli.sample import add_precision_argument
-
-    add_precision_argument(parser)
+    add_seed(parser, "seed of the training run and the report's samples")
+    add_precision(parser)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a training config key, e.g. --set train.global_batch_size=16")
 

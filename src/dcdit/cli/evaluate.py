@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import argparse
 
+from dcdit.cli.options import add_device
+
+# dcdit's torch-heavy modules are imported inside the functions: `dcdit --help` imports every subcommand's
+# module (dcdit.cli), so they wait until a command runs. dcdit.cli.options imports argparse only.
+
 HELP = "Score samples against a reference: FID, sFID, IS, precision/recall, KID, class accuracy."
 
 
@@ -24,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature", default="inception",
                    help="inception | inception:PATH | classifier:PATH | torchscript:PATH (default: inception)")
     p.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default: 50)")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda[:K] (default: auto = cuda when available)")
+    add_device(p)
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="compare sets of different image size or channels (a warning instead of an error)")
@@ -58,6 +63,7 @@ def run(args) -> int:
     import warnings
     from pathlib import Path
 
+    from dcdit.cli.options import resolve_device
     from dcdit.evaluation import build_extractor, evaluate, format_table, parse_metrics
     from dcdit.evaluation.evaluate import check_comparable
 
@@ -74,7 +80,7 @@ def run(args) -> int:
             check_comparable(args.samples, args.reference, args.limit)  # before loading a feature network
         except ValueError as e:
             raise ValueError(f"{e} (or pass --allow-mismatch)") from None
-    extractor = build_extractor(args.feature, batch_size=args.batch_size, device=args.device,
+    extractor = build_extractor(args.feature, batch_size=args.batch_size, device=resolve_device(args.device),
                                 input_range=args.input_range, input_size=args.input_size)
     log(f"feature network {extractor.name} on {extractor.device}")
     with warnings.catch_warnings():

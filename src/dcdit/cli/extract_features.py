@@ -10,6 +10,11 @@ saved in a local folder; nothing is downloaded.
 """
 from __future__ import annotations
 
+from dcdit.cli.options import add_device, add_seed
+
+# dcdit's torch-heavy modules are imported inside the functions: `dcdit --help` imports every subcommand's
+# module (dcdit.cli), so they wait until a command runs. dcdit.cli.options imports argparse only.
+
 HELP = "Encode an image folder (one sub-folder per class) into VAE latent shards for the 'latents' data source."
 
 
@@ -29,10 +34,10 @@ def add_arguments(p) -> None:
     p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (listed in index.json)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="stored dtype (default: float32; float16 halves the disk)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples (default: 0)")
+    add_seed(p, "seed of the posterior samples")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="encode only the first N images")
     p.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes (default: 0)")
-    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
+    add_device(p)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier extraction in --out")
 
 
@@ -69,6 +74,7 @@ def run(args) -> int:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
+    from dcdit.cli.options import resolve_device
     from dcdit.data.config import DataError
     from dcdit.data.folder import list_image_folder
     from dcdit.data.latents import LatentShardWriter, check_out_dir
@@ -89,7 +95,7 @@ def run(args) -> int:
     if args.limit is not None:
         files, labels = files[:args.limit], labels[:args.limit]
     check_out_dir(out, args.overwrite)  # fail before the slow VAE load
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     vae = load_vae(args.vae, device=device)
     f = vae_downsample_factor(vae)
     if args.image_size % f:

@@ -3,24 +3,18 @@ from __future__ import annotations
 
 import argparse
 
+from dcdit.cli.options import add_ckpt, add_precision, add_sampler, add_seed, add_tail_drop, add_tail_drops
+
+# dcdit's torch-heavy modules are imported inside the functions: `dcdit --help` imports every subcommand's
+# module (dcdit.cli), so they wait until a command runs. dcdit.cli.options imports argparse only.
+
 HELP = "FLOPs per component, per sampling step and per image over a real sampling run (each step counted)."
-
-
-def fraction_list(text: str) -> list[float]:
-    """"0,0.2,0.4" -> [0.0, 0.2, 0.4], each in [0, 1)."""
-    try:
-        vals = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0,0.2,0.4, got {text!r}") from None
-    if not vals or any(not 0.0 <= v < 1.0 for v in vals):
-        raise argparse.ArgumentTypeError(f"tail-drop fractions must lie in [0, 1), got {text!r}")
-    return vals
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--ckpt / --model and the shape options of a registry model (shared with ``dcdit bench``)."""
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="model directory, run directory or weights file")
+    add_ckpt(src, required=False)
     src.add_argument("--model", help="registry name with random weights, e.g. DiT-S/2 or DC-DiT-S-N4")
     src.add_argument("--config", metavar="YAML",
                      help="a training config's model with random weights, sized to its data (before training it)")
@@ -76,16 +70,14 @@ def load_for_cost(args, share_fn_for=None):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    from dcdit.cli.sample import SAMPLER_CHOICES, add_precision_argument
-
-    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddim", help="default: ddim")
+    add_sampler(p)
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
-    p.add_argument("--tail-drop", type=fraction_list, default=[0.0], help="comma list of fractions (default: 0)")
+    add_tail_drops(p, [0.0])
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale (1: none; >1 counts both halves)")
-    p.add_argument("--uncond-drop", type=float, default=None, help="Lite-CFG: unconditional-half fraction")
+    add_tail_drop(p, "Lite-CFG: tail-drop fraction of the unconditional half", "--uncond-drop")
     p.add_argument("--batch-size", type=int, default=2, help="images in the counted run (default: 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the counted run (default: 0)")
-    add_precision_argument(p)
+    add_seed(p, "seed of the counted run")
+    add_precision(p)
     p.add_argument("--per-step", action="store_true", help="also print GFLOPs and kept share per timestep")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
 
@@ -115,8 +107,8 @@ def run(args) -> int:
     if not is_dcdit(model) and (any(args.tail_drop) or args.uncond_drop is not None):
         raise ValueError(f"tail dropping needs a DC-DiT; {label} is a {type(model).__name__}")
     diffusion, labels, kw = run_kwargs(model)
-    costs = [measure_run_cost(model, diffusion, labels, tail_drop=f, uncond_drop=args.uncond_drop, **kw)
-             for f in args.tail_drop]
+    costs = [measure_run_cost(model, diffusion, labels, tail_drop=tail_drop, uncond_drop=args.uncond_drop, **kw)
+             for tail_drop in args.tail_drop]
     print(f"{label} | {args.sampler.upper()} {args.steps} steps | batch {args.batch_size} | cfg {args.cfg_scale:g}"
           + (f" | uncond drop {args.uncond_drop:g}" if args.uncond_drop is not None else ""))
     print("GFLOPs = 2 x GMACs, attention included; per image (with guidance both halves count).")

@@ -1,6 +1,9 @@
 """`dcdit info`: the model registry with parameter counts and compute."""
 from __future__ import annotations
 
+# dcdit's torch-heavy modules are imported inside the functions: `dcdit --help` imports every subcommand's
+# module (dcdit.cli), so they wait until a command runs. dcdit.cli.options imports argparse only.
+
 HELP = "List the model registry (DiT and DC-DiT presets) and the shipped pretrained checkpoints."
 
 

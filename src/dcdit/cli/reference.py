@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import argparse
 
+from dcdit.cli.options import DEVICE_HELP, add_device, add_seed
+
+# dcdit's torch-heavy modules are imported inside the functions: `dcdit --help` imports every subcommand's
+# module (dcdit.cli), so they wait until a command runs. dcdit.cli.options imports argparse only.
+
 HELP = ("Write a data set as an ADM-format reference .npz (arr_0 uint8 NHWC RGB, arr_1 labels), "
         "optionally with Inception statistics (mu/sigma, sFID mu_s/sigma_s).")
 
@@ -17,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None, help="image side (default: the source's natural size)")
     p.add_argument("--num-samples", type=int, default=None,
                    help="images to write (default: all; shapes: 10000); a seeded random subset")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subset / shapes generator / canvas placement (default: 0)")
+    add_seed(p, "seed of the subset / shapes generator / canvas placement")
     p.add_argument("--channels", type=int, choices=(1, 3), default=3,
                    help="channels written (default: 3, which ADM's evaluator requires; gray is repeated)")
     p.add_argument("--out", required=True, metavar="NPZ", help="output .npz")
@@ -25,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also store Inception statistics: mu/sigma (FID) and mu_s/sigma_s (sFID), as ADM's "
                         "reference batches do, so `dcdit evaluate` need not recompute them")
     p.add_argument("--batch-size", type=int, default=50, help="--stats: images per Inception pass (default: 50)")
-    p.add_argument("--device", default="auto", help="--stats: auto|cpu|cuda[:K] (default: auto)")
+    add_device(p, "--stats: " + DEVICE_HELP)
 
 
 def run(args) -> int:
@@ -54,11 +59,12 @@ def run(args) -> int:
         images[i] = convert_channels(to_uint8_images(x)[0], args.channels)
     arrays = {"arr_0": images, "arr_1": np.asarray(ds.labels, dtype=np.int64)}
     if args.stats:
+        from dcdit.cli.options import resolve_device
         from dcdit.evaluation import InceptionV3
         from dcdit.evaluation.features import InceptionSpatial
         from dcdit.evaluation.metrics import feature_statistics
 
-        inception = InceptionV3(batch_size=args.batch_size, device=args.device)
+        inception = InceptionV3(batch_size=args.batch_size, device=resolve_device(args.device))
         spatial = InceptionSpatial(inception)
         if n <= spatial.dim:
             print(f"warning: {n} images for 2048-d (FID) and 2023-d (sFID) features: the covariances have "

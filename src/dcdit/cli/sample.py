@@ -4,43 +4,25 @@ from __future__ import annotations
 
 import argparse
 
+from dcdit.cli.options import add_ckpt, add_device, add_precision, add_sampler, add_seed, add_tail_drop
+
+# dcdit's torch-heavy modules are imported inside the functions: `dcdit --help` imports every subcommand's
+# module (dcdit.cli), so they wait until a command runs. dcdit.cli.options imports argparse only.
+
 HELP = ("Sample images from a checkpoint: DDPM/DDIM or diffusers' DPM-Solver++/UniPC/Euler, guidance, Lite-CFG, "
         "compute budgets; PNG grid and/or ADM .npz.")
 
-# The sampler names and precisions (dcdit.sampling.SAMPLERS / PRECISIONS), spelled out so that
-# `dcdit --help` does not import torch; tests check they agree.
-SAMPLER_CHOICES = ("ddpm", "ddim", "dpm++2m", "unipc", "euler")
-PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
-SAMPLER_HELP = ("ddpm | ddim (ours) | dpm++2m (DPM-Solver++ 2M) | unipc | euler (diffusers' schedulers, "
-                "need the diffusers package; deterministic, 10-20 steps) (default: ddim)")
-PRECISION_HELP = ("precision of the network calls: auto (bf16 where the CPU/GPU computes it natively, else "
-                  "fp32), fp32 (exact), bf16, fp16 (default: auto)")
-
-
-def add_precision_argument(p) -> None:
-    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto", help=PRECISION_HELP)
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {v}")
-    return v
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="model directory, run directory (uses 'latest') or weights file")
+    add_ckpt(p)
     p.add_argument("--which", choices=("ema", "model"), default="ema", help="weights to load (default: ema)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="load weights holding NaN or inf (a diverged run's) and keep non-finite samples, for debugging")
     g = p.add_argument_group("sampler")
-    g.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddim", help=SAMPLER_HELP)
+    add_sampler(g)
     g.add_argument("--steps", type=int, default=50, help="sampling steps = network calls per image (default: 50)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; default 0)")
-    add_precision_argument(g)
+    add_precision(g)
     g.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
     g.add_argument("--guidance-channels", type=int, default=None,
                    help="guide only the first K eps channels (3 reproduces DiT; default: all)")
@@ -49,17 +31,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-denoised", choices=("auto", "yes", "no"), default="auto",
                    help="clamp predicted x0 to [-1, 1] (auto: pixel models yes, latents no)")
     b = p.add_argument_group("compute budget (DC-DiT; give at most one)")
-    b.add_argument("--tail-drop", type=_fraction, default=None,
-                   help="tail-drop fraction f: drop the lowest-p f of the boundary tokens at every step")
+    add_tail_drop(b, "tail-drop fraction F: drop the lowest-p F of the boundary tokens at every step")
     b.add_argument("--keep-share", type=float, default=None,
                    help="target mean share of first-stage tokens kept; f is solved on a probe run")
     b.add_argument("--gflops", type=float, default=None,
                    help="target GFLOPs (2 per MAC) per image per sampling step (both CFG halves count); "
                         "f is solved by bisection on the measured FLOPs of a probe run")
-    b.add_argument("--cond-drop", type=_fraction, default=None,
-                   help="Lite-CFG: tail-drop fraction of the conditional half (same as --tail-drop)")
-    b.add_argument("--uncond-drop", type=_fraction, default=None,
-                   help="Lite-CFG: tail-drop fraction of the unconditional half (needs --cfg-scale != 1)")
+    add_tail_drop(b, "Lite-CFG: tail-drop fraction of the conditional half (same as --tail-drop)", "--cond-drop")
+    add_tail_drop(b, "Lite-CFG: tail-drop fraction of the unconditional half (needs --cfg-scale != 1)",
+                  "--uncond-drop")
     b.add_argument("--probe-size", type=int, default=32,
                    help="budget probe: the run's first N samples, sampled exactly as the real run "
                         "(default: 32; a probe covering the whole run is exact, a smaller one misses by "
@@ -70,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("samples and output")
     o.add_argument("--num-samples", type=int, default=16, help="total samples (default: 16)")
     o.add_argument("--batch-size", type=int, default=16, help="samples per batch per process (default: 16)")
-    o.add_argument("--seed", type=int, default=0, help="global seed; sample k's noise comes from (seed, k)")
+    add_seed(o, "global seed; sample k's noise comes from (seed, k)")
     o.add_argument("--classes", default=None, help="comma list of labels, cycled (default: all classes cycled)")
     o.add_argument("--grid", default=None, metavar="PNG", help="write a grid of the first --grid-count samples")
     o.add_argument("--grid-count", type=int, default=64, help="images in the grid (default: 64)")
@@ -81,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model space (auto: the run config's data source; 4 channels without one = latent)")
     o.add_argument("--flops", choices=("first", "all", "none"), default="first",
                    help="count FLOPs on each process's first batch (default), every batch, or never")
-    o.add_argument("--device", default="auto", help="auto|cpu|cuda[:K] (default: auto)")
+    add_device(o)
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -110,6 +90,7 @@ def run(args) -> int:
         save_outputs,
         resolve_tail_drop,
     )
+    from dcdit.sampling.guidance import is_guided
     from dcdit.sampling.seeds import labels_for_indices
     from dcdit.training.distributed import setup, teardown
 
@@ -119,9 +100,9 @@ def run(args) -> int:
         raise ValueError("--num-samples and --batch-size must be positive")
     if args.cond_drop is not None and args.tail_drop is not None:
         raise ValueError("give the conditional fraction once: --cond-drop or --tail-drop")
-    tail = args.cond_drop if args.cond_drop is not None else args.tail_drop
-    budget = Budget.from_options(tail, args.keep_share, args.gflops)
-    if args.uncond_drop is not None and args.cfg_scale == 1.0:
+    tail_drop = args.cond_drop if args.cond_drop is not None else args.tail_drop
+    budget = Budget.from_options(tail_drop, args.keep_share, args.gflops)
+    if args.uncond_drop is not None and not is_guided(args.cfg_scale):
         raise ValueError("--uncond-drop (Lite-CFG) needs guidance: set --cfg-scale != 1")
     if args.probe_size < 1 or (args.probe_steps is not None and args.probe_steps < 1):
         raise ValueError("--probe-size and --probe-steps must be positive")
@@ -146,10 +127,9 @@ def run(args) -> int:
                              f"eps channels (give 1..{info['in_channels']})")
         needs_routing = (budget is not None and (budget.kind != "tail_drop" or budget.value > 0)) or (
             args.uncond_drop is not None)
-        if needs_routing:
-            if not is_dcdit(model):
-                raise ValueError(f"compute budgets and Lite-CFG need a DC-DiT checkpoint; {args.ckpt} is a "
-                                 f"{type(model).__name__}")
+        if needs_routing and not is_dcdit(model):  # said before the VAE loads and the budget probe runs
+            raise ValueError(f"compute budgets and Lite-CFG need a DC-DiT checkpoint; {args.ckpt} is a "
+                             f"{type(model).__name__}")
         classes = parse_classes(args.classes, info["num_classes"])
         train_cfg = read_train_config(args.ckpt)
         diffusion = diffusion_for_checkpoint(args.ckpt, model, args.sampler, args.steps,
@@ -171,9 +151,9 @@ def run(args) -> int:
             else:
                 decode = latent_decoder(args.vae, dist_info.device)
 
-        # Solve the budget once (rank 0) on the run's first samples, then share the fraction.
+        # Solve the budget once (rank 0) on the run's first samples, then share the tail drop.
         n_probe = min(args.probe_size, args.num_samples)
-        fraction = resolve_tail_drop(model, budget, labels_for_indices(range(n_probe), info["num_classes"], classes),
+        tail_drop = resolve_tail_drop(model, budget, labels_for_indices(range(n_probe), info["num_classes"], classes),
                                      diffusion=diffusion, seed=args.seed, cfg_scale=args.cfg_scale,
                                      guidance_channels=args.guidance_channels, uncond_drop=args.uncond_drop,
                                      probe_steps=args.probe_steps, sampler=args.sampler, eta=args.eta,
@@ -184,7 +164,7 @@ def run(args) -> int:
             model, diffusion, args.num_samples, batch_size=args.batch_size, seed=args.seed, classes=classes,
             rank=rank, world_size=world, decode=decode, keep_latents=keep_latents, flops=args.flops,
             progress=rank == 0 and not args.no_progress, sampler=args.sampler, eta=args.eta,
-            cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, tail_drop=fraction,
+            cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, tail_drop=tail_drop,
             uncond_drop=args.uncond_drop, clip_denoised=clip, precision=precision, device=dist_info.device,
             allow_nonfinite=args.allow_nonfinite,
         )
@@ -199,13 +179,13 @@ def run(args) -> int:
         summary = {
             "num_samples": args.num_samples, "world_size": world, "sampler": args.sampler, "steps": args.steps,
             "precision": precision,
-            "cfg_scale": args.cfg_scale, "tail_drop": fraction, "uncond_drop": args.uncond_drop,
+            "cfg_scale": args.cfg_scale, "tail_drop": tail_drop, "uncond_drop": args.uncond_drop,
             "seconds": merged.seconds, "images_per_second": args.num_samples / max(merged.seconds, 1e-9),
             "budget": None if budget is None else {"kind": budget.kind, "value": budget.value},
             **({} if st is None else {"stats": st.to_dict()}),
         }
         msg = (f"{args.num_samples} samples ({args.sampler}, {args.steps} steps, {precision}, {world} process(es)) in "
-               f"{merged.seconds:.1f}s = {summary['images_per_second']:.2f} img/s; tail-drop {fraction:.3f}")
+               f"{merged.seconds:.1f}s = {summary['images_per_second']:.2f} img/s; tail-drop {tail_drop:.3f}")
         if args.uncond_drop is not None:  # Lite-CFG: the unconditional half drops its own share
             msg += f" (conditional), {args.uncond_drop:.3f} (unconditional)"
         if st is not None and st.gflops_per_step is not None:

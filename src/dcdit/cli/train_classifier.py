@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import argparse
 
+from dcdit.cli.options import add_device, add_seed
+
+# dcdit's torch-heavy modules are imported inside the functions: `dcdit --help` imports every subcommand's
+# module (dcdit.cli), so they wait until a command runs. dcdit.cli.options imports argparse only.
+
 HELP = "Train the small in-domain classifier (features for in-domain FID, class accuracy)."
 
 
@@ -20,8 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-dim", type=int, default=256, help="penultimate feature size (default: 256)")
     p.add_argument("--pool", default=None, choices=["mean", "max"],
                    help="global pooling of the last feature map (default: max for canvas, else mean)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    add_seed(p, "random seed")
+    add_device(p)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: 0)")
     p.add_argument("--out", default=None, help="output directory (default: runs/classifier-<source>)")
 
@@ -90,6 +95,7 @@ def run(args) -> int:
     import time
     from pathlib import Path
 
+    from dcdit.cli.options import resolve_device
     from dcdit.evaluation.classifier import dataset_accuracy, save_classifier, train_classifier
 
     if args.source in ("npz", "folder") and not args.data_path:
@@ -102,7 +108,7 @@ def run(args) -> int:
     t0 = time.time()
     model = train_classifier(
         train, steps=args.steps, batch_size=args.batch_size, lr=args.lr, width=args.width,
-        feature_dim=args.feature_dim, pool=args.pool, device=args.device, seed=args.seed, num_workers=args.workers,
+        feature_dim=args.feature_dim, pool=args.pool, device=resolve_device(args.device), seed=args.seed, num_workers=args.workers,
         log_every=max(1, min(100, args.steps // 10)), log=log,
     )
     meta = {"source": args.source, "data_path": args.data_path, "steps": args.steps, "seed": args.seed,

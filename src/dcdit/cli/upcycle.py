@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+# dcdit's torch-heavy modules are imported inside the functions: `dcdit --help` imports every subcommand's
+# module (dcdit.cli), so they wait until a command runs. dcdit.cli.options imports argparse only.
+
 HELP = "Build a DC-DiT from a DiT checkpoint (blocks -> main network) for `dcdit train` to start from."
 
 

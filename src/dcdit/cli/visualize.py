@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import argparse
 
+from dcdit.cli.options import add_ckpt, add_device, add_precision, add_sampler, add_seed, add_tail_drop
+
+# dcdit's torch-heavy modules are imported inside the functions: `dcdit --help` imports every subcommand's
+# module (dcdit.cli), so they wait until a command runs. dcdit.cli.options imports argparse only.
+
 HELP = "Plot routing maps over the denoising steps, kept share / FLOPs vs timestep, and a class grid (PNG)."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="model directory, run directory or weights file")
+    add_ckpt(p)
     p.add_argument("--out", required=True, help="output directory for the PNGs")
     p.add_argument("--which", choices=("ema", "model"), default="ema", help="weights to load (default: ema)")
     p.add_argument("--allow-nonfinite", action="store_true",
@@ -16,18 +21,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-class", type=int, default=4, help="samples per class (default: 4)")
     p.add_argument("--rows", type=int, default=3, help="samples shown in the boundary-map figure (default: 3)")
     p.add_argument("--columns", type=int, default=6, help="steps shown in the boundary-map figure (default: 6)")
-    from dcdit.cli.sample import SAMPLER_CHOICES, add_precision_argument
-
-    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddim", help="sampler (default: ddim)")
+    add_sampler(p)
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
-    add_precision_argument(p)
+    add_precision(p)
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale (default: 1, none)")
-    p.add_argument("--tail-drop", type=float, default=0.0, help="DC-DiT tail-drop fraction (default: 0)")
+    add_tail_drop(p, "DC-DiT tail-drop fraction (default: 0)", default=0.0)
     p.add_argument("--batch-size", type=int, default=16, help="batch size for the grid samples (default: 16)")
-    p.add_argument("--seed", type=int, default=0, help="global seed (default: 0)")
+    add_seed(p, "global seed")
     p.add_argument("--vae", default=None, metavar="DIR", help="local VAE directory to decode latents for display")
     p.add_argument("--space", choices=("auto", "latent", "pixel"), default="auto", help="model space (default: auto)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    add_device(p)
 
 
 def run(args) -> int:
@@ -39,6 +42,7 @@ def run(args) -> int:
     import torch
 
     from dcdit.checkpoint import load_model
+    from dcdit.cli.options import resolve_device
     from dcdit.models import is_dcdit
     from dcdit.sampling import (
         diffusion_for_checkpoint,
@@ -63,7 +67,7 @@ def run(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     model = load_model(args.ckpt, which=args.which, map_location=device, allow_nonfinite=args.allow_nonfinite)
     info = model_info(model)
     routed = is_dcdit(model)

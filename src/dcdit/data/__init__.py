@@ -5,6 +5,7 @@ import importlib
 
 from dcdit.data.base import DcditDataset, SubsetDataset
 from dcdit.data.config import SOURCES, DataConfig, DataError
+from dcdit.data.shapes import ShapesDataset
 from dcdit.data.transforms import from_uint8_images, to_uint8_images
 from dcdit.data.vae import LATENT_SCALE, decode_latents, encode_images, load_vae
 
@@ -15,8 +16,6 @@ __all__ = ["DataConfig", "DataError", "DcditDataset", "SubsetDataset", "SOURCES"
 def build_dataset(cfg: DataConfig):
     """The dataset ``cfg`` describes (see :class:`DataConfig`)."""
     if cfg.source == "shapes":
-        from dcdit.data.shapes import ShapesDataset
-
         return ShapesDataset(
             num_samples=cfg.num_samples or 10000, image_size=cfg.image_size or 32, channels=cfg.channels or 3,
             num_classes=cfg.num_classes or 10, seed=cfg.seed, random_flip=cfg.random_flip, in_memory=cfg.in_memory,

@@ -26,6 +26,7 @@ import torch
 
 from dcdit.data.base import DcditDataset, as_int_labels, check_labels, random_subset
 from dcdit.data.config import DataConfig, DataError
+from dcdit.utils import atomic_write, save_json
 
 INDEX_NAME = "index.json"
 FORMAT = "dcdit-latents"
@@ -44,8 +45,6 @@ def shard_names(k: int) -> tuple[str, str]:
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     """``np.save`` through a temporary file renamed into place (never a half-written ``path``)."""
-    from dcdit.utils import atomic_write
-
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a bare name
             np.save(f, arr)
@@ -141,8 +140,6 @@ class LatentShardWriter:
 
     def close(self, extra: dict | None = None) -> dict:
         """Write the last shard, then ``index.json`` (plus ``extra`` fields); returns the index."""
-        from dcdit.utils import save_json
-
         if self._pending:
             self._flush(self._pending)
         if not self.shards:

@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dcdit.evaluation.io import check_images, check_labels, to_gray, to_rgb
+
 WEIGHTS_NAME = "classifier.safetensors"
 CONFIG_NAME = "classifier.json"
 POOLS = ("mean", "max")
@@ -196,8 +198,6 @@ def images_to_input(images, config: ClassifierConfig, device="cpu") -> torch.Ten
     classifier repeated over three channels; other sizes are resized
     (bilinear, antialiased).
     """
-    from dcdit.evaluation.io import check_images, to_gray, to_rgb
-
     images = check_images(images)
     images = to_gray(images) if config.in_channels == 1 else to_rgb(images)
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float()
@@ -224,8 +224,6 @@ def classifier_accuracy(classifier, images_uint8, labels, batch_size: int = 256)
 
     ``classifier``: a :class:`SmallCNN` or a path :func:`load_classifier` accepts.
     """
-    from dcdit.evaluation.io import check_images, check_labels
-
     if not isinstance(classifier, SmallCNN):
         classifier = load_classifier(classifier)
     images_uint8 = check_images(images_uint8)

@@ -25,6 +25,7 @@ Available extractors (:func:`build_extractor` specs in brackets):
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Iterable
 
@@ -32,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dcdit.evaluation import inception
+from dcdit.evaluation.classifier import SmallCNN, _resolve_paths, images_to_input, load_classifier
 from dcdit.evaluation.io import check_images, file_sha1, to_rgb
 
 
@@ -128,8 +131,6 @@ class InceptionV3(FeatureExtractor):
 
     def __init__(self, path=None, batch_size: int = 50, device="cpu", fast: bool = True):
         super().__init__(batch_size, device)
-        from dcdit.evaluation import inception
-
         self.net, self.name = inception.load_inception(path, device=self.device)
         self.dim = inception.FEATURE_DIM
         self.fast = None
@@ -140,8 +141,6 @@ class InceptionV3(FeatureExtractor):
                 pass  # another architecture: the TorchScript as loaded
 
     def _forward(self, images, want_probs):
-        from dcdit.evaluation import inception
-
         x = inception.preprocess(to_rgb(images), self.device)
         if self.fast is not None:
             return self.fast(x), None
@@ -189,8 +188,6 @@ class InceptionSpatial(FeatureExtractor):
     @torch.no_grad()
     def pool_and_spatial(self, images, pool: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(pool_3 features (n, 2048) or None, spatial features (n, 2023)) of uint8 NHWC images in one pass."""
-        from dcdit.evaluation import inception
-
         h = inception.preprocess(to_rgb(check_images(images)), self.device)
         for name in _STEM:
             h = getattr(self.layers, name)(h)
@@ -226,10 +223,8 @@ class TorchScriptExtractor(FeatureExtractor):
             raise ValueError(f"input_range must be (low, high) with high > low, got {input_range}")
         if input_size is not None and input_size <= 0:
             raise ValueError(f"input_size must be positive, got {input_size}")
-        from dcdit.evaluation.inception import _jit_load
-
         try:
-            self.net = _jit_load(path).to(self.device).eval()
+            self.net = inception._jit_load(path).to(self.device).eval()
         except RuntimeError as e:
             raise ValueError(f"{path}: not a TorchScript file ({str(e).splitlines()[0]})") from None
         args = [a.name for a in self.net.forward.schema.arguments]
@@ -266,8 +261,6 @@ class ClassifierExtractor(FeatureExtractor):
 
     def __init__(self, path_or_model, batch_size: int = 256, device="cpu"):
         super().__init__(batch_size, device)
-        from dcdit.evaluation.classifier import SmallCNN, _resolve_paths, load_classifier
-
         if isinstance(path_or_model, SmallCNN):
             self.model = path_or_model.to(self.device).eval()
             digest = _state_digest(self.model)
@@ -279,16 +272,12 @@ class ClassifierExtractor(FeatureExtractor):
         self.num_classes = self.model.config.num_classes
 
     def _forward(self, images, want_probs):
-        from dcdit.evaluation.classifier import images_to_input
-
         x = images_to_input(images, self.model.config, self.device)
         feats, logits = self.model.features_and_logits(x)
         return feats, (torch.softmax(logits.double(), dim=1) if want_probs else None)
 
 
 def _state_digest(model: torch.nn.Module) -> str:
-    import hashlib
-
     h = hashlib.sha1()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())

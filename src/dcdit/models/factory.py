@@ -9,39 +9,33 @@ import inspect
 
 import torch.nn as nn
 
+from dcdit.models.dcdit import DCDiT
+from dcdit.models.dit import DiT
+from dcdit.utils import unwrap
+
 
 def build_model(cfg: dict) -> nn.Module:
     """Model from ``{"arch": ..., **config}``; unknown keys raise ValueError naming them."""
     cfg = dict(cfg)
     arch = cfg.pop("arch", None)
     if arch == "dit":
-        from dcdit.models.dit import DiT
-
         allowed = set(inspect.signature(DiT.__init__).parameters) - {"self"}
         unknown = sorted(set(cfg) - allowed)
         if unknown:
             raise ValueError(f"unknown DiT config key(s): {', '.join(unknown)}")
         return DiT(**cfg)
     if arch == "dcdit":
-        from dcdit.models.dcdit import DCDiT
-
         return DCDiT.from_config(cfg)
     raise ValueError(f"unknown model arch {arch!r}: expected 'dit' or 'dcdit'")
 
 
 def is_dcdit(model: nn.Module) -> bool:
     """True for a DC-DiT (forward takes ``tail_drop`` and returns ``(prediction, routing)``), also when wrapped."""
-    from dcdit.models.dcdit import DCDiT
-    from dcdit.utils import unwrap
-
     return isinstance(unwrap(model), DCDiT)
 
 
 def model_config(model: nn.Module) -> dict:
     """The JSON-serialisable config that rebuilds ``model`` with :func:`build_model`."""
-    from dcdit.models.dit import DiT
-    from dcdit.utils import unwrap
-
     model = unwrap(model)
 
     arch = "dit" if isinstance(model, DiT) else "dcdit"

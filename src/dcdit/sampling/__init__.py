@@ -15,7 +15,9 @@ from dcdit.sampling.budget import (
     BUDGET_KINDS,
     Budget,
     BudgetSolution,
-    bisect_fraction,
+    bisect_tail_drop,
+    parse_tail_drop,
+    parse_tail_drops,
     probe_diffusion,
     resolve_tail_drop,
     solve_budget,
@@ -30,7 +32,7 @@ from dcdit.sampling.generate import (
     read_train_config,
     save_outputs,
 )
-from dcdit.sampling.guidance import make_model_fn, model_info
+from dcdit.sampling.guidance import is_guided, make_model_fn, model_info
 from dcdit.sampling.precision import PRECISIONS, autocast_for, resolve_precision
 from dcdit.sampling.sampler import (
     DIFFUSION_SAMPLERS,
@@ -47,10 +49,10 @@ __all__ = [
     "sample", "SampleStats", "SAMPLERS", "DIFFUSION_SAMPLERS", "create_sampling_diffusion", "sampling_diffusion_for",
     "SCHEDULERS", "SchedulerSampling", "PRECISIONS", "resolve_precision", "autocast_for",
     "diffusion_for_checkpoint",
-    "Budget", "BudgetSolution", "BUDGET_KINDS", "bisect_fraction", "probe_diffusion", "solve_budget",
-    "resolve_tail_drop",
+    "Budget", "BudgetSolution", "BUDGET_KINDS", "bisect_tail_drop", "probe_diffusion", "solve_budget",
+    "resolve_tail_drop", "parse_tail_drop", "parse_tail_drops",
     "LocalSamples", "generate_local", "merge_ranks", "save_outputs", "read_train_config", "is_latent_checkpoint",
     "latent_decoder",
-    "make_model_fn", "model_info",
+    "make_model_fn", "model_info", "is_guided",
     "SampleNoise", "derive_seed", "labels_for_indices", "parse_classes", "shard_indices",
 ]

@@ -1,7 +1,7 @@
 """Compute budgets for elastic inference: a tail-drop fraction solved from a kept-share or GFLOPs target.
 
-DC-DiT's cost falls monotonically (in steps) as the tail-drop fraction ``f``
-grows. A target is met by bisection on ``f`` against a *measurement*: a probe
+DC-DiT's cost falls monotonically (in steps) as the tail-drop fraction ``tail_drop``
+grows. A target is met by bisection on ``tail_drop`` against a *measurement*: a probe
 run of the first few samples of the real run -- the same seeds, sampler
 (DDPM/DDIM with eta, or a diffusers solver), precision, clipping, guidance
 and, by default, every step of the real schedule, so the probe's samples follow exactly the trajectories the real run
@@ -14,6 +14,10 @@ A probe that covers the whole run is exact (up to whole tokens).
 Units: ``gflops`` is GFLOPs (2 FLOPs per MAC) per image per sampling step,
 averaged over the steps; under guidance both halves of the batch count.
 ``keep_share`` is the mean share of first-stage tokens kept (conditional half).
+
+:func:`parse_tail_drop` is the one check of a tail-drop fraction given by a user
+(the CLI's options, the training config, :class:`Budget`); past it the value
+travels unchecked as ``tail_drop`` to ``DCDiT.forward``, which checks what reaches the model.
 """
 from __future__ import annotations
 
@@ -23,11 +27,38 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch.nn as nn
 
-__all__ = ["BUDGET_KINDS", "Budget", "BudgetSolution", "bisect_fraction", "probe_diffusion", "solve_budget",
-           "resolve_tail_drop"]
+from dcdit.diffusion import SpacedDiffusion
+from dcdit.models import is_dcdit
+from dcdit.sampling.sampler import sample
+from dcdit.utils import unwrap
+
+__all__ = ["BUDGET_KINDS", "Budget", "BudgetSolution", "bisect_tail_drop", "probe_diffusion", "solve_budget",
+           "resolve_tail_drop", "parse_tail_drop", "parse_tail_drops"]
 
 BUDGET_KINDS = ("tail_drop", "keep_share", "gflops")
-MAX_FRACTION = 0.99  # upper end of the searched tail-drop range
+MAX_TAIL_DROP = 0.99  # upper end of the searched tail-drop range
+
+
+def parse_tail_drop(value, name: str = "tail_drop") -> float:
+    """A tail-drop fraction as a user gives it (a number, or its text): a float in [0, 1).
+
+    Raises ValueError naming ``name`` and the value (a non-number, NaN, or outside [0, 1)).
+    """
+    try:
+        tail_drop = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}") from None
+    if not 0.0 <= tail_drop < 1.0:  # NaN fails too
+        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+    return tail_drop
+
+
+def parse_tail_drops(text: str, name: str = "tail_drop") -> list[float]:
+    """``"0,0.2,0.4"`` -> ``[0.0, 0.2, 0.4]``, each checked by :func:`parse_tail_drop`."""
+    items = [v.strip() for v in str(text).split(",") if v.strip()]
+    if not items:
+        raise ValueError(f"{name} must be comma-separated fractions in [0, 1) such as 0,0.2,0.4, got {text!r}")
+    return [parse_tail_drop(v, name) for v in items]
 
 
 @dataclass(frozen=True)
@@ -41,9 +72,9 @@ class Budget:
     def __post_init__(self) -> None:
         if self.kind not in BUDGET_KINDS:
             raise ValueError(f"unknown budget kind {self.kind!r}: expected one of {', '.join(BUDGET_KINDS)}")
+        if self.kind == "tail_drop":
+            parse_tail_drop(self.value)
         v = float(self.value)
-        if self.kind == "tail_drop" and not 0.0 <= v < 1.0:
-            raise ValueError(f"tail-drop fraction must lie in [0, 1), got {v}")
         if self.kind == "keep_share" and not 0.0 < v <= 1.0:
             raise ValueError(f"keep share must lie in (0, 1], got {v}")
         if self.kind == "gflops" and not v > 0:
@@ -65,13 +96,13 @@ class Budget:
 
 @dataclass
 class BudgetSolution:
-    """The fraction found, what the probe measured there, and every probe evaluation."""
+    """The tail-drop fraction found, what the probe measured there, and every probe evaluation."""
 
-    fraction: float
+    tail_drop: float
     measured: float
     target: float
     kind: str
-    reachable: tuple[float, float] = (float("nan"), float("nan"))  # (low, high) measured at f_max and f = 0
+    reachable: tuple[float, float] = (float("nan"), float("nan"))  # (low, high) measured at the max and at 0
     evaluations: list[tuple[float, float]] = field(default_factory=list)
 
     @property
@@ -82,26 +113,27 @@ class BudgetSolution:
 _UNITS = {"gflops": "GFLOPs per image per step", "keep_share": "kept-token share"}
 
 
-def bisect_fraction(measure: Callable[[float], float], target: float, kind: str = "gflops",
-                    tolerance: float = 0.05, lo: float = 0.0, hi: float = MAX_FRACTION,
-                    max_evals: int = 24) -> BudgetSolution:
-    """Solve ``measure(f) ~= target`` for ``f`` in [lo, hi] by bracketing; ``measure`` must be non-increasing.
+def bisect_tail_drop(measure: Callable[[float], float], target: float, kind: str = "gflops",
+                     tolerance: float = 0.05, lo: float = 0.0, hi: float = MAX_TAIL_DROP,
+                     max_evals: int = 24) -> BudgetSolution:
+    """Solve ``measure(tail_drop) ~= target`` for ``tail_drop`` in [lo, hi] by bracketing; ``measure`` must be
+    non-increasing.
 
     Bisection, sped up by interpolating inside the bracket while that halves it
     (a probe measurement is a short sampling run, so evaluations are dear).
 
     Stops once within ``tolerance / 4`` of the target (the real run may drift
     a little from the probe), or once the bracket is narrower than 0.001 in
-    ``f`` (the cost is a step function: whole tokens). Raises ValueError with the reachable range when
+    ``tail_drop`` (the cost is a step function: whole tokens). Raises ValueError with the reachable range when
     the target lies outside it, or when no fraction comes within ``tolerance``
     (the cost moves in steps of whole tokens).
     """
     unit = _UNITS.get(kind, kind)
     evals: list[tuple[float, float]] = []
 
-    def m(f: float) -> float:
-        v = float(measure(f))
-        evals.append((f, v))
+    def m(tail_drop: float) -> float:
+        v = float(measure(tail_drop))
+        evals.append((tail_drop, v))
         return v
 
     top, bottom = m(lo), m(hi)
@@ -149,8 +181,6 @@ def probe_diffusion(diffusion, steps: int = 10):
     The model still sees the original timesteps. A diffusers solver setup
     (``SchedulerSampling``) gives the same solver with ``steps`` steps instead.
     """
-    from dcdit.diffusion import SpacedDiffusion
-
     if hasattr(diffusion, "with_steps"):  # a diffusers scheduler: its own spacing for fewer steps
         return diffusion.with_steps(steps)
     S = diffusion.num_timesteps
@@ -176,7 +206,7 @@ def solve_budget(
     uncond_drop: Optional[float] = None,
     probe_size: int = 4,
     probe_steps: Optional[int] = None,
-    max_fraction: float = MAX_FRACTION,
+    max_tail_drop: float = MAX_TAIL_DROP,
     sampler: Optional[str] = None,
     eta: float = 0.0,
     clip_denoised: bool = False,
@@ -192,10 +222,6 @@ def solve_budget(
     its trajectories differ from the real run's, so it can miss the target by
     more. A ``tail_drop`` budget is returned as is.
     """
-    from dcdit.models import is_dcdit
-    from dcdit.sampling.sampler import sample
-    from dcdit.utils import unwrap
-
     if budget.kind == "tail_drop":
         return BudgetSolution(float(budget.value), float(budget.value), float(budget.value), "tail_drop")
     if not is_dcdit(model):
@@ -206,16 +232,16 @@ def solve_budget(
     full = probe_steps is None or probe_steps >= diffusion.num_timesteps
     probe = diffusion if full else probe_diffusion(diffusion, probe_steps)
 
-    def measure(f: float) -> float:
+    def measure(tail_drop: float) -> float:
         _, stats = sample(model, probe, labels, seed=seed, indices=indices, sampler=sampler, eta=eta,
-                          cfg_scale=cfg_scale, guidance_channels=guidance_channels, tail_drop=f,
+                          cfg_scale=cfg_scale, guidance_channels=guidance_channels, tail_drop=tail_drop,
                           uncond_drop=uncond_drop, clip_denoised=clip_denoised, precision=precision,
                           measure_flops=budget.kind == "gflops")
         if budget.kind == "gflops":
             return stats.gflops_per_step
         return float(stats.kept_share[:, 0].mean())
 
-    return bisect_fraction(measure, float(budget.value), budget.kind, budget.tolerance, 0.0, max_fraction)
+    return bisect_tail_drop(measure, float(budget.value), budget.kind, budget.tolerance, 0.0, max_tail_drop)
 
 
 def resolve_tail_drop(
@@ -248,7 +274,7 @@ def resolve_tail_drop(
         return 0.0
     if budget.kind == "tail_drop":
         return float(budget.value)
-    fraction, error = None, None
+    tail_drop, error = None, None
     if rank == 0:
         try:
             sol = solve_budget(model, budget, probe_labels, diffusion=diffusion, seed=seed, cfg_scale=cfg_scale,
@@ -258,16 +284,16 @@ def resolve_tail_drop(
         except ValueError as e:
             error = str(e)
         else:
-            fraction = sol.fraction
-            log(f"budget: {budget.kind} {budget.value:g} -> tail-drop fraction {sol.fraction:.4f} "
+            tail_drop = sol.tail_drop
+            log(f"budget: {budget.kind} {budget.value:g} -> tail-drop fraction {sol.tail_drop:.4f} "
                 f"(probe of {len(probe_labels)}" + (f" of {num_samples}" if num_samples else "")
                 + f" samples measured {sol.measured:.4g}, {len(sol.evaluations)} probe runs)")
-    if world_size > 1:  # share the fraction (or the error, so no rank waits forever)
+    if world_size > 1:  # share the tail drop (or the error, so no rank waits forever)
         import torch.distributed as dist
 
-        box = [(fraction, error)]
+        box = [(tail_drop, error)]
         dist.broadcast_object_list(box, src=0)
-        fraction, error = box[0]
+        tail_drop, error = box[0]
     if error is not None:
         raise ValueError(error)
-    return float(fraction)
+    return float(tail_drop)

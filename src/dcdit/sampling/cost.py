@@ -15,7 +15,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dcdit.models import DCDIT_PRESETS, DIT_CONFIGS, build_dcdit, build_dit
+from dcdit.sampling.guidance import model_info
 from dcdit.sampling.sampler import SampleStats, sample
+from dcdit.utils import unwrap
 
 __all__ = ["RunCost", "measure_run_cost", "Timing", "time_sampling", "time_interleaved", "calibrate_router_bias", "build_named_model"]
 
@@ -136,9 +139,6 @@ def calibrate_router_bias(model: nn.Module, target_share: float, batch: int = 4,
     the reported share is the one the run shows), else the share over noise
     inputs at ``timesteps``. Returns the kept share reached.
     """
-    from dcdit.sampling.guidance import model_info
-    from dcdit.utils import unwrap
-
     m = unwrap(model)
     router = getattr(m, "routing_module", None)
     last = getattr(getattr(router, "residual_scorer", None), "__getitem__", None)
@@ -185,8 +185,6 @@ def build_named_model(name: str, image_size: int = 256, in_channels: int = 4, nu
 
     With 4 input channels the model works on SD-VAE latents (size / 8); otherwise on pixels.
     """
-    from dcdit.models import DCDIT_PRESETS, DIT_CONFIGS, build_dcdit, build_dit
-
     side = image_size // 8 if in_channels == 4 else image_size
     if side < 1:
         raise ValueError(f"image size {image_size} is too small")

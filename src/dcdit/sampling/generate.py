@@ -17,8 +17,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dcdit.data.transforms import to_uint8_images
+from dcdit.data.vae import decode_latents, load_vae
+from dcdit.evaluation.io import save_npz_atomic, save_samples_npz
+from dcdit.sampling.guidance import model_info
 from dcdit.sampling.sampler import SampleStats, sample, sampling_diffusion_for
 from dcdit.sampling.seeds import labels_for_indices, shard_indices
+from dcdit.viz.grid import image_grid, save_png
 
 __all__ = ["LocalSamples", "generate_local", "merge_ranks", "save_outputs", "read_train_config", "is_latent_checkpoint",
            "latent_decoder", "diffusion_for_checkpoint"]
@@ -67,9 +72,6 @@ def generate_local(
             every batch, "none" never.
         **sample_kwargs: passed to :func:`dcdit.sampling.sample` (sampler, eta, cfg_scale, tail_drop, ...).
     """
-    from dcdit.data.transforms import to_uint8_images
-    from dcdit.sampling.guidance import model_info
-
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
     if flops not in FLOP_MODES:
@@ -162,9 +164,6 @@ def save_outputs(samples: LocalSamples, npz: Optional[str | Path] = None, grid: 
                  grid_count: int = 64, grid_cols: Optional[int] = None) -> list[Path]:
     """Write the ``.npz`` (ADM format: ``arr_0`` uint8 NHWC, ``arr_1`` labels; or ``latents`` +
     ``labels`` for undecoded latents) and a PNG grid of the first ``grid_count`` images."""
-    from dcdit.evaluation.io import save_samples_npz
-    from dcdit.viz.grid import image_grid, save_png
-
     written = []
     if npz is not None:
         npz = Path(npz)
@@ -173,8 +172,6 @@ def save_outputs(samples: LocalSamples, npz: Optional[str | Path] = None, grid: 
         else:
             if npz.suffix != ".npz":
                 raise ValueError(f"{npz}: sample files must end in .npz")
-            from dcdit.evaluation.io import save_npz_atomic
-
             written.append(save_npz_atomic(npz, {"latents": samples.latents.astype(np.float32),
                                                  "labels": samples.labels.astype(np.int64)}))
     if grid is not None and samples.images is not None:
@@ -242,10 +239,6 @@ def is_latent_checkpoint(train_config: Optional[dict], in_channels: int) -> bool
 
 def latent_decoder(vae_dir: str | Path, device: torch.device | str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
     """``z -> images in [-1, 1]`` with the local VAE in ``vae_dir`` (``dcdit.data.vae``; z as the model samples it)."""
-    try:
-        from dcdit.data.vae import decode_latents, load_vae
-    except ImportError as e:
-        raise ValueError(f"--vae needs the VAE support of dcdit.data.vae, which is unavailable ({e})") from None
     if not Path(vae_dir).exists():
         raise FileNotFoundError(f"VAE directory not found: {vae_dir}")
     vae = load_vae(vae_dir)

@@ -6,6 +6,8 @@ diffusion loops expect. DiT models return a tensor; DC-DiT models return
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Callable, Optional
 
 import torch
@@ -14,7 +16,7 @@ import torch.nn as nn
 from dcdit.models import is_dcdit
 from dcdit.utils import unwrap
 
-__all__ = ["model_info", "make_model_fn", "check_fraction"]
+__all__ = ["model_info", "make_model_fn", "is_guided", "check_cfg_scale"]
 
 
 def model_info(model: nn.Module) -> dict:
@@ -35,15 +37,18 @@ def model_info(model: nn.Module) -> dict:
     return info
 
 
-def check_fraction(value: Any, name: str) -> float:
-    """A tail-drop fraction in [0, 1), else ValueError naming ``name``."""
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}") from None
-    if not 0.0 <= f < 1.0:
-        raise ValueError(f"{name} must lie in [0, 1), got {f}")
-    return f
+def check_cfg_scale(cfg_scale: Any, name: str = "cfg scale") -> float:
+    """A classifier-free guidance scale: a finite number >= 0 (1: no guidance, 0: the unconditional model),
+    else ValueError naming ``name`` and the value."""
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not math.isfinite(cfg_scale) \
+            or cfg_scale < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (1: no guidance), got {cfg_scale!r}")
+    return float(cfg_scale)
+
+
+def is_guided(cfg_scale: float) -> bool:
+    """Whether a sampling run uses classifier-free guidance: a scale other than 1 (one [cond; uncond] batch per step)."""
+    return cfg_scale != 1.0
 
 
 def make_model_fn(
@@ -64,20 +69,19 @@ def make_model_fn(
             None guides all of them.
         tail_drop: DC-DiT tail-drop fraction (of the conditional half with guidance).
         uncond_drop: Lite-CFG: fraction for the unconditional half (None: same as ``tail_drop``).
+
+    The fractions are not checked here: user input is checked where it enters
+    (:func:`dcdit.sampling.budget.parse_tail_drop`), and ``DCDiT.forward`` checks what reaches the model.
     """
-    if cfg_scale < 0:
-        raise ValueError(f"cfg scale must be >= 0, got {cfg_scale}")
-    tail_drop = check_fraction(tail_drop, "tail-drop fraction")
-    if uncond_drop is not None:
-        uncond_drop = check_fraction(uncond_drop, "unconditional tail-drop fraction")
+    check_cfg_scale(cfg_scale)
     if guidance_channels is not None:
         c = model_info(model)["in_channels"]
         if isinstance(guidance_channels, bool) or not isinstance(guidance_channels, int) or not 1 <= guidance_channels <= c:
             raise ValueError(f"guidance channels must lie in 1..{c} (the model's eps channels), got {guidance_channels!r}")
     routed = is_dcdit(model)
-    if not routed and (tail_drop > 0 or (uncond_drop or 0) > 0):
+    if not routed and (tail_drop or uncond_drop):
         raise ValueError(f"tail dropping needs a DC-DiT model; {type(unwrap(model)).__name__} has a fixed token count")
-    guided = cfg_scale != 1.0
+    guided = is_guided(cfg_scale)
     if uncond_drop is not None and not guided:
         raise ValueError("an unconditional tail-drop fraction (Lite-CFG) needs guidance: set a cfg scale != 1")
 
@@ -86,8 +90,8 @@ def make_model_fn(
             return lambda x, t, y: model(x, t, y, tail_drop=tail_drop)
         return lambda x, t, y: model(x, t, y)
     if routed:
-        cond, uncond = tail_drop, (tail_drop if uncond_drop is None else uncond_drop)
         return lambda x, t, y: model.forward_with_cfg(
-            x, t, y, cfg_scale, guidance_channels=guidance_channels, cond_tail_drop=cond, uncond_tail_drop=uncond
+            x, t, y, cfg_scale, guidance_channels=guidance_channels, cond_tail_drop=tail_drop,
+            uncond_tail_drop=uncond_drop,
         )
     return lambda x, t, y: model.forward_with_cfg(x, t, y, cfg_scale, guidance_channels=guidance_channels)

@@ -20,13 +20,15 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
+from dcdit.diffusion import create_diffusion, space_timesteps
 from dcdit.diffusion.factory import MEAN_TYPES
-from dcdit.flops import count_flops
-from dcdit.models import is_dcdit
 from dcdit.diffusion.gaussian_diffusion import split_model_output
 from dcdit.diffusion.schedules import get_named_beta_schedule
-from dcdit.sampling.guidance import make_model_fn, model_info
+from dcdit.flops import count_flops
+from dcdit.models import is_dcdit
+from dcdit.sampling.guidance import is_guided, make_model_fn, model_info
 from dcdit.sampling.precision import autocast_for, resolve_precision
 from dcdit.sampling.schedulers import SCHEDULERS, SchedulerSampling, scheduler_sampling
 from dcdit.sampling.seeds import SampleNoise
@@ -50,8 +52,6 @@ def create_sampling_diffusion(sampler: str, steps: int, learn_sigma: bool = True
     (``noise_schedule``, ``diffusion_steps``), "trailing" timesteps.
     ``learn_sigma`` and ``prediction`` describe the model's output (``model_info(model)`` has both).
     """
-    from dcdit.diffusion import create_diffusion, space_timesteps
-
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
     if not isinstance(steps, int) or not 1 <= steps <= diffusion_steps:
@@ -243,6 +243,45 @@ def sample(
             :class:`~dcdit.utils.NonFiniteError` (checked once, on the final samples: a
             NaN or inf anywhere in the loop reaches them, so no per-step check is needed).
     """
+    scheduled, sampler = check_sampler(diffusion, sampler, eta)
+    info, labels, indices = check_inputs(model, diffusion, labels, indices)
+    n = labels.numel()
+    device = torch.device(next(model.parameters()).device if device is None else device)
+    precision = resolve_precision(precision, device)
+    guided = is_guided(cfg_scale)
+    y = labels.to(device)
+    if guided:  # the [cond; uncond] batch: the second half carries the null class
+        y = torch.cat([y, torch.full_like(y, info["num_classes"])])
+    network = NetworkCall(model, make_model_fn(model, cfg_scale, guidance_channels, tail_drop, uncond_drop), y, n,
+                          precision, device, measure_flops)
+    recorder = StatsRecorder(model, n, measure_flops)
+    noise = SampleNoise(seed, indices, (info["in_channels"], *info["input_hw"]))
+    x = noise.draw(device)
+    if scheduled:
+        step_fn = SchedulerStep(diffusion, network, n, guided, clip_denoised)
+        x = step_fn.start(x)
+    else:
+        step_fn = DiffusionStep(diffusion, network, sampler, eta, noise, n, guided, clip_denoised, device)
+
+    steps = list(range(diffusion.num_timesteps - 1, -1, -1))
+    for step, i in enumerate(tqdm(steps, desc=sampler.upper(), leave=False) if progress else steps):
+        network.report = None
+        out = step_fn(x, step, i)  # "sample", "x_t", "pred_xstart" (conditional half), "extras", "t"
+        recorder.add(out["t"], out["extras"], network.report)
+        if callback is not None:
+            callback({
+                "i": i, "step": step, "num_steps": len(steps), "t": torch.full((n,), out["t"]), "x_t": out["x_t"],
+                "sample": out["sample"], "pred_xstart": out["pred_xstart"], "extras": out["extras"],
+                "flops": network.report,
+            })
+        x = out["sample"]
+    if not allow_nonfinite:
+        check_finite_samples(x, indices)
+    return x, recorder.stats(tail_drop, uncond_drop)
+
+
+def check_sampler(diffusion, sampler: Optional[str], eta: float) -> tuple[bool, str]:
+    """(whether ``diffusion`` is a diffusers solver setup, the sampler name) after checking they fit."""
     scheduled = isinstance(diffusion, SchedulerSampling)
     if sampler is None:
         sampler = diffusion.sampler if scheduled else "ddim"
@@ -256,6 +295,12 @@ def sample(
         raise ValueError(f"eta must be >= 0, got {eta}")
     if scheduled and eta != 0:
         raise ValueError(f"eta applies to ddim only; {sampler} is deterministic (give eta=0)")
+    return scheduled, sampler
+
+
+def check_inputs(model: nn.Module, diffusion, labels, indices) -> tuple[dict, torch.Tensor, list[int]]:
+    """(model_info, labels (n,) long, indices) after checking the diffusion reads the model's output as it is
+    meant and the labels are classes of the model."""
     info = model_info(model)
     reads = getattr(diffusion, "model_mean_type", None)
     if reads is not None and reads != MEAN_TYPES[info["prediction"]]:
@@ -271,106 +316,114 @@ def sample(
     indices = list(range(n)) if indices is None else [int(k) for k in indices]
     if len(indices) != n:
         raise ValueError(f"got {len(indices)} indices for {n} labels")
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
-    precision = resolve_precision(precision, device)
+    return info, labels, indices
 
-    fn = make_model_fn(model, cfg_scale, guidance_channels, tail_drop, uncond_drop)
-    guided = cfg_scale != 1.0
-    routed = is_dcdit(model)
-    shape = (info["in_channels"], *info["input_hw"])
-    noise = SampleNoise(seed, indices, shape)
-    y = labels.to(device)
-    if guided:
-        y = torch.cat([y, torch.full_like(y, info["num_classes"])])
-    x = noise.draw(device)
 
-    relabel = component_labels(model) if measure_flops else {}
-    steps = list(range(diffusion.num_timesteps - 1, -1, -1))
-    tmap = getattr(diffusion, "timestep_map", None)  # respaced index -> original timestep
-    timesteps: list[int] = []
-    kept, natural, flops = [], [], []
-    comps: dict[str, float] = {}
-    iterator = steps
-    if progress:
-        from tqdm.auto import tqdm
+def doubled(v: torch.Tensor, guided: bool) -> torch.Tensor:
+    """``v`` for both halves of a guided batch ([v; v]), else ``v``."""
+    return torch.cat([v, v]) if guided else v
 
-        iterator = tqdm(steps, desc=sampler.upper(), leave=False)
-    report = None  # the FLOP report of the current step's network call
 
-    def network(xx: torch.Tensor, tt: torch.Tensor):
-        """The (guided) network in the run's precision; the prediction comes back in fp32."""
-        with autocast_for(precision, device):
-            out = fn(xx, tt, y)
-        if precision == "fp32":
+class NetworkCall:
+    """The (guided) network of a sampling run, ``(x, t) -> output``: in the run's precision (the prediction
+    comes back in fp32), under the FLOP counter when measuring; ``report`` holds the last call's FLOPs."""
+
+    def __init__(self, model: nn.Module, fn: Callable, y: torch.Tensor, n: int, precision: str,
+                 device: torch.device, measure_flops: bool):
+        self.model, self.fn, self.y, self.n, self.precision, self.device = model, fn, y, n, precision, device
+        self.measure_flops, self.report = measure_flops, None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor):
+        with autocast_for(self.precision, self.device):
+            out = self.fn(x, t, self.y)
+        if self.precision == "fp32":
             return out
         pred, extras = split_model_output(out)
         return pred.float() if extras is None else (pred.float(), extras)
 
-    def call(xx: torch.Tensor, tt: torch.Tensor):
-        nonlocal report
-        if not measure_flops:
-            return network(xx, tt)
-        report, result = count_flops(lambda: network(xx, tt), model, batch_size=n)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor):
+        if not self.measure_flops:
+            return self.forward(x, t)
+        self.report, result = count_flops(lambda: self.forward(x, t), self.model, batch_size=self.n)
         return result
 
-    def net(xv: torch.Tensor, tv: torch.Tensor):
-        """Scheduler path: (n, ...) in, the conditional half's (output, extras) out."""
-        pred, extras = split_model_output(call(torch.cat([xv, xv]) if guided else xv,
-                                               torch.cat([tv, tv]) if guided else tv))
-        return pred[:n], extras
 
-    scheduler = None
-    if scheduled:
-        scheduler = diffusion.make()  # fresh solver state for this run
-        x = x * scheduler.init_noise_sigma
+class DiffusionStep:
+    """One DDPM / DDIM step of our diffusion on the (doubled, when guided) batch; noise from each sample's stream."""
 
-    for step, i in enumerate(iterator):
-        report = None
-        x_t = x
-        if scheduled:
-            out = diffusion.step(scheduler, net, x, step, clip_denoised=clip_denoised)
-            x_next, pred_xstart, extras, x_t = out["sample"], out["pred_xstart"], out["extras"], out["x_t"]
-            timesteps.append(out["t"])
+    def __init__(self, diffusion, network: NetworkCall, sampler: str, eta: float, noise: SampleNoise, n: int,
+                 guided: bool, clip_denoised: bool, device: torch.device):
+        self.diffusion, self.network, self.sampler, self.eta, self.noise = diffusion, network, sampler, eta, noise
+        self.n, self.guided, self.clip_denoised, self.device = n, guided, clip_denoised, device
+        self.tmap = getattr(diffusion, "timestep_map", None)  # respaced index -> original timestep
+
+    def __call__(self, x: torch.Tensor, step: int, i: int) -> dict:
+        t = torch.full((self.n,), i, device=self.device, dtype=torch.long)
+        # the step's noise from each sample's own stream (none needed at t = 0 or by deterministic DDIM)
+        stochastic = i != 0 and (self.sampler == "ddpm" or self.eta > 0)
+        z = self.noise.draw(self.device, x.dtype) if stochastic else torch.zeros_like(x)
+        xin, tin, zin = (doubled(v, self.guided) for v in (x, t, z))
+        if self.sampler == "ddpm":
+            out = self.diffusion.p_sample(self.network, xin, tin, clip_denoised=self.clip_denoised, noise=zin)
         else:
-            t = torch.full((n,), i, device=device, dtype=torch.long)
-            xin = torch.cat([x, x]) if guided else x
-            tin = torch.cat([t, t]) if guided else t
-            # the step's noise from each sample's own stream (none needed at t = 0 or by deterministic DDIM)
-            z = noise.draw(device, x.dtype) if i != 0 and (sampler == "ddpm" or eta > 0) else torch.zeros_like(x)
-            zin = torch.cat([z, z]) if guided else z
-            if sampler == "ddpm":
-                out = diffusion.p_sample(call, xin, tin, clip_denoised=clip_denoised, noise=zin)
-            else:
-                out = diffusion.ddim_sample(call, xin, tin, clip_denoised=clip_denoised, eta=eta, noise=zin)
-            x_next, pred_xstart, extras = out["sample"][:n], out["pred_xstart"][:n], out["extras"]
-            timesteps.append(int(tmap[i]) if tmap is not None else i)
-        if routed and extras is not None:  # shares of the conditional half, per stage: (stages, n)
-            kept.append(np.stack([st.kept_share()[:n].cpu().numpy() for st in extras]))
-            natural.append(np.stack([st.kept_share(natural=True)[:n].cpu().numpy() for st in extras]))
-        if report is not None:
-            flops.append(np.full(n, report.total / n, dtype=np.float64))
-            for k, v in report.by_component.items():
-                k = relabel.get(k, k)
-                comps[k] = comps.get(k, 0.0) + v / n
-        if callback is not None:
-            callback({
-                "i": i, "step": step, "num_steps": len(steps), "t": torch.full((n,), timesteps[-1]),
-                "x_t": x_t, "sample": x_next, "pred_xstart": pred_xstart, "extras": extras, "flops": report,
-            })
-        x = x_next
-    if not allow_nonfinite:
-        check_finite_samples(x, indices)
+            out = self.diffusion.ddim_sample(self.network, xin, tin, clip_denoised=self.clip_denoised, eta=self.eta,
+                                             noise=zin)
+        return {"sample": out["sample"][:self.n], "x_t": x, "pred_xstart": out["pred_xstart"][:self.n],
+                "extras": out["extras"], "t": int(self.tmap[i]) if self.tmap is not None else i}
 
-    stats = SampleStats(
-        timesteps=timesteps,
-        kept_share=np.stack(kept) if kept else None,
-        natural_share=np.stack(natural) if natural else None,
-        flops_per_step=np.stack(flops) if flops else None,
-        flops_by_component=comps,
-        tail_drop=float(tail_drop),
-        uncond_drop=None if uncond_drop is None else float(uncond_drop),
-        num_images=n,
-    )
-    return x, stats
+
+class SchedulerStep:
+    """One step of a diffusers solver (fresh solver state per run); the network sees the doubled batch."""
+
+    def __init__(self, diffusion, network: NetworkCall, n: int, guided: bool, clip_denoised: bool):
+        self.diffusion, self.network, self.n, self.guided = diffusion, network, n, guided
+        self.clip_denoised = clip_denoised
+        self.scheduler = diffusion.make()
+
+    def start(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scheduler.init_noise_sigma
+
+    def net(self, x: torch.Tensor, t: torch.Tensor):
+        """(n, ...) in, the conditional half's (output, extras) out."""
+        pred, extras = split_model_output(self.network(doubled(x, self.guided), doubled(t, self.guided)))
+        return pred[:self.n], extras
+
+    def __call__(self, x: torch.Tensor, step: int, i: int) -> dict:
+        return self.diffusion.step(self.scheduler, self.net, x, step, clip_denoised=self.clip_denoised)
+
+
+class StatsRecorder:
+    """Collects a run's per-step statistics (timesteps, kept shares of the conditional half, FLOPs)."""
+
+    def __init__(self, model: nn.Module, n: int, measure_flops: bool):
+        self.n, self.routed = n, is_dcdit(model)
+        self.relabel = component_labels(model) if measure_flops else {}
+        self.timesteps: list[int] = []
+        self.kept: list[np.ndarray] = []
+        self.natural: list[np.ndarray] = []
+        self.flops: list[np.ndarray] = []
+        self.comps: dict[str, float] = {}
+
+    def add(self, t: int, extras, report) -> None:
+        n = self.n
+        self.timesteps.append(t)
+        if self.routed and extras is not None:  # shares of the conditional half, per stage: (stages, n)
+            self.kept.append(np.stack([st.kept_share()[:n].cpu().numpy() for st in extras]))
+            self.natural.append(np.stack([st.kept_share(natural=True)[:n].cpu().numpy() for st in extras]))
+        if report is not None:
+            self.flops.append(np.full(n, report.total / n, dtype=np.float64))
+            for k, v in report.by_component.items():
+                k = self.relabel.get(k, k)
+                self.comps[k] = self.comps.get(k, 0.0) + v / n
+
+    def stats(self, tail_drop: float, uncond_drop: Optional[float]) -> SampleStats:
+        return SampleStats(
+            timesteps=self.timesteps,
+            kept_share=np.stack(self.kept) if self.kept else None,
+            natural_share=np.stack(self.natural) if self.natural else None,
+            flops_per_step=np.stack(self.flops) if self.flops else None,
+            flops_by_component=self.comps,
+            tail_drop=float(tail_drop),
+            uncond_drop=None if uncond_drop is None else float(uncond_drop),
+            num_images=self.n,
+        )

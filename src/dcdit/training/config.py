@@ -29,6 +29,9 @@ import yaml
 
 from dcdit.data.config import DataConfig
 from dcdit.models.config import PREDICTIONS
+from dcdit.sampling.budget import parse_tail_drop
+from dcdit.sampling.guidance import check_cfg_scale
+from dcdit.utils import atomic_write
 
 PRECISIONS = ("fp32", "bf16")
 ARCHS = ("dit", "dcdit")
@@ -254,10 +257,23 @@ def validate(cfg: TrainConfig) -> None:
             raise _err(f"ratio.{key}", f"every N must be > 1, got {v}")
     if r.group_size is not None and r.group_size <= 0:
         raise _err("ratio.group_size", f"must be positive, got {r.group_size}")
-    if not mb.fractions or not all(0.0 <= f < 1.0 for f in mb.fractions):
-        raise _err("multibudget.fractions", f"expected a non-empty list of numbers in [0, 1), got {mb.fractions}")
-    if s.interval < 0 or s.num <= 0 or s.steps <= 0:
-        raise _err("samples", f"interval must be >= 0 and num, steps positive (got {s.interval}, {s.num}, {s.steps})")
+    if not mb.fractions:
+        raise _err("multibudget.fractions", "expected a non-empty list of tail-drop fractions in [0, 1)")
+    for i, tail_drop in enumerate(mb.fractions):
+        parse_tail_drop(tail_drop, f"multibudget.fractions[{i}]")
+    validate_samples(s, cfg.diffusion.diffusion_steps)
+
+
+def validate_samples(s: SamplesConfig, diffusion_steps: int) -> None:
+    """Every ``samples`` key, checked at load as the sampler would check it at the first grid, mid-run."""
+    if s.interval < 0:
+        raise _err("samples.interval", f"must be >= 0 (0: no grids), got {s.interval}")
+    if s.num <= 0:
+        raise _err("samples.num", f"must be positive, got {s.num}")
+    if not 1 <= s.steps <= diffusion_steps:
+        raise _err("samples.steps", f"must be an integer in 1..{diffusion_steps} (diffusion.diffusion_steps), "
+                                    f"got {s.steps}")
+    check_cfg_scale(s.cfg_scale, "samples.cfg_scale")
 
 
 # ---------------------------------------------------------------- typed conversion
@@ -413,7 +429,5 @@ def load_train_config(path: Optional[str | Path] = None, overrides: Optional[lis
 
 def save_train_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from dcdit.utils import atomic_write
-
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from dcdit.training.config import config_from_dict, config_to_dict
+from dcdit.utils import atomic_write
+
 LOCK_NAME = ".lock"
 
 # Keys a resume may not change (prefixes end with "."), and the exceptions among them:
@@ -170,7 +173,6 @@ def check_resume_config(cfg, ckpt_dir: str | os.PathLike) -> list[str]:
     """
     import yaml
 
-    from dcdit.training.config import config_from_dict, config_to_dict
 
     path = Path(ckpt_dir) / "train_config.yaml"
     if not path.is_file():
@@ -192,8 +194,6 @@ def check_resume_config(cfg, ckpt_dir: str | os.PathLike) -> list[str]:
 
 def truncate_metrics(run_dir: str | os.PathLike, step: int) -> int:
     """Drop ``metrics.jsonl`` records after ``step`` (and a torn last line); returns how many were dropped."""
-    from dcdit.utils import atomic_write
-
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return 0

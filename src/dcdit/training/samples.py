@@ -7,7 +7,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from dcdit.data.transforms import to_uint8_images
+from dcdit.data.vae import decode_latents
+from dcdit.sampling import sample, sampling_diffusion_for
 from dcdit.training.config import SamplesConfig
+from dcdit.viz.grid import image_grid, save_png
 
 
 @torch.no_grad()
@@ -17,8 +21,6 @@ def sample_images(model: nn.Module, cfg: SamplesConfig, num_classes: int, diffus
 
     A short deterministic DDIM run of :func:`dcdit.sampling.sample` (the library's one sampling loop).
     """
-    from dcdit.sampling import sample, sampling_diffusion_for
-
     diffusion = sampling_diffusion_for(model, "ddim", cfg.steps, noise_schedule, diffusion_steps)
     labels = torch.arange(cfg.num) % num_classes
     was_training = model.training
@@ -34,23 +36,11 @@ def sample_images(model: nn.Module, cfg: SamplesConfig, num_classes: int, diffus
 def write_sample_grid(path: Path, model: nn.Module, cfg: SamplesConfig, dataset, diffusion_steps: int,
                       noise_schedule: str, device: torch.device, vae=None) -> Optional[Path]:
     """Sample with ``model`` (the EMA) and save a PNG grid; latents need ``vae`` (else skipped, returns None)."""
-    from dcdit.data.transforms import to_uint8_images
-    from dcdit.viz.grid import image_grid, save_png
-
     if dataset.is_latent and vae is None:
         return None
     x = sample_images(model, cfg, dataset.num_classes, diffusion_steps, noise_schedule, device,
                       clip_denoised=not dataset.is_latent)
     if dataset.is_latent:
-        from dcdit.data.vae import decode_latents
-
         x = decode_latents(vae, x)
     save_png(path, image_grid(to_uint8_images(x.float().cpu()), fill=128))
     return path
-
-
-def load_vae(path: str, device: torch.device):
-    """The SD VAE from a local folder (dcdit.data.vae; needs diffusers) for decoding latent sample grids."""
-    from dcdit.data.vae import load_vae as _load
-
-    return _load(path, device)

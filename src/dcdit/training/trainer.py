@@ -48,14 +48,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dcdit.checkpoint import ALLOW_HINT, load_model
 from dcdit.chunking.ratio import ratio_group_size, ratio_targets
-from dcdit.models import is_dcdit
+from dcdit.data import build_dataset
+from dcdit.data.vae import load_vae
+from dcdit.diffusion import create_diffusion
+from dcdit.models import build_dcdit, build_dit, build_model, is_dcdit, model_config
 from dcdit.training import distributed as D
 from dcdit.training.config import TrainConfig, config_to_dict, save_train_config
 from dcdit.training.data import RankBatchSampler, StepStream, ignore_stop_signals, local_slice
 from dcdit.training.logging import MetricsLogger
 from dcdit.training.rundir import RunDirLocked, RunLock, check_resume_config, truncate_metrics
-from dcdit.training.step import train_step
+from dcdit.training.samples import write_sample_grid
 from dcdit.training.state import (
     capture_rng,
     check_state_finite,
@@ -66,6 +70,7 @@ from dcdit.training.state import (
     restore_rng,
     save_checkpoint,
 )
+from dcdit.training.step import train_step
 from dcdit.utils import NonFiniteError, unwrap
 
 # --------------------------------------------------------------------------- helpers
@@ -186,8 +191,8 @@ def draw_global_batch(seed: int, step: int, global_batch: int, sample_shape: tup
     return t, noise, drop
 
 
-def budget_fraction(cfg: TrainConfig, seed: int, step: int) -> float:
-    """Multi-budget tail-drop fraction of a step: uniform over the set, a function of (seed, step) only."""
+def multibudget_tail_drop(cfg: TrainConfig, seed: int, step: int) -> float:
+    """Multi-budget tail drop of a step: uniform over ``multibudget.fractions``, a function of (seed, step) only."""
     mb = cfg.multibudget
     if not mb.enabled or step < mb.start_step:
         return 0.0
@@ -224,16 +229,12 @@ def init_label_table(model: nn.Module, std: Optional[float]) -> None:
 
 def build_train_model(cfg: TrainConfig, dataset) -> nn.Module:
     """The model a config asks for, sized to the data unless overridden (or loaded from model.init_from)."""
-    from dcdit.models.factory import build_model, model_config
-
     m = cfg.model
     data_keys = {"input_size": dataset.image_size, "in_channels": dataset.channels,
                  "num_classes": dataset.num_classes}
     # How the loss and the sampler read the output (null: init_from's own, or the model's default).
     objective = {} if cfg.diffusion.prediction is None else {"prediction": cfg.diffusion.prediction}
     if m.init_from:
-        from dcdit.checkpoint import ALLOW_HINT, load_model
-
         try:
             init = load_model(m.init_from, which=m.init_which)
         except NonFiniteError as e:  # training has no --allow-nonfinite: drop the hint
@@ -252,10 +253,7 @@ def build_train_model(cfg: TrainConfig, dataset) -> nn.Module:
                              "keep only shape-preserving overrides (e.g. class_dropout_prob)")
         model.load_state_dict({k: v for k, v in init_state.items() if k != "pos_embed"}, strict=False)
     else:
-        if m.arch == "dit":
-            from dcdit.models.dit import build_dit as build
-        else:
-            from dcdit.models.dcdit import build_dcdit as build
+        build = build_dit if m.arch == "dit" else build_dcdit
         try:
             model = build(m.preset, **{**data_keys, **objective, **m.overrides})
         except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as e:
@@ -328,9 +326,6 @@ class RunState:
 
 def build_run(cfg: TrainConfig, dataset, ckpt_dir: Optional[Path], info) -> RunState:
     """Model, EMA, optimizer and diffusion, fresh or from ``ckpt_dir``; the same init on every rank."""
-    from dcdit.diffusion import create_diffusion
-    from dcdit.models.factory import build_model
-
     tc, o, device = cfg.train, cfg.optim, info.device
     torch.manual_seed(tc.seed)
     ckpt = load_checkpoint(ckpt_dir) if ckpt_dir is not None else None
@@ -391,8 +386,6 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
     directory to continue from, or ``True`` for the run directory's latest
     checkpoint. Launched under torchrun, every process calls this.
     """
-    from dcdit.data import build_dataset
-
     t_start = time.time()
     tc = cfg.train
     info = D.setup(tc.device)
@@ -503,7 +496,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                 torch.manual_seed(mix_seed(tc.seed, step, info.rank, _GLOBAL))
                 t_all, noise_all, drop_all = draw_global_batch(tc.seed, step, tc.global_batch_size, sample_shape,
                                                                run.diffusion.num_timesteps, run.drop_prob, device)
-                tail_drop = budget_fraction(cfg, tc.seed, step) if dcdit else 0.0
+                tail_drop = multibudget_tail_drop(cfg, tc.seed, step) if dcdit else 0.0
                 lr = lr_at(cfg.optim, step, tc.steps)
                 if ratio_weight > 0 and n_stages:
                     ratio_N = ratio_targets(cfg.ratio, step, n_stages, model.config.get("downsample_factor"))
@@ -651,8 +644,6 @@ class SampleGrids:
         self.cfg, self.dataset, self.out_dir, self.device, self.vae = cfg, dataset, out_dir, device, None
 
     def write(self, ema: nn.Module, step: int) -> Optional[Path]:
-        from dcdit.training.samples import load_vae, write_sample_grid
-
         cfg = self.cfg
         if self.dataset.is_latent and self.vae is None and cfg.samples.vae:
             self.vae = load_vae(cfg.samples.vae, self.device)

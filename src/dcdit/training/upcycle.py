@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -39,8 +37,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dcdit.checkpoint import CONFIG_NAME, check_finite, load_model, load_pickle_state_dict, load_safetensors
 from dcdit.data import build_dataset
 from dcdit.diffusion.schedules import get_named_beta_schedule
+from dcdit.models.dcdit import DCStage, build_dcdit
+from dcdit.models.dit import BLOCK_KEY, describe_dit, registry_num_heads
+from dcdit.models.factory import model_config
+from dcdit.models.layers import DiTBlock
 from dcdit.pretrained import PREFIX as PRETRAINED_PREFIX
 from dcdit.pretrained import resolve_pretrained
 from dcdit.sampling.generate import read_train_config
@@ -48,9 +51,8 @@ from dcdit.sampling.guidance import model_info
 from dcdit.utils import unwrap
 
 __all__ = ["upcycle", "upcycle_into", "calibrate_router", "router_target_share", "calibration_images",
-           "load_dit_state", "describe_dit", "dit_diffusion_settings"]
+           "load_dit_state", "dit_diffusion_settings"]
 
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 COPIED_PREFIXES = ("t_embedder.", "y_embedder.")
 
 
@@ -60,17 +62,12 @@ def load_dit_state(path: str | Path, which: str = "ema", trust_pickle: bool = Fa
 
     Weights holding NaN or inf are refused (NonFiniteError) unless ``allow_nonfinite``.
     """
-    from dcdit.checkpoint import CONFIG_NAME, check_finite, load_pickle_state_dict, load_safetensors
-
     if str(path).startswith(PRETRAINED_PREFIX):  # a DiT shipped with the package, as every --ckpt takes it
         path = resolve_pretrained(str(path))
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"DiT checkpoint not found: {path}")
     if path.is_dir():
-        from dcdit.checkpoint import load_model
-        from dcdit.models import model_config
-
         model = load_model(path, which=which, allow_nonfinite=allow_nonfinite)
         cfg = model_config(model)
         if cfg["arch"] != "dit":
@@ -93,33 +90,8 @@ def load_dit_state(path: str | Path, which: str = "ema", trust_pickle: bool = Fa
     return state, cfg
 
 
-def describe_dit(state: dict) -> dict:
-    """Shape facts of a DiT state dict: hidden, depth, num_classes, in_channels, patch_size, input_size."""
-    need = ("t_embedder.mlp.0.weight", "y_embedder.embedding_table.weight", "x_embedder.proj.weight")
-    missing = [k for k in need if k not in state]
-    if missing:
-        raise ValueError(f"not a DiT state dict: missing {', '.join(missing)}")
-    blocks = {int(m.group(1)) for k in state if (m := _BLOCK_RE.match(k))}
-    if not blocks or sorted(blocks) != list(range(len(blocks))):
-        raise ValueError("not a DiT state dict: no contiguous blocks.{i}.* entries")
-    proj = state["x_embedder.proj.weight"]  # (D, C, p, p)
-    out = {
-        "hidden_size": int(state["t_embedder.mlp.0.weight"].shape[0]),
-        "depth": len(blocks),
-        "in_channels": int(proj.shape[1]),
-        "patch_size": int(proj.shape[-1]),
-        "table_rows": int(state["y_embedder.embedding_table.weight"].shape[0]),
-    }
-    if "pos_embed" in state:
-        out["input_size"] = int(round(math.sqrt(state["pos_embed"].shape[1]))) * out["patch_size"]
-    return out
-
-
 def main_network_blocks(model: nn.Module) -> tuple[str, list[int]]:
     """(module path of the innermost block stack, indices of its DiT blocks)."""
-    from dcdit.models.dcdit import DCStage
-    from dcdit.models.layers import DiTBlock
-
     prefix, node = "", model
     while isinstance(node, DCStage):
         prefix += "main_network."
@@ -128,13 +100,6 @@ def main_network_blocks(model: nn.Module) -> tuple[str, list[int]]:
     if layers is None:
         raise ValueError(f"cannot find the main network's block stack in {type(model).__name__}")
     return prefix + "layers.", [j for j, layer in enumerate(layers) if isinstance(layer, DiTBlock)]
-
-
-def _expected_heads(hidden: int) -> Optional[int]:
-    from dcdit.models.dit import DIT_CONFIGS
-
-    heads = {c["hidden_size"]: c["num_heads"] for c in DIT_CONFIGS.values()}
-    return heads.get(hidden)
 
 
 @torch.no_grad()
@@ -158,13 +123,13 @@ def upcycle_into(model: nn.Module, dit_state: dict, dit_config: Optional[dict] =
     if cfg.get("d_model") and cfg["d_model"][0] != info["hidden_size"]:
         raise ValueError(f"width mismatch: the DiT's t/y embedders are {info['hidden_size']} wide, the DC-DiT's "
                          f"conditioning width is {cfg['d_model'][0]}")
-    heads = (dit_config or {}).get("num_heads") or _expected_heads(info["hidden_size"])
+    heads = (dit_config or {}).get("num_heads") or registry_num_heads(info["hidden_size"])
     if heads is not None and main_heads is not None and heads != main_heads:
         raise ValueError(f"head count mismatch: the DiT uses {heads} heads, the DC-DiT main network {main_heads}")
 
     mapping = {}
     for key in dit_state:
-        m = _BLOCK_RE.match(key)
+        m = BLOCK_KEY.match(key)
         if m:
             mapping[key] = f"{prefix}{dit_layers[int(m.group(1))]}.{m.group(2)}"
         elif key.startswith(COPIED_PREFIXES):
@@ -350,8 +315,6 @@ def upcycle(dit_path: str | Path, preset: str, overrides: Optional[dict] = None,
     is the DiT run's when its training config records one) and ``router``
     what the calibration reached. A DiT holding NaN or inf is refused unless ``allow_nonfinite``.
     """
-    from dcdit.models.dcdit import build_dcdit
-
     state, dit_cfg = load_dit_state(dit_path, which=which, trust_pickle=trust_pickle, allow_nonfinite=allow_nonfinite)
     info = describe_dit(state)
     diffusion = dit_diffusion_settings(dit_path, state, dit_cfg)

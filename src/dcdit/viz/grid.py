@@ -7,6 +7,8 @@ from typing import Optional
 
 import numpy as np
 
+from dcdit.utils import atomic_write
+
 __all__ = ["image_grid", "save_png"]
 
 
@@ -32,7 +34,6 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
     """Write a uint8 HWC (C = 1 or 3) or HW image as PNG (atomically); returns the path."""
     from PIL import Image
 
-    from dcdit.utils import atomic_write
 
     path = Path(path)
     if path.suffix.lower() != ".png":

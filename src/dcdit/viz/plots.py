@@ -18,6 +18,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from dcdit.utils import atomic_write
+
 __all__ = ["Plot", "default_display", "upsample_map", "plot_boundary_maps", "plot_cost_over_time",
            "plot_quality_vs_compute", "plot_class_grid", "choose_steps"]
 
@@ -37,8 +39,6 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str | Path) -> Plot:
-    from dcdit.utils import atomic_write
-
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: plots are written as .png")
