@@ -4,7 +4,7 @@
     python benchmarks/adaptive.py --out runs/adaptive --variants no_mb,eps --threads 1      # train + score
     python benchmarks/adaptive.py --out runs/adaptive --report docs/adaptive                # table from cache
 
-Every variant is the reproduction's DC-DiT (``benchmarks/reproduce.py``: 2x2 stem -> 16x16 grid,
+Every variant is the reproduction's DC-DiT (``benchmarks/reproduce.py``, ``benchmarks/reproduction/``: 2x2 stem -> 16x16 grid,
 c1 scaffold at width 16, 10 DiT blocks at 128 on ~64 kept tokens, v-prediction, Min-SNR-5,
 multi-budget from mid-run, 4000 steps x 64, seed 0) with one change (``VARIANTS``), scored with
 the reproduction's protocol: 2000 DDIM-25 samples -> FID against 2000 held-out MNIST test images
@@ -26,8 +26,6 @@ The DiT/4 of the reproduction (same main network, the FLOP-matched baseline) is 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,10 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import (  # noqa: E402  (the reproduction's training and scoring protocol)
-    Ctx, Settings, cached, load, log, mnist, read_json, score, stage_classifier, stage_reference, train_dict,
-    train_run, write_json,
+from reproduction import (  # the reproduction's training and scoring protocol (benchmarks/reproduction/)
+    Ctx, Settings, cached, load, log, mnist, read_json, score, smoke_settings, stage_classifier, stage_reference,
+    train_dict, train_run, write_json,
 )
 
 # name -> (what changes, dotted config keys set on top of the reproduction's DC-DiT N=4)
@@ -114,6 +111,8 @@ def stage_variant(ctx: Ctx, name: str, seed: int, upto: int | None = None) -> di
     d = variant_config(s, name, seed)
     d["train"]["steps"] = steps
     routed = d["model"]["arch"] == "dcdit"
+    # the router's gradient signal needs a learned router (the grid and random controls have no p to train)
+    learned = routed and d["model"].get("overrides", {}).get("router_mode", "learned") == "learned"
     tr = cached(ctx.out / f"train_{tag}_s{seed}.json", lambda: train_run(d, run_dir, steps))
     name = tag
 
@@ -138,7 +137,7 @@ def stage_variant(ctx: Ctx, name: str, seed: int, upto: int | None = None) -> di
                                      learn_sigma=info["learn_sigma"])
         return {"per_t": what_tokens_buy(model, diffusion, mnist("test"), SEG_TIMESTEPS, num_images=128, seed=seed)}
 
-    sig = cached(ctx.out / f"signal_{name}_s{seed}.json", signal) if routed else None
+    sig = cached(ctx.out / f"signal_{name}_s{seed}.json", signal) if learned else None
     return {"name": name, "seed": seed, "change": VARIANTS[name.split("@")[0]][0], "config": d, "train": tr, "eval": ev,
             "signal": sig}
 
@@ -239,8 +238,6 @@ def main(argv=None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    from reproduce import smoke_settings
-
     s = smoke_settings() if args.smoke else Settings()
     if args.steps:
         s.steps = args.steps

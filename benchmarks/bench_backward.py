@@ -19,12 +19,9 @@ with the current code in the same process; medians and their ratio.
 """
 from __future__ import annotations
 
-import sys
 from contextlib import ExitStack, contextmanager
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
+import common as C  # benchmarks/common.py (a script's own folder is first on sys.path)
 
 
 def sliced_sdpa_loop(q, k, v, cu_seqlens, max_seqlen, lengths, scale):

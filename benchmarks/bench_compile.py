@@ -10,12 +10,9 @@ first-call (compile) time, the number of graphs, eager vs compiled medians.
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
+import common as C  # benchmarks/common.py (a script's own folder is first on sys.path)
 
 
 def main() -> None:

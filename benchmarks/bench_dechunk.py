@@ -10,11 +10,8 @@ Target: time(64x64) / time(32x32) <= 5 for the fast path (linear is 4).
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
+import common as C  # benchmarks/common.py (a script's own folder is first on sys.path)
 
 
 def main() -> None:

@@ -18,11 +18,8 @@ Targets read from the output:
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
+import common as C  # benchmarks/common.py (a script's own folder is first on sys.path)
 
 SHARES = {"1/2": 0.5, "1/4": 0.25, "1/16": 1 / 16}
 
@@ -31,7 +28,7 @@ def main() -> None:
     p = C.base_parser(__doc__.splitlines()[0])
     p.add_argument("--batch-sizes", default="1,16,64")
     p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--size", default="S", choices=sorted(C.SIZES))
+    p.add_argument("--size", default="S", choices=("S", "B", "L", "XL"))
     p.add_argument("--repeats", type=int, default=3, help="timed rounds at batch <= 16 (default 3)")
     p.add_argument("--repeats-large", type=int, default=2, help="timed rounds at batch > 16 (default 2)")
     p.add_argument("--warmup", type=int, default=1)

@@ -20,10 +20,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
+import common as C  # benchmarks/common.py (a script's own folder is first on sys.path)
 
 SETUPS = ["DiT-S/2", "DiT-S/1", "DC-DiT-S keep 1/2", "DC-DiT-S keep 1/4", "DC-DiT-S keep 1/16 -> 1/2"]
 

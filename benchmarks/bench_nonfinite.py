@@ -17,12 +17,9 @@ Target: < 2 % of the step time.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
+import common as C  # benchmarks/common.py (a script's own folder is first on sys.path)
 
 TINY = ["model.arch=dit", "model.preset=DiT-S/2", "model.overrides={hidden_size: 32, depth: 1, num_heads: 2}",
         "data.image_size=8", "train.global_batch_size=8"]

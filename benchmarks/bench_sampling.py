@@ -14,11 +14,8 @@ once, not at every step).
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
+import common as C  # benchmarks/common.py (a script's own folder is first on sys.path)
 
 
 def main() -> None:

@@ -26,11 +26,8 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def matmul_rate(torch, n: int = 1024, reps: int = 20) -> float:
@@ -68,7 +65,7 @@ def calibrate_router(torch, model, keep: float, batch: int = 64) -> float:
 def make_step(torch, name: str, batch: int, compile_: bool, keep: float = 0.0):
     """(step, flops_next, kept): ``step()`` runs one training step; ``flops_next()`` the training FLOPs
     (3x forward) of the next step's inputs; ``kept`` collects each step's kept share (DC-DiT)."""
-    from learning_curve import MODELS, train_gflops_per_image
+    from learning_curve import MODELS, train_gflops_per_image  # benchmarks/learning_curve.py (this folder is on sys.path)
     from dcdit.diffusion import create_diffusion
     from dcdit.flops import count_flops
     from dcdit.training.step import train_step

@@ -19,12 +19,9 @@ standard error, whichever is larger.
 from __future__ import annotations
 
 import math
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
+import common as C  # benchmarks/common.py (a script's own folder is first on sys.path)
 
 
 def make_step(torch, model, diffusion, opt, x, y, tail_drop, bf16: bool, ratio_N=None):

@@ -13,11 +13,8 @@ about 1.5% more FLOPs (attention is sum L_i^2); the table lists both ratios.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
+import common as C  # benchmarks/common.py (a script's own folder is first on sys.path)
 
 
 def main() -> None:

@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adaptive import SEG_TIMESTEPS  # noqa: E402
-from reproduce import (  # noqa: E402  (the reproduction's training and scoring protocol)
-    SAMPLE_PRECISION, Ctx, Settings, cached, dataset, load, log, read_json, run_step, score, stage_classifier,
+from adaptive import SEG_TIMESTEPS
+from reproduction import (  # the reproduction's training and scoring protocol (benchmarks/reproduction/)
+    Ctx, Settings, cached, dataset, load, log, read_json, run_step, sampling_speed, score, stage_classifier,
     stage_reference, train_run, write_json,
 )
 
@@ -101,25 +99,11 @@ def stage_model(ctx: Ctx, name: str, seed: int, steps: int) -> dict:
 
 def stage_speed(ctx: Ctx, seed: int, steps: int) -> dict:
     """Sampling img/s of every model scored at ``steps``, in this one process (interleaved, median of 3)."""
-    from dcdit.sampling import resolve_precision, sample, sampling_diffusion_for
-
     names = [n for n in MODELS if run_step(ctx.out / "runs" / f"{n}_s{seed}") >= steps]
 
     def run():
         models = {n: load(ctx.out / "runs" / f"{n}_s{seed}", f"ckpt-{steps:07d}") for n in names}
-        diffusions = {n: sampling_diffusion_for(m, "ddim", ctx.s.ddim_steps) for n, m in models.items()}
-        labels = np.arange(ctx.s.speed_batch) % 10
-        times: dict[str, list] = {n: [] for n in names}
-        for rnd in range(3):
-            for n in (names if rnd % 2 == 0 else names[::-1]):
-                t0 = time.time()
-                sample(models[n], diffusions[n], labels, seed=seed, measure_flops=False, clip_denoised=True,
-                       precision=SAMPLE_PRECISION)
-                times[n].append(time.time() - t0)
-        return {"models": names, "batch": ctx.s.speed_batch, "ddim_steps": ctx.s.ddim_steps,
-                "precision": resolve_precision(SAMPLE_PRECISION), "threads": torch.get_num_threads(),
-                "round_seconds": times,
-                "images_per_sec": {n: ctx.s.speed_batch / float(np.median(t)) for n, t in times.items()}}
+        return {"models": names, **sampling_speed(models, ctx.s, seed)}
 
     return cached(ctx.out / f"speed_{step_tag(steps, ctx.s)}_s{seed}.json", run)
 
@@ -175,7 +159,8 @@ def report(ctx: Ctx, seed: int, steps: int, out_dir: Path | None) -> str:
         a950 = next((r["auc"] for r in seg.get("ink", []) if r["t"] == 950), None)
         kept = (f"{e['kept_share_noisiest']:.3f} / {e['kept_share_cleanest']:.3f}" if "kept_share_noisiest" in e else "")
         mins = tr[n].get("train_seconds_at_median_rate")
-        L.append(f"| {MODELS[n]} | {e['fid']:.1f} | {e['fid_at']['500']:.1f} | {e['class_acc']:.3f} "
+        fid500 = (e.get("fid_at") or {}).get("500")  # absent when fewer than 500 samples were scored (--smoke)
+        L.append(f"| {MODELS[n]} | {e['fid']:.1f} | {'-' if fid500 is None else f'{fid500:.1f}'} | {e['class_acc']:.3f} "
                  f"| {e['gflops_per_image']:.2f} | {ips.get(n, float('nan')):.1f} | {kept} "
                  f"| {seg.get('auc_ink_late', float('nan')):.3f} | {'' if a950 is None else f'{a950:.3f}'} "
                  f"| {'' if mins is None else f'{mins / 60:.1f}'} |")

@@ -39,8 +39,6 @@ from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-if str(ROOT / "src") not in sys.path:
-    sys.path.insert(0, str(ROOT / "src"))
 
 TUNED_ENV = {
     "OMP_WAIT_POLICY": "PASSIVE",
@@ -127,9 +125,6 @@ def log(*a) -> None:
 #                                   Models                                    #
 # --------------------------------------------------------------------------- #
 
-SIZES = {"S": (12, 384, 6), "B": (12, 768, 12)}
-
-
 def build_pair(size: str = "S", input_size: int = 32, seed: int = 0):
     """(DiT at patch 1, DC-DiT) with the same main network (depth, width, heads) on a input_size^2 x 4 latent.
 
@@ -140,10 +135,10 @@ def build_pair(size: str = "S", input_size: int = 32, seed: int = 0):
     """
     import torch
 
-    from dcdit.models import build_dcdit
+    from dcdit.models import MODEL_SIZES, build_dcdit
     from dcdit.models.dit import DiT
 
-    depth, width, heads = SIZES[size]
+    depth, width, heads = MODEL_SIZES[size]
     torch.manual_seed(seed)
     dit = DiT(input_size=input_size, patch_size=1, hidden_size=width, depth=depth, num_heads=heads).eval()
     torch.manual_seed(seed)
@@ -155,14 +150,15 @@ def build_pair(size: str = "S", input_size: int = 32, seed: int = 0):
 def build_dit(size: str, patch: int, input_size: int = 32, seed: int = 0):
     import torch
 
+    from dcdit.models import MODEL_SIZES
     from dcdit.models.dit import DiT
 
-    depth, width, heads = SIZES[size]
+    depth, width, heads = MODEL_SIZES[size]
     torch.manual_seed(seed)
     return DiT(input_size=input_size, patch_size=patch, hidden_size=width, depth=depth, num_heads=heads).eval()
 
 
-def keep_all_boundaries(model, bias: float = 10.0) -> None:
+def keep_all_boundaries(model) -> None:
     """Benchmark-only: bias the router so every token has p > 0.5 (natural boundary) and p < 1.
 
     With every token a natural boundary, tail dropping a fraction f keeps
@@ -170,10 +166,9 @@ def keep_all_boundaries(model, bias: float = 10.0) -> None:
     spatial pattern (not a fixed block). The router, chunk, dechunk and
     everything else run their real code. :func:`check_shares` verifies it.
     """
-    import torch
+    from dcdit.sampling.cost import set_router_bias
 
-    with torch.no_grad():
-        model.routing_module.residual_scorer[-1].bias.fill_(bias)
+    set_router_bias(model, 10.0)
 
 
 def drop_for_share(share: float, L: int) -> float:
@@ -209,24 +204,10 @@ def autocast(precision: str):
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
                 before: Optional[Callable[[str], None]] = None,
                 after: Optional[Callable[[str], None]] = None) -> dict[str, list[float]]:
-    """Wall-clock seconds of every callable: ``warmup`` untimed rounds, then ``repeats`` round-robin rounds.
+    """:func:`dcdit.utils.round_robin_seconds`, imported once :func:`setup` has set the environment."""
+    from dcdit.utils import round_robin_seconds
 
-    ``before(name)`` / ``after(name)`` run around each timed call (outside the timing).
-    """
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    for _ in range(repeats):
-        for k, f in fns.items():
-            if before:
-                before(k)
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-            if after:
-                after(k)
-    return times
+    return round_robin_seconds(fns, repeats, warmup, before, after)
 
 
 def median(v: list[float]) -> float:

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learning_curve import Scorer, generate  # noqa: E402
-from reproduce import dataset_uint8, mnist  # noqa: E402
+from dcdit.evaluation import load_classifier
+from learning_curve import generate, mnist_scorer, score
+from reproduction import dataset_uint8, mnist
 
 TIMESTEPS = (0, 10, 40, 100, 300, 600, 900)
 
@@ -80,15 +79,16 @@ def main(argv=None) -> int:
     if a.probe == "eps":
         eps_error(a.models, a.n)
         return 0
-    scorer = Scorer(Path(a.classifier), Path(a.cache), 2000)
+    scorer, classifier = mnist_scorer(Path(a.cache), 2000), load_classifier(Path(a.classifier))
     for spec in a.models:
         model = load(spec)
         if a.probe == "speckle":
-            imgs, labels, _ = generate(model, a.n, a.cfg, 25)
+            got = generate(model, a.n, a.cfg, 25)
+            imgs, labels = got.images, got.labels
             for thr in a.thresholds:
                 x = imgs.copy()
                 x[x < thr] = 0
-                print(json.dumps({"model": spec, "threshold": thr, **scorer.score(x, labels, fid=True),
+                print(json.dumps({"model": spec, "threshold": thr, **score(scorer, classifier, x, labels, fid=True),
                                   **speckle_stats(x)}), flush=True)
         else:
             from dcdit.data.transforms import to_uint8_images
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                                   sampler=sampler, cfg_scale=float(cfg), measure_flops=False, clip_denoised=True)
                 imgs = to_uint8_images(x.float())
                 print(json.dumps({"model": spec, "variant": v, "sample_s": round(time.time() - t0, 1),
-                                  **scorer.score(imgs, labels, fid=True), **speckle_stats(imgs)}), flush=True)
+                                  **score(scorer, classifier, imgs, labels, fid=True), **speckle_stats(imgs)}), flush=True)
     return 0
 
 

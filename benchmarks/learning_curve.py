@@ -29,15 +29,17 @@ import argparse
 import copy
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import SAMPLE_PRECISION, dataset_uint8, mnist  # noqa: E402  (shared evaluation helpers)
+from dcdit.evaluation import (
+    ReferenceScorer, build_extractor, classifier_accuracy, load_classifier, load_stats, save_stats,
+)
+from dcdit.sampling import LocalSamples, generate_local, sampling_diffusion_for
+from reproduction import SAMPLE_PRECISION, dataset_uint8, mnist  # the reproduction's evaluation protocol
 
 MAIN_NET = {"hidden_size": 128, "depth": 4, "num_heads": 4}
 MODELS: dict[str, dict] = {
@@ -103,67 +105,36 @@ def build_config(model: str, recipe: str, sets: list[str], name: str) -> dict:
 # --------------------------------------------------------------------------- scoring
 
 
-class Scorer:
-    """Class accuracy (in-domain classifier) and Inception FID against MNIST test images."""
-
-    def __init__(self, classifier: Path, cache: Path, n_ref: int):
-        from dcdit.evaluation import build_extractor, load_classifier
-
-        self.clf = load_classifier(classifier)
-        self.inception = build_extractor("inception", batch_size=50)
-        self.cache, self.n_ref = cache, n_ref
-        self._ref = None
-
-    def features(self, images: np.ndarray) -> np.ndarray:
-        from dcdit.evaluation import ArrayImages, compute_feature_set
-
-        return compute_feature_set(ArrayImages(images, None, name="samples"), self.inception).features
-
-    def reference(self):
-        from dcdit.evaluation import feature_statistics
-
-        if self._ref is None:
-            path = self.cache / f"mnist_test_inception_{self.n_ref}.npz"
-            if path.is_file():
-                z = np.load(path)
-                self._ref = (z["mu"], z["sigma"])
-            else:
-                imgs, _ = dataset_uint8(mnist("test"), self.n_ref)
-                self._ref = feature_statistics(self.features(imgs))
-                path.parent.mkdir(parents=True, exist_ok=True)
-                np.savez(path, mu=self._ref[0], sigma=self._ref[1])
-        return self._ref
-
-    def score(self, images: np.ndarray, labels: np.ndarray, fid: bool) -> dict:
-        from dcdit.evaluation import classifier_accuracy, feature_statistics, frechet_distance
-
-        out = {"class_acc": float(classifier_accuracy(self.clf, images, labels)), "n": int(len(images))}
-        if fid:
-            mu, sigma = feature_statistics(self.features(images))
-            out["fid"] = float(frechet_distance(mu, sigma, *self.reference()))
-        return out
+def mnist_scorer(cache: Path, n_ref: int) -> ReferenceScorer:
+    """Inception FID against the first ``n_ref`` MNIST test images (their statistics kept in ``cache``)."""
+    inception = build_extractor("inception", batch_size=50)
+    path = cache / f"mnist_test_inception_{n_ref}.npz"
+    if path.is_file():
+        return ReferenceScorer(inception, load_stats(path))
+    imgs, labels = dataset_uint8(mnist("test"), n_ref)
+    scorer = ReferenceScorer.from_images(inception, imgs, labels, "mnist-test")
+    save_stats(path, scorer.reference, include_features=False)
+    return scorer
 
 
-def generate(model, n: int, cfg_scale: float, ddim_steps: int, seed: int = 1234, batch: int = 500):
-    """n class-balanced DDIM samples (SAMPLE_PRECISION, clipped x0), uint8 NHWC, and the labels."""
-    from dcdit.data.transforms import to_uint8_images
-    from dcdit.sampling import sample, sampling_diffusion_for
+def score(scorer: ReferenceScorer, classifier, images: np.ndarray, labels: np.ndarray, fid: bool) -> dict:
+    """Class accuracy by the in-domain ``classifier`` and, with ``fid``, Inception FID."""
+    out = {"class_acc": float(classifier_accuracy(classifier, images, labels)), "n": int(len(images))}
+    if fid:
+        out["fid"] = scorer.fid(images)[0]
+    return out
 
-    diffusion = sampling_diffusion_for(model, "ddim", ddim_steps)
-    labels = np.arange(n) % 10
-    outs, kept = [], []
-    for a in range(0, n, batch):
-        b = min(n, a + batch)
-        x, st = sample(model, diffusion, labels[a:b], seed=seed, indices=range(a, b), cfg_scale=cfg_scale,
-                       measure_flops=False, clip_denoised=True, precision=SAMPLE_PRECISION)
-        outs.append(to_uint8_images(x.float()))
-        if st.kept_share is not None:
-            kept.append(st.kept_share[:, 0, :])
-    extra = {}
-    if kept:
-        ks = np.concatenate(kept, axis=1)  # (steps, n)
-        extra = {"kept_share_noisiest": float(ks[0].mean()), "kept_share_cleanest": float(ks[-1].mean())}
-    return np.concatenate(outs), labels, extra
+
+def generate(model, n: int, cfg_scale: float, ddim_steps: int, seed: int = 1234, batch: int = 500) -> LocalSamples:
+    """n class-balanced DDIM samples (SAMPLE_PRECISION, clipped x0): uint8 NHWC images, labels, statistics."""
+    return generate_local(model, sampling_diffusion_for(model, "ddim", ddim_steps), n, batch_size=batch, seed=seed,
+                          flops="none", cfg_scale=cfg_scale, clip_denoised=True, precision=SAMPLE_PRECISION)
+
+
+def kept_extremes(got: LocalSamples) -> dict:
+    """Mean kept share at the noisiest and at the cleanest sampling step (empty for a DiT)."""
+    summary = got.stats.kept_summary()
+    return {k: summary[k] for k in ("kept_share_noisiest", "kept_share_cleanest") if k in summary}
 
 
 def train_gflops_per_image(model, image_size: int, channels: int, n: int = 16) -> float:
@@ -218,7 +189,7 @@ def run_curve(a) -> dict:
     if settings(curve["config"]) != settings(d):
         raise SystemExit(f"error: {out} holds a curve with another config; use a new --out")
     curve["config"] = d
-    scorer = Scorer(Path(a.classifier), Path(a.cache), a.n_ref)
+    scorer, classifier = mnist_scorer(Path(a.cache), a.n_ref), load_classifier(Path(a.classifier))
     eval_at = sorted({int(s) for s in a.eval_at.split(",") if int(s) <= a.steps} | {a.steps})
     done_steps = {p["step"] for p in curve["points"]}
     gflops_img = None
@@ -249,9 +220,10 @@ def run_curve(a) -> dict:
         n = a.n_final if target == a.steps else a.n_eval
         t0 = time.time()
         for s in a.cfg:
-            imgs, labels, extra = generate(model, n, s, a.ddim_steps)
-            res = scorer.score(imgs, labels, fid=target == a.steps or s in a.fid_cfg)
-            point[f"cfg{s:g}"] = {**res, **extra}
+            got = generate(model, n, s, a.ddim_steps)
+            imgs, labels = got.images, got.labels
+            res = score(scorer, classifier, imgs, labels, fid=target == a.steps or s in a.fid_cfg)
+            point[f"cfg{s:g}"] = {**res, **kept_extremes(got)}
             if target == a.steps:
                 from dcdit.viz.plots import plot_class_grid
 

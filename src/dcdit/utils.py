@@ -1,4 +1,5 @@
-"""Small helpers every layer may use: atomic file writes, JSON, unwrapping model wrappers, finiteness.
+"""Small helpers every layer may use: atomic file writes, JSON, unwrapping model wrappers, finiteness,
+interleaved wall-clock timing.
 
 This module imports nothing from dcdit, so data, viz, training config and the
 checkpoint code can share it without depending on the models.
@@ -8,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn as nn
 
-__all__ = ["NonFiniteError", "atomic_write", "first_nonfinite", "save_json", "unwrap"]
+__all__ = ["NonFiniteError", "atomic_write", "first_nonfinite", "round_robin_seconds", "save_json", "unwrap"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -81,3 +83,29 @@ def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> Optional[str]:
     else:
         ok = [bool(f) for f in flags]
     return next((k for k, good in zip(names, ok) if not good), None)
+
+
+def round_robin_seconds(calls: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                        before: Optional[Callable[[str], None]] = None,
+                        after: Optional[Callable[[str], None]] = None) -> dict[str, list[float]]:
+    """Wall-clock seconds of every callable: ``warmup`` untimed rounds, then ``repeats`` round-robin rounds.
+
+    Interleaving spreads slow drifts in machine load over every setup instead of the last one.
+    ``before(name)`` / ``after(name)`` run around each timed call, outside the timing (e.g. a CUDA sync).
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(warmup):
+        for f in calls.values():
+            f()
+    for _ in range(repeats):
+        for k, f in calls.items():
+            if before:
+                before(k)
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+            if after:
+                after(k)
+    return times

@@ -237,10 +237,12 @@ def _preset(depth: int, width: int, heads: int, n: float) -> dict:
     )
 
 
-_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # as DiT
+# DiT's model sizes, name -> (depth, hidden_size, num_heads): the DiT registry (models/dit.py) and the
+# main networks of the DC-DiT presets.
+MODEL_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 
 DCDIT_PRESETS: dict[str, dict] = {
-    f"DC-DiT-{size}-N{n}": _preset(d, w, h, n) for size, (d, w, h) in _SIZES.items() for n in (4, 16)
+    f"DC-DiT-{size}-N{n}": _preset(d, w, h, n) for size, (d, w, h) in MODEL_SIZES.items() for n in (4, 16)
 }
 # The CPU-scale DC-DiT of the v2 reproduction (`pretrained:mnist-repro-dcdit-n4`): a 2x2 patchify stem
 # (32x32 pixels -> a 16x16 grid), one conv ResBlock each side at width 128 / 8, and a main network of

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from dcdit.models.config import check_prediction
+from dcdit.models.config import MODEL_SIZES, check_prediction
 from dcdit.models.layers import (
     xavier_linear_init,
     DiTBlock,
@@ -143,16 +143,9 @@ class DiT(nn.Module):
 #                      Registry of the original configurations                #
 # --------------------------------------------------------------------------- #
 
-_SIZES = {  # name -> (depth, hidden_size, num_heads)
-    "S": (12, 384, 6),
-    "B": (12, 768, 12),
-    "L": (24, 1024, 16),
-    "XL": (28, 1152, 16),
-}
-
 DIT_CONFIGS: dict[str, dict] = {
     f"DiT-{size}/{p}": dict(depth=d, hidden_size=h, patch_size=p, num_heads=n)
-    for size, (d, h, n) in _SIZES.items()
+    for size, (d, h, n) in MODEL_SIZES.items()
     for p in (2, 4, 8)
 }
 
@@ -166,7 +159,7 @@ def build_dit(name: str, **kwargs) -> DiT:
 
 def registry_num_heads(hidden_size: int) -> Optional[int]:
     """The registry's head count for a DiT of this width (S/B/L/XL), None for any other width."""
-    return {h: n for _, h, n in _SIZES.values()}.get(hidden_size)
+    return {h: n for _, h, n in MODEL_SIZES.values()}.get(hidden_size)
 
 
 # --------------------------------------------------------------------------- #

@@ -7,7 +7,6 @@ every step's real forward is counted.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -18,9 +17,10 @@ import torch.nn as nn
 from dcdit.models import DCDIT_PRESETS, DIT_CONFIGS, build_dcdit, build_dit
 from dcdit.sampling.guidance import model_info
 from dcdit.sampling.sampler import SampleStats, sample
-from dcdit.utils import unwrap
+from dcdit.utils import round_robin_seconds, unwrap
 
-__all__ = ["RunCost", "measure_run_cost", "Timing", "time_sampling", "time_interleaved", "calibrate_router_bias", "build_named_model"]
+__all__ = ["RunCost", "measure_run_cost", "Timing", "time_sampling", "time_interleaved", "calibrate_router_bias", "router_bias",
+           "set_router_bias", "build_named_model"]
 
 
 @dataclass
@@ -105,25 +105,39 @@ def time_interleaved(runs: Sequence[tuple], repeats: int = 3, warmup: int = 1) -
     ``runs``: ``(model, diffusion, labels, sample_kwargs)`` tuples. Interleaving
     spreads slow drifts in machine load over every setup instead of the last one.
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    calls = []
-    for model, diffusion, labels, kw in runs:
+    calls, syncs = {}, {}
+    for i, (model, diffusion, labels, kw) in enumerate(runs):
         sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
-        calls.append((sync, lambda m=model, d=diffusion, y=labels, k=kw: sample(m, d, y, measure_flops=False, **k)))
-    times: list[list[float]] = [[] for _ in runs]
+
+        def call(m=model, d=diffusion, y=labels, k=kw, sync=sync):
+            sample(m, d, y, measure_flops=False, **k)
+            sync()  # the timing ends when the device is done
+
+        calls[str(i)], syncs[str(i)] = call, sync
     with torch.inference_mode():
-        for _ in range(warmup):
-            for _, call in calls:
-                call()
-        for _ in range(repeats):
-            for i, (sync, call) in enumerate(calls):
-                sync()
-                t0 = time.perf_counter()
-                call()
-                sync()
-                times[i].append(time.perf_counter() - t0)
-    return [Timing(len(labels), diffusion.num_timesteps, repeats, t) for (_, diffusion, labels, _), t in zip(runs, times)]
+        times = round_robin_seconds(calls, repeats, warmup, before=lambda i: syncs[i]())
+    return [Timing(len(labels), diffusion.num_timesteps, repeats, times[str(i)])
+            for i, (_, diffusion, labels, _) in enumerate(runs)]
+
+
+def router_bias(model: nn.Module) -> torch.Tensor:
+    """The output bias of a learned DC-DiT router's last conv (the first stage's): it shifts every token's
+    boundary logit alike, so it sets how many tokens an untrained router keeps."""
+    m = unwrap(model)
+    router = getattr(m, "routing_module", None)
+    last = getattr(getattr(router, "residual_scorer", None), "__getitem__", None)
+    if last is None:
+        raise ValueError(f"{type(m).__name__} has no router to calibrate (expected routing_module.residual_scorer)")
+    if getattr(router, "mode", "learned") != "learned":
+        raise ValueError(f"the {router.mode} router keeps a fixed share (1/{router.N:g}): nothing to calibrate")
+    return router.residual_scorer[-1].bias
+
+
+@torch.no_grad()
+def set_router_bias(model: nn.Module, value: float) -> None:
+    """Set :func:`router_bias` to ``value`` (benchmarks of random-init models: e.g. 10 makes every token
+    a natural boundary, so tail dropping alone sets the kept share)."""
+    router_bias(model).fill_(value)
 
 
 @torch.no_grad()
@@ -140,15 +154,9 @@ def calibrate_router_bias(model: nn.Module, target_share: float, batch: int = 4,
     inputs at ``timesteps``. Returns the kept share reached.
     """
     m = unwrap(model)
-    router = getattr(m, "routing_module", None)
-    last = getattr(getattr(router, "residual_scorer", None), "__getitem__", None)
-    if last is None:
-        raise ValueError(f"{type(m).__name__} has no router to calibrate (expected routing_module.residual_scorer)")
-    if getattr(router, "mode", "learned") != "learned":
-        raise ValueError(f"the {router.mode} router keeps a fixed share (1/{router.N:g}): nothing to calibrate")
+    bias = router_bias(m)
     if not 0 < target_share <= 1:
         raise ValueError(f"target kept share must lie in (0, 1], got {target_share}")
-    bias = router.residual_scorer[-1].bias
     info = model_info(m)
     g = torch.Generator().manual_seed(seed)
     device = bias.device

@@ -60,22 +60,35 @@ def generate_local(
     decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     keep_latents: bool = False,
     flops: str = "first",
+    flop_images: Optional[int] = None,
     progress: bool = False,
     **sample_kwargs,
 ) -> LocalSamples:
     """Sample this rank's share of ``num_samples`` in batches.
+
+    Labels cycle through the classes (or ``classes``) by global index, and every sample's noise comes
+    from ``(seed, index)``, so the split into batches and ranks does not change the images.
 
     Args:
         decode: maps model-space samples to [-1, 1] images (e.g. a VAE decoder); None: identity.
         keep_latents: return raw model-space float arrays instead of uint8 images (no decode).
         flops: "first" counts FLOPs on this rank's first batch only (cheap), "all" on
             every batch, "none" never.
-        **sample_kwargs: passed to :func:`dcdit.sampling.sample` (sampler, eta, cfg_scale, tail_drop, ...).
+        flop_images: size of the first batch (default ``batch_size``); with ``flops="first"`` the
+            FLOPs are counted on exactly these images, since the counter slows sampling.
+        **sample_kwargs: passed to :func:`dcdit.sampling.sample` (sampler, eta, cfg_scale, tail_drop,
+            precision, clip_denoised, ...).
+
+    Returns:
+        :class:`LocalSamples`: uint8 images (or latents), labels, the batches' merged
+        :class:`SampleStats` and the seconds it took.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
     if flops not in FLOP_MODES:
         raise ValueError(f"flops mode must be one of {', '.join(FLOP_MODES)}, got {flops!r}")
+    if flop_images is not None and flop_images < 1:
+        raise ValueError(f"flop_images must be positive, got {flop_images}")
     indices = shard_indices(num_samples, rank, world_size)
     labels = labels_for_indices(indices, model_info(model)["num_classes"], classes)
     images, latents, stats = [], [], []
@@ -85,8 +98,8 @@ def generate_local(
 
         bar = tqdm(total=len(indices), desc="sampling", unit="img", dynamic_ncols=True)
     t0 = time.perf_counter()
-    for b, start in enumerate(range(0, len(indices), batch_size)):
-        idx, lab = indices[start:start + batch_size], labels[start:start + batch_size]
+    for b, (start, stop) in enumerate(batch_bounds(len(indices), batch_size, flop_images)):
+        idx, lab = indices[start:stop], labels[start:stop]
         measure = flops == "all" or (flops == "first" and b == 0)
         x, st = sample(model, diffusion, lab, seed=seed, indices=idx, measure_flops=measure, **sample_kwargs)
         stats.append(st)
@@ -107,6 +120,15 @@ def generate_local(
         stats=SampleStats.merge(stats) if stats else None,
         seconds=time.perf_counter() - t0,
     )
+
+
+def batch_bounds(n: int, batch_size: int, first: Optional[int] = None) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each batch of ``n`` items: the first holds ``first`` (default ``batch_size``), the rest
+    ``batch_size`` each (the last may be short)."""
+    if n == 0:
+        return []
+    head = min(n, first or batch_size)
+    return [(0, head)] + [(a, min(n, a + batch_size)) for a in range(head, n, batch_size)]
 
 
 def _save_part(path: Path, part: LocalSamples) -> None:

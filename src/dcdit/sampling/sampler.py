@@ -123,6 +123,17 @@ class SampleStats:
         """Mean kept share per stage over steps and samples."""
         return None if self.kept_share is None else [float(v) for v in self.kept_share.mean(axis=(0, 2))]
 
+    def kept_summary(self) -> dict:
+        """The first stage's kept share: mean at the noisiest and at the cleanest step (and their t), mean over
+        the run, per step, and the router's natural share per step. Empty for a model that does not route."""
+        if self.kept_share is None:
+            return {}
+        ks = self.kept_share[:, 0, :]  # (steps, n)
+        return {"kept_share_noisiest": float(ks[0].mean()), "kept_share_cleanest": float(ks[-1].mean()),
+                "t_noisiest": int(self.timesteps[0]), "t_cleanest": int(self.timesteps[-1]),
+                "kept_share_mean": float(ks.mean()), "kept_share_by_t": [float(v) for v in ks.mean(1)],
+                "natural_share_by_t": [float(v) for v in self.natural_share[:, 0, :].mean(1)]}
+
     def to_dict(self) -> dict:
         """A JSON-serialisable summary (means and per-step means)."""
         out: dict[str, Any] = {
