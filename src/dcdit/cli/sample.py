@@ -3,6 +3,7 @@ budgets, precision, DDP)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from dcdit.cli.options import add_ckpt, add_device, add_precision, add_sampler, add_seed, add_tail_drop
 
@@ -66,33 +67,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    import json
     import sys
-    import warnings
-    from pathlib import Path
 
-    import torch
-
-    from dcdit.checkpoint import load_model
-    from dcdit.models import is_dcdit
-    from dcdit.utils import save_json
-    from dcdit.sampling import (
-        Budget,
-        diffusion_for_checkpoint,
-        resolve_precision,
-        generate_local,
-        is_latent_checkpoint,
-        latent_decoder,
-        merge_ranks,
-        model_info,
-        parse_classes,
-        read_train_config,
-        save_outputs,
-        resolve_tail_drop,
-    )
-    from dcdit.sampling.guidance import is_guided
+    from dcdit.sampling import generate_local, merge_ranks, resolve_precision, resolve_tail_drop, save_outputs
     from dcdit.sampling.seeds import labels_for_indices
     from dcdit.training.distributed import setup, teardown
+
+    budget = check_options(args)  # everything that needs no model, before a process group or a model loads
+    dist_info = setup(args.device, what="--device")
+    rank, world = dist_info.rank, dist_info.world_size
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else (lambda s: None)
+    done = False  # teardown meets the other ranks at a barrier only on success (on an error they may never come)
+    try:
+        make_output_dirs(args, log, rank)
+        precision = resolve_precision(args.precision, dist_info.device)
+        s = SamplingSetup(args, budget, dist_info.device, rank)
+        # Solve the budget once (rank 0) on the run's first samples, then share the tail drop.
+        n_probe = min(args.probe_size, args.num_samples)
+        tail_drop = resolve_tail_drop(s.model, budget, labels_for_indices(range(n_probe), s.num_classes, s.classes),
+                                      diffusion=s.diffusion, seed=args.seed, cfg_scale=args.cfg_scale,
+                                      guidance_channels=args.guidance_channels, uncond_drop=args.uncond_drop,
+                                      probe_steps=args.probe_steps, sampler=args.sampler, eta=args.eta,
+                                      clip_denoised=s.clip, precision=precision, num_samples=args.num_samples,
+                                      rank=rank, world_size=world, log=log)
+        part = generate_local(
+            s.model, s.diffusion, args.num_samples, batch_size=args.batch_size, seed=args.seed, classes=s.classes,
+            rank=rank, world_size=world, decode=s.decode, keep_latents=s.keep_latents, flops=args.flops,
+            progress=rank == 0 and not args.no_progress, sampler=args.sampler, eta=args.eta,
+            cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, tail_drop=tail_drop,
+            uncond_drop=args.uncond_drop, clip_denoised=s.clip, precision=precision, device=dist_info.device,
+            allow_nonfinite=args.allow_nonfinite,
+        )
+        first_out = Path(args.npz or args.grid)
+        merged = merge_ranks(part, args.num_samples, first_out.parent / f".{first_out.stem}.parts", rank, world)
+        if merged is None:  # not rank 0: teardown's barrier keeps this rank up until rank 0 has written
+            done = True
+            return 0
+        written = save_outputs(merged, args.npz, None if s.keep_latents else args.grid, args.grid_count)
+        report(args, merged, budget, precision, tail_drop, world, written, log)
+        done = True
+        return 0
+    finally:
+        teardown(dist_info, sync=done)
+
+
+def check_options(args):
+    """The options checked against each other (no model needed); returns the compute budget, if any."""
+    from dcdit.sampling import Budget
+    from dcdit.sampling.guidance import is_guided
 
     if args.grid is None and args.npz is None:
         raise ValueError("nothing to write: give --grid PNG and/or --npz NPZ")
@@ -100,117 +122,117 @@ def run(args) -> int:
         raise ValueError("--num-samples and --batch-size must be positive")
     if args.cond_drop is not None and args.tail_drop is not None:
         raise ValueError("give the conditional fraction once: --cond-drop or --tail-drop")
-    tail_drop = args.cond_drop if args.cond_drop is not None else args.tail_drop
-    budget = Budget.from_options(tail_drop, args.keep_share, args.gflops)
+    budget = Budget.from_options(args.cond_drop if args.cond_drop is not None else args.tail_drop,
+                                 args.keep_share, args.gflops)
     if args.uncond_drop is not None and not is_guided(args.cfg_scale):
         raise ValueError("--uncond-drop (Lite-CFG) needs guidance: set --cfg-scale != 1")
     if args.probe_size < 1 or (args.probe_steps is not None and args.probe_steps < 1):
         raise ValueError("--probe-size and --probe-steps must be positive")
     if args.eta != 0 and args.sampler not in ("ddpm", "ddim"):
         raise ValueError(f"--eta applies to --sampler ddim only ({args.sampler} is a deterministic solver)")
+    return budget
 
-    dist_info = setup(args.device, what="--device")
-    rank, world = dist_info.rank, dist_info.world_size
-    log = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else (lambda s: None)
-    done = False  # teardown meets the other ranks at a barrier only on success (on an error they may never come)
-    try:
-        for opt, target in (("--npz", args.npz), ("--grid", args.grid), ("--stats-json", args.stats_json)):
-            parent = None if target is None else Path(target).parent
-            if parent is not None and not parent.is_dir() and rank == 0:  # made now, said once, not hours later
-                log(f"{opt}: creating the directory {parent}")
-                parent.mkdir(parents=True, exist_ok=True)
-        model = load_model(args.ckpt, which=args.which, map_location=dist_info.device,
-                           allow_nonfinite=args.allow_nonfinite)
-        info = model_info(model)
+
+def make_output_dirs(args, log, rank: int) -> None:
+    """Create the output files' folders now (said once, on rank 0), not after hours of sampling."""
+    for opt, target in (("--npz", args.npz), ("--grid", args.grid), ("--stats-json", args.stats_json)):
+        parent = None if target is None else Path(target).parent
+        if parent is not None and not parent.is_dir() and rank == 0:
+            log(f"{opt}: creating the directory {parent}")
+            parent.mkdir(parents=True, exist_ok=True)
+
+
+class SamplingSetup:
+    """The checkpoint's model checked against the options, its sampling diffusion, class list, pixel or latent
+    space (``clip``: clamp predicted x_0) and, for latents, the VAE decoder or raw latents to keep."""
+
+    def __init__(self, args, budget, device, rank: int):
+        from dcdit.checkpoint import load_model
+        from dcdit.models import is_dcdit
+        from dcdit.sampling import (
+            diffusion_for_checkpoint, is_latent_checkpoint, model_info, parse_classes, read_train_config,
+        )
+
+        self.model = load_model(args.ckpt, which=args.which, map_location=device, allow_nonfinite=args.allow_nonfinite)
+        info = model_info(self.model)
         if args.guidance_channels is not None and not 1 <= args.guidance_channels <= info["in_channels"]:
             raise ValueError(f"--guidance-channels {args.guidance_channels}: the model has {info['in_channels']} "
                              f"eps channels (give 1..{info['in_channels']})")
         needs_routing = (budget is not None and (budget.kind != "tail_drop" or budget.value > 0)) or (
             args.uncond_drop is not None)
-        if needs_routing and not is_dcdit(model):  # said before the VAE loads and the budget probe runs
+        if needs_routing and not is_dcdit(self.model):  # said before the VAE loads and the budget probe runs
             raise ValueError(f"compute budgets and Lite-CFG need a DC-DiT checkpoint; {args.ckpt} is a "
-                             f"{type(model).__name__}")
-        classes = parse_classes(args.classes, info["num_classes"])
-        train_cfg = read_train_config(args.ckpt)
-        diffusion = diffusion_for_checkpoint(args.ckpt, model, args.sampler, args.steps,
-                                             noise_schedule=args.noise_schedule, diffusion_steps=args.diffusion_steps)
-        precision = resolve_precision(args.precision, dist_info.device)
-        latent = args.space == "latent" or (args.space == "auto" and is_latent_checkpoint(train_cfg, info["in_channels"]))
-        clip = {"yes": True, "no": False}.get(args.clip_denoised, not latent)
+                             f"{type(self.model).__name__}")
+        self.num_classes = info["num_classes"]
+        self.classes = parse_classes(args.classes, self.num_classes)
+        self.diffusion = diffusion_for_checkpoint(args.ckpt, self.model, args.sampler, args.steps,
+                                                  noise_schedule=args.noise_schedule,
+                                                  diffusion_steps=args.diffusion_steps)
+        latent = args.space == "latent" or (
+            args.space == "auto" and is_latent_checkpoint(read_train_config(args.ckpt), info["in_channels"]))
+        self.clip = {"yes": True, "no": False}.get(args.clip_denoised, not latent)
+        self.decode, self.keep_latents = self.decoder(args, device, rank) if latent else (None, False)
 
-        decode, keep_latents = None, False
-        if latent:
-            if args.vae is None:
-                if args.npz is None:  # nothing could be written: say so before sampling, not after
-                    raise ValueError(f"--grid {args.grid}: {args.ckpt} samples latents, and a grid needs them decoded: "
-                                     "give --vae DIR (a local diffusers AutoencoderKL), or --npz to keep the raw latents")
-                keep_latents = True
-                if rank == 0:
-                    warnings.warn("latent model without --vae: saving raw latents (npz keys 'latents', 'labels'); "
-                                  "no grid is written", stacklevel=1)
-            else:
-                decode = latent_decoder(args.vae, dist_info.device)
+    @staticmethod
+    def decoder(args, device, rank: int):
+        """(latent -> image decoder, keep raw latents) for a latent model."""
+        import warnings
 
-        # Solve the budget once (rank 0) on the run's first samples, then share the tail drop.
-        n_probe = min(args.probe_size, args.num_samples)
-        tail_drop = resolve_tail_drop(model, budget, labels_for_indices(range(n_probe), info["num_classes"], classes),
-                                     diffusion=diffusion, seed=args.seed, cfg_scale=args.cfg_scale,
-                                     guidance_channels=args.guidance_channels, uncond_drop=args.uncond_drop,
-                                     probe_steps=args.probe_steps, sampler=args.sampler, eta=args.eta,
-                                     clip_denoised=clip, precision=precision, num_samples=args.num_samples, rank=rank,
-                                     world_size=world, log=log)
+        from dcdit.sampling import latent_decoder
 
-        part = generate_local(
-            model, diffusion, args.num_samples, batch_size=args.batch_size, seed=args.seed, classes=classes,
-            rank=rank, world_size=world, decode=decode, keep_latents=keep_latents, flops=args.flops,
-            progress=rank == 0 and not args.no_progress, sampler=args.sampler, eta=args.eta,
-            cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, tail_drop=tail_drop,
-            uncond_drop=args.uncond_drop, clip_denoised=clip, precision=precision, device=dist_info.device,
-            allow_nonfinite=args.allow_nonfinite,
-        )
-        first_out = Path(args.npz or args.grid)
-        parts_dir = first_out.parent / f".{first_out.stem}.parts"
-        merged = merge_ranks(part, args.num_samples, parts_dir, rank, world)
-        if merged is None:  # not rank 0: teardown's barrier keeps this rank up until rank 0 has written
-            done = True
-            return 0
-        written = save_outputs(merged, args.npz, None if keep_latents else args.grid, args.grid_count)
-        st = merged.stats
-        summary = {
-            "num_samples": args.num_samples, "world_size": world, "sampler": args.sampler, "steps": args.steps,
-            "precision": precision,
-            "cfg_scale": args.cfg_scale, "tail_drop": tail_drop, "uncond_drop": args.uncond_drop,
-            "seconds": merged.seconds, "images_per_second": args.num_samples / max(merged.seconds, 1e-9),
-            "budget": None if budget is None else {"kind": budget.kind, "value": budget.value},
-            **({} if st is None else {"stats": st.to_dict()}),
-        }
-        msg = (f"{args.num_samples} samples ({args.sampler}, {args.steps} steps, {precision}, {world} process(es)) in "
-               f"{merged.seconds:.1f}s = {summary['images_per_second']:.2f} img/s; tail-drop {tail_drop:.3f}")
-        if args.uncond_drop is not None:  # Lite-CFG: the unconditional half drops its own share
-            msg += f" (conditional), {args.uncond_drop:.3f} (unconditional)"
-        if st is not None and st.gflops_per_step is not None:
-            msg += f"; {st.gflops_per_step:.4g} GFLOPs/image/step ({st.gflops_per_image:.4g} per image"
-            n_flops = st.flops_per_step.shape[1]
-            msg += f", counted on the first {n_flops} samples: --flops all counts every one)" if (
-                n_flops < args.num_samples) else ")"
-        if st is not None and st.mean_kept_share is not None:
-            msg += f"; kept share {st.mean_kept_share[0]:.3f}"
-        print(msg)
-        if budget is not None and budget.kind != "tail_drop" and st is not None:
-            check = budget_check(budget, st, min(args.probe_size, args.num_samples), args.num_samples,
-                                 args.probe_steps is not None and args.probe_steps < args.steps)
-            if check is not None:
-                summary["budget"].update(check)
-                log(check["message"])
-        if args.stats_json:
-            save_json(args.stats_json, json.loads(json.dumps(summary, default=float)))
-            written.append(Path(args.stats_json))
-        for w in written:
-            print(f"wrote {w}")
-        done = True
-        return 0
-    finally:
-        teardown(dist_info, sync=done)
+        if args.vae is not None:
+            return latent_decoder(args.vae, device), False
+        if args.npz is None:  # nothing could be written: say so before sampling, not after
+            raise ValueError(f"--grid {args.grid}: {args.ckpt} samples latents, and a grid needs them decoded: "
+                             "give --vae DIR (a local diffusers AutoencoderKL), or --npz to keep the raw latents")
+        if rank == 0:
+            warnings.warn("latent model without --vae: saving raw latents (npz keys 'latents', 'labels'); "
+                          "no grid is written", stacklevel=1)
+        return None, True
+
+
+def report(args, merged, budget, precision: str, tail_drop: float, world: int, written: list, log) -> None:
+    """The run's line on stdout, the budget check, the --stats-json summary and the files written."""
+    import json
+
+    from dcdit.utils import save_json
+
+    st = merged.stats
+    summary = {
+        "num_samples": args.num_samples, "world_size": world, "sampler": args.sampler, "steps": args.steps,
+        "precision": precision,
+        "cfg_scale": args.cfg_scale, "tail_drop": tail_drop, "uncond_drop": args.uncond_drop,
+        "seconds": merged.seconds, "images_per_second": args.num_samples / max(merged.seconds, 1e-9),
+        "budget": None if budget is None else {"kind": budget.kind, "value": budget.value},
+        **({} if st is None else {"stats": st.to_dict()}),
+    }
+    print(summary_line(args, summary, st, precision, tail_drop, world))
+    if budget is not None and budget.kind != "tail_drop" and st is not None:
+        check = budget_check(budget, st, min(args.probe_size, args.num_samples), args.num_samples,
+                             args.probe_steps is not None and args.probe_steps < args.steps)
+        if check is not None:
+            summary["budget"].update(check)
+            log(check["message"])
+    if args.stats_json:
+        save_json(args.stats_json, json.loads(json.dumps(summary, default=float)))
+        written.append(Path(args.stats_json))
+    for w in written:
+        print(f"wrote {w}")
+
+
+def summary_line(args, summary: dict, st, precision: str, tail_drop: float, world: int) -> str:
+    msg = (f"{args.num_samples} samples ({args.sampler}, {args.steps} steps, {precision}, {world} process(es)) in "
+           f"{summary['seconds']:.1f}s = {summary['images_per_second']:.2f} img/s; tail-drop {tail_drop:.3f}")
+    if args.uncond_drop is not None:  # Lite-CFG: the unconditional half drops its own share
+        msg += f" (conditional), {args.uncond_drop:.3f} (unconditional)"
+    if st is not None and st.gflops_per_step is not None:
+        msg += f"; {st.gflops_per_step:.4g} GFLOPs/image/step ({st.gflops_per_image:.4g} per image"
+        n_flops = st.flops_per_step.shape[1]
+        msg += f", counted on the first {n_flops} samples: --flops all counts every one)" if (
+            n_flops < args.num_samples) else ")"
+    if st is not None and st.mean_kept_share is not None:
+        msg += f"; kept share {st.mean_kept_share[0]:.3f}"
+    return msg
 
 
 def budget_check(budget, stats, n_probe: int, n_run: int, short_probe: bool) -> dict | None:

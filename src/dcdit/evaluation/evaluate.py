@@ -27,6 +27,8 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from tqdm.auto import tqdm
+
 from dcdit.evaluation import inception
 from dcdit.evaluation.features import FeatureExtractor, InceptionSpatial, InceptionV3, build_extractor
 from dcdit.evaluation.io import ArrayImages, ImageSource, npz_keys, open_images
@@ -168,20 +170,60 @@ def evaluate(
     ``n_reference`` and ``reference_stats`` (``stored`` or ``computed``).
     """
     metrics = parse_metrics(metrics)
-    log = log or (lambda s: None)
     smp = _Side(samples, "samples", limit)
     ref = _Side(reference, "reference", None) if reference is not None else None
-
     if ref is not None:
-        try:
-            _check_same_kind(smp, ref)
-        except ValueError as e:
-            if not allow_mismatch:
-                raise ValueError(f"{e} (or pass --allow-mismatch)") from None
-            warnings.warn(f"{e}; comparing anyway (--allow-mismatch)", stacklevel=2)
+        _check_sides_comparable(smp, ref, allow_mismatch)
     if isinstance(extractor, str):
         extractor = build_extractor(extractor, batch_size=batch_size, device=device)
+    spatial = _check_request(metrics, smp, ref, extractor)
+    _warn_about_sets(smp, ref, metrics, extractor)
+    features = _FeatureReader(spatial, cache_dir, use_cache, log or (lambda s: None), progress)
 
+    result: dict = {"feature": extractor.name}
+    s_fs = features(smp, extractor, any(m in ("is", "acc") for m in metrics))
+    result["n_samples"] = int(s_fs.n)
+    r_fs = None
+    use_stored = (ref is not None and use_reference_stats and ref.stored is not None and ref.stored_matches(extractor))
+    if ref is not None and (not use_stored or any(m in metrics for m in ("pr", "kid"))):
+        r_fs = features(ref, extractor, False)
+    if ref is not None:
+        result["n_reference"] = int((r_fs or ref.stored).n)
+        result["reference_stats"] = "stored" if use_stored else "computed"
+
+    for m in metrics:
+        if m == "fid":
+            result["fid"] = _fid(s_fs, ref.stored if use_stored else r_fs)
+        elif m == "sfid":
+            s_sp = features(smp, spatial, False)
+            use_stored_s = ref.images is None or (use_reference_stats and ref.has_spatial
+                                                  and ref.stored_matches(extractor))
+            r_sp = load_stats(ref.stored.path, spatial=True) if use_stored_s else features(ref, spatial, False)
+            result["sfid"] = frechet_distance(s_sp.mu, s_sp.sigma, r_sp.mu, r_sp.sigma)
+        elif m == "is":
+            result["is"], result["is_std"] = inception_score(s_fs.probs, splits=is_splits)
+        elif m == "pr":
+            result["precision"], result["recall"] = precision_recall(r_fs.features, s_fs.features, k=k)
+        elif m == "kid":
+            result.update(_kid(s_fs.features, r_fs.features, kid_subsets, kid_subset_size))
+        elif m == "acc":
+            result["acc"] = class_accuracy(s_fs.probs, smp.labels[: s_fs.n])
+    return result
+
+
+def _check_sides_comparable(smp: _Side, ref: _Side, allow_mismatch: bool) -> None:
+    """Refuse (or, with ``allow_mismatch``, warn about) sets of different image size or channel count."""
+    try:
+        _check_same_kind(smp, ref)
+    except ValueError as e:
+        if not allow_mismatch:
+            raise ValueError(f"{e} (or pass --allow-mismatch)") from None
+        warnings.warn(f"{e}; comparing anyway (--allow-mismatch)", stacklevel=3)
+
+
+def _check_request(metrics: list[str], smp: _Side, ref: "_Side | None",
+                   extractor: FeatureExtractor) -> "InceptionSpatial | None":
+    """Check that every metric can be computed from what was given; returns the sFID extractor when asked for."""
     need_ref = [m for m in metrics if m in ("fid", "sfid", "pr", "kid")]
     need_probs = [m for m in metrics if m in ("is", "acc")]
     if need_ref and ref is None:
@@ -205,87 +247,70 @@ def evaluate(
         raise ValueError("metric acc needs class labels in the samples file (arr_1 or labels)")
     for side in (smp, ref):
         if side is not None and side.stored is not None and side.images is None:
-            if not side.stored_matches(extractor):
-                if side.stored.extractor is not None:
-                    raise ValueError(
-                        f"{side.role} statistics were computed with {side.stored.extractor}, not {extractor.name}"
-                    )
-                raise ValueError(
-                    f"{side.role} statistics file names no extractor, so it is taken as Inception "
-                    "statistics: use --feature inception"
-                )
-            if side is ref and any(m in metrics for m in ("pr", "kid")) and side.stored.features is None:
-                raise ValueError(f"{side.role} statistics file has no features: pr and kid need images or a file with features")
-            if side is smp and need_probs and side.stored.probs is None:
-                raise ValueError(f"samples statistics file has no probabilities for {', '.join(need_probs)}")
+            _check_stored(side, side is ref, metrics, need_probs, extractor)
+    return spatial
 
-    _warn_about_sets(smp, ref, metrics, extractor)
 
-    def features_of(side: _Side, want_probs: bool, ex: FeatureExtractor = extractor) -> FeatureSet:
+def _check_stored(side: _Side, is_ref: bool, metrics: list[str], need_probs: list[str],
+                  extractor: FeatureExtractor) -> None:
+    """A statistics file given instead of images: it must come from ``extractor`` and hold what the metrics read."""
+    if not side.stored_matches(extractor):
+        if side.stored.extractor is not None:
+            raise ValueError(f"{side.role} statistics were computed with {side.stored.extractor}, not {extractor.name}")
+        raise ValueError(f"{side.role} statistics file names no extractor, so it is taken as Inception "
+                         "statistics: use --feature inception")
+    if is_ref and any(m in metrics for m in ("pr", "kid")) and side.stored.features is None:
+        raise ValueError(f"{side.role} statistics file has no features: pr and kid need images or a file with features")
+    if not is_ref and need_probs and side.stored.probs is None:
+        raise ValueError(f"samples statistics file has no probabilities for {', '.join(need_probs)}")
+
+
+class _FeatureReader:
+    """Features of one operand under one extractor: its stored statistics, or its images through the cache."""
+
+    def __init__(self, spatial, cache_dir, use_cache: bool, log: Callable[[str], None], progress: bool):
+        self.spatial, self.cache_dir, self.use_cache = spatial, cache_dir, use_cache
+        self.log, self.progress = log, progress
+
+    def __call__(self, side: _Side, ex: FeatureExtractor, want_probs: bool) -> FeatureSet:
         if side.images is None:
-            return load_stats(side.stored.path, spatial=True) if ex is spatial else side.stored
+            return load_stats(side.stored.path, spatial=True) if ex is self.spatial else side.stored
         n = len(side.images)
-        from tqdm.auto import tqdm
-
         extracted = []
 
         def on_extract() -> None:
             extracted.append(True)
-            log(f"{side.role}: extracting {ex.name} features of {n} images from {side.images.name}")
+            self.log(f"{side.role}: extracting {ex.name} features of {n} images from {side.images.name}")
 
-        with tqdm(total=n, desc=f"{side.role} {ex.name}", unit="img", disable=not progress, file=sys.stderr,
+        with tqdm(total=n, desc=f"{side.role} {ex.name}", unit="img", disable=not self.progress, file=sys.stderr,
                   leave=False) as bar:
-            fs = compute_feature_set(side.images, ex, want_probs=want_probs, cache_dir=cache_dir,
-                                     use_cache=use_cache, progress=lambda done: bar.update(done - bar.n),
+            fs = compute_feature_set(side.images, ex, want_probs=want_probs, cache_dir=self.cache_dir,
+                                     use_cache=self.use_cache, progress=lambda done: bar.update(done - bar.n),
                                      on_extract=on_extract)
         if not extracted:
-            log(f"{side.role}: {ex.name} features of {n} images from {side.images.name} read from the cache "
-                f"({fs.path})")
+            self.log(f"{side.role}: {ex.name} features of {n} images from {side.images.name} read from the cache "
+                     f"({fs.path})")
         return fs
 
-    result: dict = {"feature": extractor.name}
-    s_fs = features_of(smp, bool(need_probs))
-    result["n_samples"] = int(s_fs.n)
-    r_fs = None
-    use_stored = (ref is not None and use_reference_stats and ref.stored is not None and ref.stored_matches(extractor))
-    if ref is not None and (not use_stored or any(m in metrics for m in ("pr", "kid"))):
-        r_fs = features_of(ref, False)
-    if ref is not None:
-        result["n_reference"] = int((r_fs or ref.stored).n)
-        result["reference_stats"] = "stored" if use_stored else "computed"
 
-    for m in metrics:
-        if m == "fid":
-            r_stats = ref.stored if use_stored else r_fs
-            if r_stats.mu.shape != s_fs.mu.shape:
-                raise ValueError(f"feature sizes differ: samples {s_fs.mu.shape[0]}, reference {r_stats.mu.shape[0]}")
-            result["fid"] = frechet_distance(s_fs.mu, s_fs.sigma, r_stats.mu, r_stats.sigma)
-        elif m == "sfid":
-            s_sp = features_of(smp, False, spatial)
-            use_stored_s = ref.images is None or (use_reference_stats and ref.has_spatial and ref.stored_matches(extractor))
-            r_sp = load_stats(ref.stored.path, spatial=True) if use_stored_s else features_of(ref, False, spatial)
-            result["sfid"] = frechet_distance(s_sp.mu, s_sp.sigma, r_sp.mu, r_sp.sigma)
-        elif m == "is":
-            result["is"], result["is_std"] = inception_score(s_fs.probs, splits=is_splits)
-        elif m == "pr":
-            result["precision"], result["recall"] = precision_recall(r_fs.features, s_fs.features, k=k)
-        elif m == "kid":
-            result["kid"], result["kid_std"] = kernel_inception_distance(
-                s_fs.features, r_fs.features, num_subsets=kid_subsets, max_subset_size=kid_subset_size
-            )
-            plan = kid_subset_plan(len(s_fs.features), len(r_fs.features), kid_subset_size)
-            result["kid_subset_size"] = plan["subset_size"]
-            if plan["bootstrap"]:  # the subset size shrank to a set's size: say so, and what the ± then means
-                sets = " and ".join(("samples", "reference")[i - 1] for i in plan["bootstrap"])
-                warnings.warn(f"KID: subsets of {plan['subset_size']}, not {kid_subset_size}: the {sets} "
-                              f"{'have' if len(plan['bootstrap']) > 1 else 'has'} only {plan['subset_size']} "
-                              f"images, resampled with replacement for each of the {kid_subsets} subsets, so "
-                              "± is a bootstrap spread (how much KID moves with another draw of that many images)",
-                              stacklevel=2)
-        elif m == "acc":
-            labels = smp.labels[: s_fs.n]
-            result["acc"] = class_accuracy(s_fs.probs, labels)
-    return result
+def _fid(s_fs: FeatureSet, r_stats: FeatureSet) -> float:
+    if r_stats.mu.shape != s_fs.mu.shape:
+        raise ValueError(f"feature sizes differ: samples {s_fs.mu.shape[0]}, reference {r_stats.mu.shape[0]}")
+    return frechet_distance(s_fs.mu, s_fs.sigma, r_stats.mu, r_stats.sigma)
+
+
+def _kid(samples, reference, subsets: int, subset_size: int) -> dict:
+    """``kid``, ``kid_std`` and the subset size used; warns when a set was too small for ``subset_size``."""
+    kid, kid_std = kernel_inception_distance(samples, reference, num_subsets=subsets, max_subset_size=subset_size)
+    plan = kid_subset_plan(len(samples), len(reference), subset_size)
+    if plan["bootstrap"]:  # the subset size shrank to a set's size: say so, and what the ± then means
+        sets = " and ".join(("samples", "reference")[i - 1] for i in plan["bootstrap"])
+        warnings.warn(f"KID: subsets of {plan['subset_size']}, not {subset_size}: the {sets} "
+                      f"{'have' if len(plan['bootstrap']) > 1 else 'has'} only {plan['subset_size']} "
+                      f"images, resampled with replacement for each of the {subsets} subsets, so "
+                      "± is a bootstrap spread (how much KID moves with another draw of that many images)",
+                      stacklevel=3)
+    return {"kid": kid, "kid_std": kid_std, "kid_subset_size": plan["subset_size"]}
 
 
 def _warn_about_sets(smp: _Side, ref: "_Side | None", metrics: list[str], extractor: FeatureExtractor) -> None:

@@ -47,6 +47,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from dcdit.checkpoint import ALLOW_HINT, load_model
 from dcdit.chunking.ratio import ratio_group_size, ratio_targets
@@ -61,7 +62,6 @@ from dcdit.training.logging import MetricsLogger
 from dcdit.training.rundir import RunDirLocked, RunLock, check_resume_config, truncate_metrics
 from dcdit.training.samples import write_sample_grid
 from dcdit.training.state import (
-    capture_rng,
     check_state_finite,
     clean_stale,
     find_checkpoint,
@@ -389,213 +389,27 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
     t_start = time.time()
     tc = cfg.train
     info = D.setup(tc.device)
-    device = info.device
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     lock, run, done, created = None, None, False, None
     try:
         run_dir, ckpt_dir = resolve_run_dir(cfg, out, resume, check_existing=False)
         created = None if run_dir.exists() else run_dir  # removed again if this call fails leaving it empty
-        # One training per run directory (rank 0 holds the lock; every rank learns the outcome).
-        lock_error = None
-        if info.is_main:
-            try:
-                lock = RunLock(run_dir).acquire()
-            except (RunDirLocked, OSError) as e:
-                lock_error = e
-        if D.any_rank(lock_error is not None, info):
-            raise lock_error or RunDirLocked(f"rank 0 could not lock the run directory {run_dir}")
+        lock = lock_run_dir(run_dir, info)
         if ckpt_dir is None and list_checkpoints(run_dir):
             raise ValueError(f"run directory {run_dir} already holds checkpoints: "
                              "pass --resume to continue it or --out for a new run")
         # A resume is checked in full before anything in the run directory is written.
         changed = check_resume_config(cfg, ckpt_dir) if ckpt_dir is not None else []
-
-        # ---- data, batch split, model
         dataset = build_dataset(cfg.data)
-        world, accum = info.world_size, tc.grad_accum
-        if tc.global_batch_size % (world * accum):
-            raise ValueError(f"train.global_batch_size ({tc.global_batch_size}) must be divisible by "
-                             f"processes x train.grad_accum ({world} x {accum})")
-        micro = tc.global_batch_size // (world * accum)
+        micro = micro_batch_size(tc, info)
         ratio_group = ratio_group_size(cfg.ratio.group_size, micro)
         run = build_run(cfg, dataset, ckpt_dir, info)
-        model, step = run.model, run.step
-
-        # ---- the run directory: written only now that everything above has been checked
-        if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            clean_stale(run_dir)
-            if ckpt_dir is not None:
-                truncate_metrics(run_dir, step)  # records past the checkpoint are about to be written again
-            save_train_config(cfg, run_dir / "config.yaml")
-        log = MetricsLogger(run_dir, info.is_main, tc.tensorboard, tc.wandb, tc.wandb_project, cfg.name,
-                            config_to_dict(cfg), purge_step=step + 1 if ckpt_dir is not None else None)
-        if changed:
-            log.info(f"resuming with changed settings: {', '.join(changed)}")
-        if cfg.model.init_from and not step:
-            log.info(f"model initialised from {cfg.model.init_from} ({cfg.model.init_which} weights"
-                     + (f", overrides {cfg.model.overrides}" if cfg.model.overrides else "") + ")")
-        dcdit = is_dcdit(model)
-        ratio_weight = cfg.ratio.weight if dcdit else 0.0
-        n_stages = model.cfg.num_chunk_stages if dcdit else 0
-        n_params = sum(p.numel() for p in model.parameters())
-        log.info(f"run {run_dir} | {type(model).__name__} {n_params / 1e6:.2f}M params | {dataset.describe()} | "
-                 f"{world} process(es) on {device}, batch {tc.global_batch_size} = {world} x {accum} x {micro}"
-                 + (f" | resumed at step {step}" if step else ""))
-        if dcdit:
-            target = ratio_targets(cfg.ratio, tc.steps, n_stages, model.config.get("downsample_factor"))
-            log.info("comp = compression L / kept tokens (product over stages): the router's own choice / "
-                     f"after tail dropping; the ratio loss aims at ~{math.prod(target):g}x (N = {target})")
-        if ckpt_dir is not None and step >= tc.steps:
-            log.info(f"nothing to train: {run_dir} is at step {step} and train.steps is {tc.steps}; "
-                     f"to train further, resume with --set train.steps=N (N > {step})")
-
-        # ---- data loader from the current step on
-        stream = StepStream(len(dataset), tc.global_batch_size, tc.seed)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=RankBatchSampler(stream, step, tc.steps, info.rank,
-                                                                                     world, accum),
-                                             num_workers=tc.num_workers, pin_memory=device.type == "cuda",
-                                             persistent_workers=tc.num_workers > 0,
-                                             worker_init_fn=ignore_stop_signals if tc.num_workers > 0 else None)
-
-        def save(reason: str) -> None:
-            ranks = D.check_ranks_agree(model, info)  # every rank holds the same weights (raises if not)
-            check_state_finite(run_dir, step, model, run.ema, run.optimizer)  # on every rank: all raise alike
-            if info.is_main:
-                epoch, offset = stream.position(step)
-                path = save_checkpoint(run_dir, step, model, run.ema, run.optimizer,
-                                       (run_dir / "config.yaml").read_text(),
-                                       extra={"epoch": epoch, "epoch_offset": offset, "world_size": world,
-                                              "global_batch_size": tc.global_batch_size, "reason": reason,
-                                              "rank_fingerprints": ranks, "nonfinite_steps": skipped},
-                                       keep_last_k=tc.keep_last_k)
-                log.info(f"saved {path} ({reason})")
-            D.barrier(info)
-
-        grids = SampleGrids(cfg, dataset, run_dir / "samples", device) if info.is_main else None
-
-        # ---- the loop
-        from tqdm import tqdm
-
-        bar = tqdm(total=tc.steps, initial=step, disable=not (info.is_main and tc.progress), desc="train",
-                   unit="step", dynamic_ncols=True, smoothing=0.1)
-        running: dict[str, torch.Tensor] = {}
-        n_running, n_steps, t_log, last_saved, stop_reason = 0, 0, time.time(), step if ckpt_dir else -1, None
-        skipped, streak, ckpt_due, diverged = run.nonfinite_steps, 0, False, None
-        ratio_N: list[float] = []
-        sample_shape = (dataset.channels, dataset.image_size, dataset.image_size)
-
-        def stop_request() -> Optional[str]:
-            out_of_time = tc.max_minutes is not None and (time.time() - t_start) / 60.0 >= tc.max_minutes
-            return stop.signal or ("time budget" if out_of_time else None)
-
-        with StopFlag() as stop:
-            batches = iter(loader)  # workers start under the handler: a stop signal never kills them first
-            while step < tc.steps:
-                torch.manual_seed(mix_seed(tc.seed, step, info.rank, _GLOBAL))
-                t_all, noise_all, drop_all = draw_global_batch(tc.seed, step, tc.global_batch_size, sample_shape,
-                                                               run.diffusion.num_timesteps, run.drop_prob, device)
-                tail_drop = multibudget_tail_drop(cfg, tc.seed, step) if dcdit else 0.0
-                lr = lr_at(cfg.optim, step, tc.steps)
-                if ratio_weight > 0 and n_stages:
-                    ratio_N = ratio_targets(cfg.ratio, step, n_stages, model.config.get("downsample_factor"))
-                for group in run.optimizer.param_groups:
-                    group["lr"] = lr
-
-                step_stats: dict[str, torch.Tensor] = {}  # summed over the micro-batches
-                for m in range(accum):
-                    x, y = next(batches)
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    sl = local_slice(m, info.rank, world, micro)
-                    if run.null_class is not None:
-                        y = torch.where(drop_all[sl], torch.full_like(y, run.null_class), y)
-                    last = m == accum - 1 or not info.distributed
-                    with contextlib.nullcontext() if last else run.ddp_model.no_sync():
-                        loss, stats = train_step(run.train_model, run.diffusion, x, y, t_all[sl], noise_all[sl],
-                                                 tail_drop=tail_drop, ratio_weight=ratio_weight, ratio_N=ratio_N,
-                                                 ratio_group=ratio_group, bf16=tc.precision == "bf16")
-                        (loss / accum).backward()
-                    for k, v in stats.items():
-                        step_stats[k] = step_stats.get(k, 0.0) + v.float()
-
-                grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip or float("inf"))
-                # ---- non-finite terms and stop requests (signals, time budget), agreed on by all ranks
-                local_stop = stop_request()
-                bad_terms, stop_any = agree_on_step(step_stats, grad_norm, local_stop is not None, info)
-                if bad_terms:  # skip: weights, EMA, Adam state and statistics stay as they are
-                    run.optimizer.zero_grad(set_to_none=True)
-                    skipped, streak = skipped + 1, streak + 1
-                else:
-                    run.optimizer.step()
-                    run.optimizer.zero_grad(set_to_none=True)
-                    update_ema(run.ema, model, ema_decay_at(tc, step))
-                    streak = 0
-                    for k, v in step_stats.items():
-                        running[k] = running.get(k, 0.0) + v
-                    running["grad_norm"] = running.get("grad_norm", 0.0) + grad_norm.detach().float() * accum
-                    if tail_drop or cfg.multibudget.enabled:
-                        running["tail_drop"] = running.get("tail_drop", 0.0) + tail_drop * accum
-                    n_running += accum
-                step += 1
-                n_steps += 1
-                bar.update(1)
-                if bad_terms:
-                    log.info(f"step {step}: non-finite {' / '.join(bad_terms)} (NaN or inf): update skipped "
-                             f"({streak} in a row, {skipped} in this run)")
-
-                # ---- logging (every 10 steps on the bar, every log_interval to the logs)
-                if step % tc.log_interval == 0 or step == tc.steps or step % 10 == 0:
-                    dt = time.time() - t_log
-                    metrics = summarise(running, n_running, n_steps, tc.global_batch_size, dt, info)
-                    metrics["nonfinite_steps"] = skipped
-                    post = progress_postfix(metrics)
-                    bar.set_postfix(post, refresh=False)
-                    if step % tc.log_interval == 0 or step == tc.steps:
-                        metrics["lr"] = lr
-                        if ratio_N:
-                            metrics["ratio_N"] = ratio_N[0] if len(ratio_N) == 1 else ratio_N
-                        log.log(step, metrics)
-                        if bar.disable:  # no progress bar: one line per log interval instead
-                            log.info(f"step {step}/{tc.steps} | " + " | ".join(f"{k} {v}" for k, v in post.items()))
-                        running, n_running, n_steps, t_log = {}, 0, 0, time.time()
-                if streak >= tc.max_nonfinite_steps:
-                    diverged = divergence_message(step, streak, bad_terms, run_dir, lr, tc.precision)
-                    break
-
-                if grids is not None and cfg.samples.interval and step % cfg.samples.interval == 0:
-                    t0 = time.time()
-                    try:
-                        path = grids.write(run.ema, step)
-                    except NonFiniteError as e:  # finite but broken weights: say so, and train on
-                        path = None
-                        log.info(f"step {step}: no sample grid: {e}")
-                    if path is not None:
-                        log.info(f"sample grid {path}")
-                        log.image(step, "samples", path)
-                    t_log += time.time() - t0  # keep sampling out of the images/s figure
-
-                if not info.distributed:  # alone, nothing to agree on: a request during this step's update counts now
-                    local_stop = stop_request()
-                    stop_any = local_stop is not None
-                if stop_any:
-                    stop_reason = local_stop or "stop on another rank"
-                    break
-                if step % tc.ckpt_interval == 0 and step < tc.steps:
-                    ckpt_due = True
-                    if streak:
-                        log.info(f"step {step}: checkpoint postponed until a step succeeds")
-                if ckpt_due and not streak:  # not in the middle of skipped steps
-                    save(f"step {step}")
-                    last_saved, ckpt_due = step, False
-            bar.close()
-            if diverged is not None:
-                log.close()
-                raise NonFiniteError(diverged)
-            if last_saved != step:
-                save(stop_reason or "final")
-            if stop_reason:
-                log.info(f"stopped at step {step}/{tc.steps}: {stop_reason}; resume with --resume {run_dir}")
+        log = open_run_dir(cfg, run_dir, ckpt_dir, run.step, info)  # written only now that all is checked
+        describe_run(log, cfg, run, dataset, run_dir, ckpt_dir, changed, micro, info)
+        loop = TrainLoop(cfg, run, dataset, run_dir, log, info, micro, ratio_group, t_start,
+                         resumed=ckpt_dir is not None)
+        loop.run()
         log.close()
         done = True
         return run_dir
@@ -609,6 +423,270 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                     pass
         run = None  # the DDP wrapper holds the process group: teardown can free the group only once it is gone
         D.teardown(info, sync=done)  # every rank, every exit path; the final barrier only on success
+
+
+def lock_run_dir(run_dir: Path, info) -> Optional[RunLock]:
+    """One training per run directory: rank 0 takes the lock (returned), every rank learns the outcome."""
+    lock, lock_error = None, None
+    if info.is_main:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except (RunDirLocked, OSError) as e:
+            lock_error = e
+    if D.any_rank(lock_error is not None, info):
+        raise lock_error or RunDirLocked(f"rank 0 could not lock the run directory {run_dir}")
+    return lock
+
+
+def micro_batch_size(tc, info) -> int:
+    """Per-process micro-batch: the global batch split over processes and gradient-accumulation steps."""
+    world, accum = info.world_size, tc.grad_accum
+    if tc.global_batch_size % (world * accum):
+        raise ValueError(f"train.global_batch_size ({tc.global_batch_size}) must be divisible by "
+                         f"processes x train.grad_accum ({world} x {accum})")
+    return tc.global_batch_size // (world * accum)
+
+
+def open_run_dir(cfg: TrainConfig, run_dir: Path, ckpt_dir: Optional[Path], step: int, info) -> MetricsLogger:
+    """Create (or clean up, on resume) the run directory, write its config, and open its metrics log."""
+    tc = cfg.train
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale(run_dir)
+        if ckpt_dir is not None:
+            truncate_metrics(run_dir, step)  # records past the checkpoint are about to be written again
+        save_train_config(cfg, run_dir / "config.yaml")
+    return MetricsLogger(run_dir, info.is_main, tc.tensorboard, tc.wandb, tc.wandb_project, cfg.name,
+                         config_to_dict(cfg), purge_step=step + 1 if ckpt_dir is not None else None)
+
+
+def describe_run(log: MetricsLogger, cfg: TrainConfig, run: "RunState", dataset, run_dir: Path,
+                 ckpt_dir: Optional[Path], changed: list[str], micro: int, info) -> None:
+    """The run's opening lines: what changed on resume, the model, data and batch split, the ratio target."""
+    tc, model, step = cfg.train, run.model, run.step
+    if changed:
+        log.info(f"resuming with changed settings: {', '.join(changed)}")
+    if cfg.model.init_from and not step:
+        log.info(f"model initialised from {cfg.model.init_from} ({cfg.model.init_which} weights"
+                 + (f", overrides {cfg.model.overrides}" if cfg.model.overrides else "") + ")")
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(f"run {run_dir} | {type(model).__name__} {n_params / 1e6:.2f}M params | {dataset.describe()} | "
+             f"{info.world_size} process(es) on {info.device}, batch {tc.global_batch_size} = {info.world_size} x "
+             f"{tc.grad_accum} x {micro}" + (f" | resumed at step {step}" if step else ""))
+    if is_dcdit(model):
+        target = ratio_targets(cfg.ratio, tc.steps, model.cfg.num_chunk_stages, model.config.get("downsample_factor"))
+        log.info("comp = compression L / kept tokens (product over stages): the router's own choice / "
+                 f"after tail dropping; the ratio loss aims at ~{math.prod(target):g}x (N = {target})")
+    if ckpt_dir is not None and step >= tc.steps:
+        log.info(f"nothing to train: {run_dir} is at step {step} and train.steps is {tc.steps}; "
+                 f"to train further, resume with --set train.steps=N (N > {step})")
+
+
+@dataclass
+class StepPlan:
+    """What a step trains with, all functions of (seed, step): the global batch's timesteps, noise and
+    label-drop flags, the multi-budget tail drop, the learning rate and the ratio loss's targets."""
+
+    t: torch.Tensor
+    noise: torch.Tensor
+    drop: torch.Tensor
+    tail_drop: float
+    lr: float
+    ratio_N: list[float]
+
+
+class TrainLoop:
+    """The loop of one run: plan a step, forward/backward its micro-batches, update (or skip a non-finite
+    step), log, sample, stop, checkpoint. Its state (step, running statistics, skip streak) is the loop's."""
+
+    def __init__(self, cfg: TrainConfig, run: "RunState", dataset, run_dir: Path, log: MetricsLogger, info,
+                 micro: int, ratio_group: int, t_start: float, resumed: bool):
+        tc = self.tc = cfg.train
+        self.cfg, self.run_state, self.run_dir, self.log, self.info, self.micro = cfg, run, run_dir, log, info, micro
+        self.t_start, self.step = t_start, run.step
+        model = run.model
+        self.dcdit = is_dcdit(model)
+        self.ratio_weight = cfg.ratio.weight if self.dcdit else 0.0
+        self.n_stages = model.cfg.num_chunk_stages if self.dcdit else 0
+        self.ratio_group = ratio_group
+        self.sample_shape = (dataset.channels, dataset.image_size, dataset.image_size)
+        # data loader from the current step on
+        self.stream = StepStream(len(dataset), tc.global_batch_size, tc.seed)
+        sampler = RankBatchSampler(self.stream, self.step, tc.steps, info.rank, info.world_size, tc.grad_accum)
+        self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=tc.num_workers,
+                                                  pin_memory=info.device.type == "cuda",
+                                                  persistent_workers=tc.num_workers > 0,
+                                                  worker_init_fn=ignore_stop_signals if tc.num_workers > 0 else None)
+        self.grids = SampleGrids(cfg, dataset, run_dir / "samples", info.device) if info.is_main else None
+        self.bar = tqdm(total=tc.steps, initial=self.step, disable=not (info.is_main and tc.progress), desc="train",
+                        unit="step", dynamic_ncols=True, smoothing=0.1)
+        self.running: dict[str, torch.Tensor] = {}
+        self.n_running, self.n_steps, self.t_log = 0, 0, time.time()
+        self.last_saved = self.step if resumed else -1
+        self.skipped, self.streak, self.ckpt_due = run.nonfinite_steps, 0, False
+        self.ratio_N: list[float] = []
+
+    def run(self) -> None:
+        tc, info = self.tc, self.info
+        stop_reason, diverged = None, None
+        with StopFlag() as stop:
+            batches = iter(self.loader)  # workers start under the handler: a stop signal never kills them first
+            while self.step < tc.steps:
+                plan = self.plan()
+                step_stats = self.forward_backward(batches, plan)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.run_state.params,
+                                                           self.cfg.optim.grad_clip or float("inf"))
+                # non-finite terms and stop requests (signals, time budget), agreed on by all ranks
+                local_stop = self.stop_request(stop)
+                bad_terms, stop_any = agree_on_step(step_stats, grad_norm, local_stop is not None, info)
+                self.update(bad_terms, step_stats, grad_norm, plan)
+                self.log_metrics(plan)
+                if self.streak >= tc.max_nonfinite_steps:
+                    diverged = divergence_message(self.step, self.streak, bad_terms, self.run_dir, plan.lr,
+                                                  tc.precision)
+                    break
+                self.write_sample_grid()
+                if not info.distributed:  # alone, nothing to agree on: a request during this step's update counts now
+                    local_stop = self.stop_request(stop)
+                    stop_any = local_stop is not None
+                if stop_any:
+                    stop_reason = local_stop or "stop on another rank"
+                    break
+                self.checkpoint_if_due()
+            self.bar.close()
+            if diverged is not None:
+                self.log.close()
+                raise NonFiniteError(diverged)
+            if self.last_saved != self.step:
+                self.save(stop_reason or "final")
+            if stop_reason:
+                self.log.info(f"stopped at step {self.step}/{tc.steps}: {stop_reason}; "
+                              f"resume with --resume {self.run_dir}")
+
+    # ---- one step
+    def plan(self) -> StepPlan:
+        """The step's draws (and the global RNG reseeded from (seed, step, rank)); sets the learning rate."""
+        tc, step, run = self.tc, self.step, self.run_state
+        torch.manual_seed(mix_seed(tc.seed, step, self.info.rank, _GLOBAL))
+        t, noise, drop = draw_global_batch(tc.seed, step, tc.global_batch_size, self.sample_shape,
+                                           run.diffusion.num_timesteps, run.drop_prob, self.info.device)
+        tail_drop = multibudget_tail_drop(self.cfg, tc.seed, step) if self.dcdit else 0.0
+        lr = lr_at(self.cfg.optim, step, tc.steps)
+        if self.ratio_weight > 0 and self.n_stages:
+            self.ratio_N = ratio_targets(self.cfg.ratio, step, self.n_stages, run.model.config.get("downsample_factor"))
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        return StepPlan(t, noise, drop, tail_drop, lr, self.ratio_N)
+
+    def forward_backward(self, batches, plan: StepPlan) -> dict[str, torch.Tensor]:
+        """Loss and gradients of the step's micro-batches (accumulated); their statistics, summed."""
+        tc, info, run = self.tc, self.info, self.run_state
+        step_stats: dict[str, torch.Tensor] = {}
+        for m in range(tc.grad_accum):
+            x, y = next(batches)
+            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+            sl = local_slice(m, info.rank, info.world_size, self.micro)
+            if run.null_class is not None:
+                y = torch.where(plan.drop[sl], torch.full_like(y, run.null_class), y)
+            last = m == tc.grad_accum - 1 or not info.distributed
+            with contextlib.nullcontext() if last else run.ddp_model.no_sync():
+                loss, stats = train_step(run.train_model, run.diffusion, x, y, plan.t[sl], plan.noise[sl],
+                                         tail_drop=plan.tail_drop, ratio_weight=self.ratio_weight,
+                                         ratio_N=plan.ratio_N, ratio_group=self.ratio_group,
+                                         bf16=tc.precision == "bf16")
+                (loss / tc.grad_accum).backward()
+            for k, v in stats.items():
+                step_stats[k] = step_stats.get(k, 0.0) + v.float()
+        return step_stats
+
+    def update(self, bad_terms: list[str], step_stats: dict, grad_norm: torch.Tensor, plan: StepPlan) -> None:
+        """Optimizer and EMA update and running statistics, or (non-finite terms) a skipped step; step += 1."""
+        run, accum = self.run_state, self.tc.grad_accum
+        if bad_terms:  # skip: weights, EMA, Adam state and statistics stay as they are
+            run.optimizer.zero_grad(set_to_none=True)
+            self.skipped, self.streak = self.skipped + 1, self.streak + 1
+        else:
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            update_ema(run.ema, run.model, ema_decay_at(self.tc, self.step))
+            self.streak = 0
+            for k, v in step_stats.items():
+                self.running[k] = self.running.get(k, 0.0) + v
+            self.running["grad_norm"] = self.running.get("grad_norm", 0.0) + grad_norm.detach().float() * accum
+            if plan.tail_drop or self.cfg.multibudget.enabled:
+                self.running["tail_drop"] = self.running.get("tail_drop", 0.0) + plan.tail_drop * accum
+            self.n_running += accum
+        self.step += 1
+        self.n_steps += 1
+        self.bar.update(1)
+        if bad_terms:
+            self.log.info(f"step {self.step}: non-finite {' / '.join(bad_terms)} (NaN or inf): update skipped "
+                          f"({self.streak} in a row, {self.skipped} in this run)")
+
+    def stop_request(self, stop: StopFlag) -> Optional[str]:
+        tc = self.tc
+        out_of_time = tc.max_minutes is not None and (time.time() - self.t_start) / 60.0 >= tc.max_minutes
+        return stop.signal or ("time budget" if out_of_time else None)
+
+    # ---- around the step
+    def log_metrics(self, plan: StepPlan) -> None:
+        """Every 10 steps the progress bar, every ``log_interval`` steps the logs (then the means restart)."""
+        tc, step = self.tc, self.step
+        if not (step % tc.log_interval == 0 or step == tc.steps or step % 10 == 0):
+            return
+        dt = time.time() - self.t_log
+        metrics = summarise(self.running, self.n_running, self.n_steps, tc.global_batch_size, dt, self.info)
+        metrics["nonfinite_steps"] = self.skipped
+        post = progress_postfix(metrics)
+        self.bar.set_postfix(post, refresh=False)
+        if step % tc.log_interval == 0 or step == tc.steps:
+            metrics["lr"] = plan.lr
+            if plan.ratio_N:
+                metrics["ratio_N"] = plan.ratio_N[0] if len(plan.ratio_N) == 1 else plan.ratio_N
+            self.log.log(step, metrics)
+            if self.bar.disable:  # no progress bar: one line per log interval instead
+                self.log.info(f"step {step}/{tc.steps} | " + " | ".join(f"{k} {v}" for k, v in post.items()))
+            self.running, self.n_running, self.n_steps, self.t_log = {}, 0, 0, time.time()
+
+    def write_sample_grid(self) -> None:
+        interval = self.cfg.samples.interval
+        if self.grids is None or not interval or self.step % interval:
+            return
+        t0 = time.time()
+        try:
+            path = self.grids.write(self.run_state.ema, self.step)
+        except NonFiniteError as e:  # finite but broken weights: say so, and train on
+            path = None
+            self.log.info(f"step {self.step}: no sample grid: {e}")
+        if path is not None:
+            self.log.info(f"sample grid {path}")
+            self.log.image(self.step, "samples", path)
+        self.t_log += time.time() - t0  # keep sampling out of the images/s figure
+
+    def checkpoint_if_due(self) -> None:
+        """Every ``ckpt_interval`` steps, postponed while steps are being skipped."""
+        if self.step % self.tc.ckpt_interval == 0 and self.step < self.tc.steps:
+            self.ckpt_due = True
+            if self.streak:
+                self.log.info(f"step {self.step}: checkpoint postponed until a step succeeds")
+        if self.ckpt_due and not self.streak:  # not in the middle of skipped steps
+            self.save(f"step {self.step}")
+            self.last_saved, self.ckpt_due = self.step, False
+
+    def save(self, reason: str) -> None:
+        run, info, tc, step = self.run_state, self.info, self.tc, self.step
+        ranks = D.check_ranks_agree(run.model, info)  # every rank holds the same weights (raises if not)
+        check_state_finite(self.run_dir, step, run.model, run.ema, run.optimizer)  # on every rank: all raise alike
+        if info.is_main:
+            epoch, offset = self.stream.position(step)
+            path = save_checkpoint(self.run_dir, step, run.model, run.ema, run.optimizer,
+                                   (self.run_dir / "config.yaml").read_text(),
+                                   extra={"epoch": epoch, "epoch_offset": offset, "world_size": info.world_size,
+                                          "global_batch_size": tc.global_batch_size, "reason": reason,
+                                          "rank_fingerprints": ranks, "nonfinite_steps": self.skipped},
+                                   keep_last_k=tc.keep_last_k)
+            self.log.info(f"saved {path} ({reason})")
+        D.barrier(info)
 
 
 def summarise(running: dict, n_running: int, n_steps: int, global_batch: int, dt: float, info) -> dict:
