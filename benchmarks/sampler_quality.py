@@ -27,6 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dcdit.checkpoint import load_model
+from dcdit.data import DataConfig, build_dataset
+from dcdit.evaluation import (
+    ReferenceScorer, build_extractor, classifier_accuracy, load_classifier, save_classifier, train_classifier,
+)
+from dcdit.sampling import SAMPLERS, generate_local, resolve_precision, sampling_diffusion_for
+from reproduction import dataset_uint8, mnist  # benchmarks/reproduction: the reproduction's MNIST helpers
+
 DEFAULT_MODELS = "pretrained:mnist-dit4,pretrained:mnist-repro-dcdit-n4"
 DEFAULT_SAMPLERS = "ddim,dpm++2m,unipc,euler"
 
@@ -35,20 +43,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def mnist_uint8(split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first n images of an MNIST split at 32x32, uint8 NHWC (gray), and their labels."""
-    from dcdit.data import DataConfig, build_dataset
-    from dcdit.data.transforms import to_uint8_images
-
-    ds = build_dataset(DataConfig(source="mnist", split=split, image_size=32))
-    n = min(n, len(ds))
-    return to_uint8_images(torch.stack([ds[i][0] for i in range(n)])), np.asarray(ds.labels[:n])
-
-
 def classifier_dir(args, out: Path) -> Path:
-    from dcdit.data import DataConfig, build_dataset
-    from dcdit.evaluation import save_classifier, train_classifier
-
     if args.classifier:
         return Path(args.classifier)
     path = out / "classifier"
@@ -60,26 +55,15 @@ def classifier_dir(args, out: Path) -> Path:
 
 
 def generate(model, sampler: str, steps: int, n: int, args) -> tuple[np.ndarray, np.ndarray, dict]:
-    """n class-balanced samples (uint8 NHWC), their labels, and what the run cost."""
-    from dcdit.data.transforms import to_uint8_images
-    from dcdit.sampling import SampleStats, resolve_precision, sample, sampling_diffusion_for
-
-    diffusion = sampling_diffusion_for(model, sampler, steps)
-    labels = np.arange(n) % 10
-    outs, stats = [], []
-    t0 = time.perf_counter()
-    for a in range(0, n, args.batch):
-        b = min(n, a + args.batch)
-        x, st = sample(model, diffusion, labels[a:b], seed=args.seed, indices=range(a, b), cfg_scale=args.cfg_scale,
-                       clip_denoised=True, measure_flops=a == 0, precision=args.precision)
-        outs.append(to_uint8_images(x.float()))
-        stats.append(st)
-    seconds = time.perf_counter() - t0
-    st = SampleStats.merge(stats)
-    cost = {"seconds": seconds, "images_per_second": n / seconds, "network_calls": steps,
+    """n class-balanced samples (uint8 NHWC), their labels, and what the run cost (FLOPs on the first batch)."""
+    got = generate_local(model, sampling_diffusion_for(model, sampler, steps), n, batch_size=args.batch,
+                         seed=args.seed, cfg_scale=args.cfg_scale, clip_denoised=True,
+                         precision=args.precision)
+    st = got.stats
+    cost = {"seconds": got.seconds, "images_per_second": n / got.seconds, "network_calls": steps,
             "gflops_per_image": st.gflops_per_image, "timesteps": st.timesteps,
             "precision": resolve_precision(args.precision), "mean_kept_share": st.mean_kept_share}
-    return np.concatenate(outs), labels, cost
+    return got.images, got.labels, cost
 
 
 def markdown(results: list[dict], steps: list[int], n: int, feature: str) -> str:
@@ -121,18 +105,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from dcdit.checkpoint import load_model
-    from dcdit.evaluation import (
-        ArrayImages,
-        build_extractor,
-        classifier_accuracy,
-        compute_feature_set,
-        feature_statistics,
-        frechet_distance,
-        load_classifier,
-    )
-    from dcdit.sampling import SAMPLERS
-
     out = Path(args.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
@@ -144,9 +116,9 @@ def main() -> None:
     clf = load_classifier(clf_path)
     extractor = build_extractor("inception" if args.feature == "inception" else f"classifier:{clf_path}",
                                 batch_size=50 if args.feature == "inception" else 256)
-    ref_imgs, ref_labels = mnist_uint8("test", args.n)
-    ref = compute_feature_set(ArrayImages(ref_imgs, ref_labels, name=f"mnist-test-{args.n}"), extractor,
-                              cache_dir=out / "stats_cache")
+    ref_imgs, ref_labels = dataset_uint8(mnist("test"), args.n)
+    scorer = ReferenceScorer.from_images(extractor, ref_imgs, ref_labels, f"mnist-test-{args.n}",
+                                         cache_dir=out / "stats_cache", cache_samples=False)
     results = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         model = load_model(name, which="ema").eval()
@@ -158,9 +130,8 @@ def main() -> None:
                     results.append(json.loads(path.read_text()))
                     continue
                 imgs, labels, cost = generate(model, sampler, s, args.n, args)
-                mu, sigma = feature_statistics(extractor(imgs))
                 row = {"model": name, "sampler": sampler, "steps": s, "n": args.n, "cfg_scale": args.cfg_scale,
-                       "fid": float(frechet_distance(mu, sigma, ref.mu, ref.sigma)),
+                       "fid": scorer.fid(imgs)[0],
                        "class_acc": float(classifier_accuracy(clf, imgs, labels)), "feature": extractor.name, **cost}
                 path.write_text(json.dumps(row, indent=1))
                 results.append(row)

@@ -32,22 +32,25 @@ class ReferenceScorer:
         extractor: the feature network (Inception for FID; an in-domain classifier's features work too).
         reference: the reference set's statistics (``mu``, ``sigma``), e.g. from :func:`load_stats`.
         cache_dir: statistics cache of the scored sets (None: the default cache, ``$DCDIT_CACHE``).
+        cache_samples: read and write the scored sets' features through that cache (False: extract every time;
+            the cache stores float32 features, so a set read back scores a hair differently from a fresh one).
     """
 
-    def __init__(self, extractor: FeatureExtractor, reference: FeatureSet, cache_dir=None):
-        self.extractor, self.reference, self.cache_dir = extractor, reference, cache_dir
+    def __init__(self, extractor: FeatureExtractor, reference: FeatureSet, cache_dir=None, cache_samples: bool = True):
+        self.extractor, self.reference = extractor, reference
+        self.cache_dir, self.cache_samples = cache_dir, cache_samples
 
     @classmethod
     def from_images(cls, extractor: FeatureExtractor, images: np.ndarray, labels=None, name: str = "reference",
-                    cache_dir=None) -> "ReferenceScorer":
+                    cache_dir=None, cache_samples: bool = True) -> "ReferenceScorer":
         """A scorer whose reference is ``images`` (uint8 NHWC), its statistics cached in ``cache_dir``."""
         return cls(extractor, compute_feature_set(ArrayImages(images, labels, name=name), extractor,
-                                                  cache_dir=cache_dir), cache_dir)
+                                                  cache_dir=cache_dir), cache_dir, cache_samples)
 
     def features(self, images: np.ndarray, labels=None, name: str = "samples") -> np.ndarray:
         """(n, D) features of ``images`` (uint8 NHWC)."""
-        return compute_feature_set(ArrayImages(images, labels, name=name), self.extractor,
-                                   cache_dir=self.cache_dir).features
+        return compute_feature_set(ArrayImages(images, labels, name=name), self.extractor, cache_dir=self.cache_dir,
+                                   use_cache=self.cache_samples).features
 
     def fid_of_features(self, features: np.ndarray) -> float:
         """FID of a feature array (n, D) against the reference."""
