@@ -120,6 +120,16 @@ def test_fid_of_the_first_k_images(extractor, tmp_path):
     assert fid == pytest.approx(scorer.fid_of_features(scorer.features(smp)))
 
 
+def test_scored_sets_skip_the_cache_when_asked(extractor, tmp_path):
+    ref = images(40, 0)
+    cached = ReferenceScorer.from_images(extractor, ref, cache_dir=tmp_path / "a")
+    fresh = ReferenceScorer.from_images(extractor, ref, cache_dir=tmp_path / "b", cache_samples=False)
+    smp = images(30, 4)
+    assert cached.fid(smp)[0] == fresh.fid(smp)[0]
+    assert len(list((tmp_path / "a").glob("*.npz"))) == 2  # the reference and the samples
+    assert len(list((tmp_path / "b").glob("*.npz"))) == 1  # the reference only
+
+
 def test_classifier_accuracy_equals_a_hand_count(extractor):
     clf = extractor.model
     imgs = images(25, 3)
