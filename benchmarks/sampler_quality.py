@@ -58,7 +58,7 @@ def generate(model, sampler: str, steps: int, n: int, args) -> tuple[np.ndarray,
     """n class-balanced samples (uint8 NHWC), their labels, and what the run cost (FLOPs on the first batch)."""
     got = generate_local(model, sampling_diffusion_for(model, sampler, steps), n, batch_size=args.batch,
                          seed=args.seed, cfg_scale=args.cfg_scale, clip_denoised=True,
-                         precision=args.precision)
+                         precision=args.precision, sampler=sampler)
     st = got.stats
     cost = {"seconds": got.seconds, "images_per_second": n / got.seconds, "network_calls": steps,
             "gflops_per_image": st.gflops_per_image, "timesteps": st.timesteps,
