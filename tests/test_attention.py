@@ -180,6 +180,21 @@ def test_padded_train_equals_sdpa_loop_fp32_with_grads(lengths):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+def test_pad_rule_pads_many_short_sequences_not_one_long_among_short():
+    """One padded call when the padding costs fewer token pairs than the calls it saves."""
+    import dcdit.attention.backends as B
+
+    canvas = [25 + (7 * i) % 59 for i in range(64)]  # a DC-DiT main network's spread: 25..83, ~59 runs
+    assert B._pad_pays(canvas, max(canvas))  # 64 x 96^2 padded vs ~59 calls: pad
+    one_long = [8] * 63 + [256]
+    assert not B._pad_pays(one_long, 256)  # 64 x 256^2 to save one call: loop
+    assert not B._pad_pays([40] * 8, 40)  # equal lengths are one call already
+    # the cost model itself: extra token pairs of the padded call vs PAD_CALL_COST per call saved
+    lens = [30, 31, 30, 33]  # 4 runs; M = 64 (rounded up to PAD_MULTIPLE)
+    extra = 4 * 64 * 64 - sum(n * n for n in lens)
+    assert B._pad_pays(lens, 33) == (extra <= B.PAD_CALL_COST * 3)
+
+
 @pytest.mark.parametrize("lengths", [[40, 33, 37, 40, 29], LENGTHS])
 def test_cpu_training_attention_modes_agree(monkeypatch, lengths):
     """bf16 q, k, v with grad on CPU: the "math" path (one padded call when the padding is small,

@@ -58,9 +58,13 @@ _WARNED: set[str] = set()
 # tensors and inference (no autograd) never take these paths.
 CPU_TRAIN_ATTENTION = "math"
 CPU_TRAIN_ATTENTION_MODES = ("math", "fp32", "native")
-# "math" on a packed batch: one padded call when B * max(L)^2 <= PAD_WASTE * sum(L_i^2), else one
-# call per run of equal lengths.
-PAD_WASTE = 2.0
+# "math" on a packed batch: one padded call (rows rounded up to PAD_MULTIPLE) when the work it adds,
+# B * M^2 - sum(L_i^2) token pairs, costs less than the calls it saves; else one call per run of equal
+# lengths. Each further call of that loop costs about PAD_CALL_COST token pairs of attention work
+# (forward + backward; measured on the 2-core dev CPU at 4 heads x 32, benchmarks/bench_pad_rule.py),
+# so padding wins far beyond "twice the real work" when the sequences are short and many.
+PAD_MULTIPLE = 32
+PAD_CALL_COST = 30_000
 
 
 def _cpu_half(q: torch.Tensor) -> bool:
@@ -249,7 +253,7 @@ def _padded(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
     return o.transpose(1, 2)[seg, local]  # (T, H, d)
 
 
-def _padded_train(q, k, v, cu_seqlens, max_seqlen, lengths, scale, multiple: int = 32):
+def _padded_train(q, k, v, cu_seqlens, max_seqlen, lengths, scale, multiple: int = PAD_MULTIPLE):
     """A packed batch (T, H, d) as one padded (B*H, M, d) batch through :func:`_attend`.
 
     M is the longest sequence rounded up to a multiple of ``multiple`` (PyTorch's CPU softmax is 2-3x
@@ -352,7 +356,11 @@ def varlen_attention(
 
 
 def _pad_pays(lengths: Optional[Sequence[int]], max_seqlen: int) -> bool:
-    """Whether one padded call wastes at most ``PAD_WASTE`` x the attention work of the real sequences."""
+    """Whether one padded call is cheaper than ``_sdpa_loop``'s calls (one per run of equal lengths):
+    the padding's extra token pairs against ``PAD_CALL_COST`` per call saved."""
     if not lengths or len(set(lengths)) == 1:
         return False  # equal lengths: sdpa_loop already makes one batched call
-    return len(lengths) * int(max_seqlen) ** 2 <= PAD_WASTE * sum(int(n) ** 2 for n in lengths)
+    runs = 1 + sum(a != b for a, b in zip(lengths, lengths[1:]))
+    M = -(-max(int(max_seqlen), 1) // PAD_MULTIPLE) * PAD_MULTIPLE
+    extra = len(lengths) * M * M - sum(int(n) ** 2 for n in lengths)
+    return extra <= PAD_CALL_COST * (runs - 1)
