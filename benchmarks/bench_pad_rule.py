@@ -2,11 +2,11 @@
 
     python benchmarks/bench_pad_rule.py [--quick] [--ckpt RUN/ckpt-N] [--threads 1]
 
-Part 1, attention alone (forward + backward, bf16, 4 heads x 32, 64 sequences): for length
-distributions like a DC-DiT main network's (normal, mean / sd below), the time of the per-length
-loop (``_sdpa_loop``) and of the padded call (``_padded_train``), and which one the old rule
-(pad when B * max(L)^2 <= 2 sum L_i^2) and the new rule (``_pad_pays``: the padding's extra token
-pairs against ``PAD_CALL_COST`` per call saved) pick.
+Part 1, attention alone (``dcdit.attention.varlen_attention``, forward + backward, bf16, 4 heads x
+32, 64 sequences): for length distributions like a DC-DiT main network's (normal, mean / sd below),
+the time with one call per run of equal lengths and with one padded call (``PAD_RULE`` set to
+never / always pad), and which one the old rule (pad when B * max(L)^2 <= 2 sum L_i^2) and the new
+rule (``pad_pays``: the padding's extra token pairs against ``PAD_CALL_COST`` per call saved) pick.
 
 Part 2, the whole training step (``train_step`` + backward + clip + AdamW, bf16 autocast, batch 64)
 of the sparse-canvas DC-DiT (``configs/canvas/dcdit.yaml``: ~51 of 256 tokens kept), with the old
@@ -32,6 +32,17 @@ def old_rule(lengths, max_seqlen) -> bool:
     return len(lengths) * int(max_seqlen) ** 2 <= 2.0 * sum(int(n) ** 2 for n in lengths)
 
 
+def with_rule(B, rule, fn):
+    """``fn`` run with ``B.PAD_RULE = rule`` (restored after)."""
+    def run():
+        saved, B.PAD_RULE = B.PAD_RULE, rule
+        try:
+            fn()
+        finally:
+            B.PAD_RULE = saved
+    return run
+
+
 def attention_part(torch, B, repeats: int) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -41,18 +52,17 @@ def attention_part(torch, B, repeats: int) -> list[dict]:
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
         qkv = [torch.randn(T, 4, 32, generator=g).bfloat16() for _ in range(3)]
 
-        def call(fn):
-            def run():
-                q, k, v = (t.clone().requires_grad_() for t in qkv)
-                fn(q, k, v, cu, mx, lens, None).float().sum().backward()
-            return run
+        def call():
+            q, k, v = (t.clone().requires_grad_() for t in qkv)
+            B.varlen_attention(q, k, v, cu, mx, lens, backend="sdpa_loop").float().sum().backward()
 
-        t = C.interleaved({"loop": call(B._sdpa_loop), "padded": call(B._padded_train)}, repeats)
+        t = C.interleaved({"loop": with_rule(B, lambda *_: False, call), "padded": with_rule(B, lambda *_: True, call)},
+                          repeats)
         loop_ms, pad_ms = C.median(t["loop"]) * 1e3, C.median(t["padded"]) * 1e3
         best = "padded" if pad_ms < loop_ms else "loop"
         rows.append({"mean": mean, "sd": sd, "max": mx, "distinct": len(set(lens)), "loop_ms": loop_ms,
                      "padded_ms": pad_ms, "faster": best, "old_rule": "padded" if old_rule(lens, mx) else "loop",
-                     "new_rule": "padded" if B._pad_pays(lens, mx) else "loop"})
+                     "new_rule": "padded" if B.pad_pays(lens, mx) else "loop"})
         C.log(rows[-1])
     return rows
 
@@ -81,27 +91,22 @@ def step_part(torch, B, ckpt, repeats: int) -> dict:
     g = torch.Generator().manual_seed(0)
     # STEPS draws of (t, noise): the kept lengths, and so the rules' choices, change with t
     draws = [(torch.randint(0, 1000, (64,), generator=g), torch.randn(x.shape, generator=g)) for _ in range(STEPS)]
-    pays = B._pad_pays
 
-    def step(rule):
-        def run():  # STEPS optimizer steps, one per draw
-            B._pad_pays = rule
-            for t, noise in draws:
-                loss, _ = train_step(model, diffusion, x, y, t, noise, ratio_weight=0.03, ratio_N=5.0,
-                                     ratio_group=16, bf16=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        return run
+    def steps():  # STEPS optimizer steps, one per draw
+        for t, noise in draws:
+            loss, _ = train_step(model, diffusion, x, y, t, noise, ratio_weight=0.03, ratio_N=5.0, ratio_group=16,
+                                 bf16=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-    try:
-        times = C.interleaved({"old rule": step(old_rule), "new rule": step(pays)}, repeats)
-    finally:
-        B._pad_pays = pays
+    times = C.interleaved({"old rule": with_rule(B, old_rule, steps), "new rule": with_rule(B, B.pad_pays, steps)},
+                          repeats)
     med = {k: C.median(v) / STEPS for k, v in times.items()}
-    return {"ckpt": ckpt, "batch": 64, "steps_per_round": STEPS, "step_seconds": med, "images_per_sec": {k: 64 / v for k, v in med.items()},
-            "speedup": med["old rule"] / med["new rule"], "round_seconds": times}
+    return {"ckpt": ckpt, "batch": 64, "steps_per_round": STEPS, "step_seconds": med,
+            "images_per_sec": {k: 64 / v for k, v in med.items()}, "speedup": med["old rule"] / med["new rule"],
+            "round_seconds": times}
 
 
 def main() -> None:

@@ -185,14 +185,14 @@ def test_pad_rule_pads_many_short_sequences_not_one_long_among_short():
     import dcdit.attention.backends as B
 
     canvas = [25 + (7 * i) % 59 for i in range(64)]  # a DC-DiT main network's spread: 25..83, ~59 runs
-    assert B._pad_pays(canvas, max(canvas))  # 64 x 96^2 padded vs ~59 calls: pad
+    assert B.pad_pays(canvas, max(canvas))  # 64 x 96^2 padded vs ~59 calls: pad
     one_long = [8] * 63 + [256]
-    assert not B._pad_pays(one_long, 256)  # 64 x 256^2 to save one call: loop
-    assert not B._pad_pays([40] * 8, 40)  # equal lengths are one call already
+    assert not B.pad_pays(one_long, 256)  # 64 x 256^2 to save one call: loop
+    assert not B.pad_pays([40] * 8, 40)  # equal lengths are one call already
     # the cost model itself: extra token pairs of the padded call vs PAD_CALL_COST per call saved
     lens = [30, 31, 30, 33]  # 4 runs; M = 64 (rounded up to PAD_MULTIPLE)
     extra = 4 * 64 * 64 - sum(n * n for n in lens)
-    assert B._pad_pays(lens, 33) == (extra <= B.PAD_CALL_COST * 3)
+    assert B.pad_pays(lens, 33) == (extra <= B.PAD_CALL_COST * 3)
 
 
 @pytest.mark.parametrize("lengths", [[40, 33, 37, 40, 29], LENGTHS])
@@ -211,7 +211,7 @@ def test_cpu_training_attention_modes_agree(monkeypatch, lengths):
     monkeypatch.setattr(B, "CPU_TRAIN_ATTENTION", "math")
     out, out_g = _grads(run, q, k, v)
     assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in out_g)
-    assert len(calls) == int(B._pad_pays(lengths, max(lengths)))
+    assert len(calls) == int(B.pad_pays(lengths, max(lengths)))
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
     assert rel(out, want) < 2e-2
     for a, b in zip(out_g, want_g):

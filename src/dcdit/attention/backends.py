@@ -65,6 +65,7 @@ CPU_TRAIN_ATTENTION_MODES = ("math", "fp32", "native")
 # so padding wins far beyond "twice the real work" when the sequences are short and many.
 PAD_MULTIPLE = 32
 PAD_CALL_COST = 30_000
+# The rule itself: PAD_RULE, at the end of this module (pad_pays).
 
 
 def _cpu_half(q: torch.Tensor) -> bool:
@@ -345,7 +346,7 @@ def varlen_attention(
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     if _cpu_half(q):
         if CPU_TRAIN_ATTENTION == "math":
-            if name == "sdpa_loop" and _pad_pays(lengths, max_seqlen):  # one masked batched call
+            if name == "sdpa_loop" and PAD_RULE(lengths, max_seqlen):  # one masked batched call
                 return _padded_train(q, k, v, cu_seqlens, max_seqlen, lengths, scale)  # instead of one per length
             return _IMPLS[name](q, k, v, cu_seqlens, max_seqlen, lengths, scale)
         # "fp32": upcast once for the whole packed batch, not per sequence (see sdpa)
@@ -355,7 +356,7 @@ def varlen_attention(
     return _IMPLS[name](q, k, v, cu_seqlens, max_seqlen, lengths, scale)
 
 
-def _pad_pays(lengths: Optional[Sequence[int]], max_seqlen: int) -> bool:
+def pad_pays(lengths: Optional[Sequence[int]], max_seqlen: int) -> bool:
     """Whether one padded call is cheaper than ``_sdpa_loop``'s calls (one per run of equal lengths):
     the padding's extra token pairs against ``PAD_CALL_COST`` per call saved."""
     if not lengths or len(set(lengths)) == 1:
@@ -364,3 +365,8 @@ def _pad_pays(lengths: Optional[Sequence[int]], max_seqlen: int) -> bool:
     M = -(-max(int(max_seqlen), 1) // PAD_MULTIPLE) * PAD_MULTIPLE
     extra = len(lengths) * M * M - sum(int(n) ** 2 for n in lengths)
     return extra <= PAD_CALL_COST * (runs - 1)
+
+
+# The padding rule varlen_attention applies, (lengths, max_seqlen) -> pad?: a setting like the ones above,
+# so a benchmark can time one batch both ways through the public call (benchmarks/bench_pad_rule.py).
+PAD_RULE = pad_pays
