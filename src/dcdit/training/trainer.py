@@ -391,7 +391,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
     info = D.setup(tc.device)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    lock, run, done, created = None, None, False, None
+    lock, run, loop, done, created = None, None, None, False, None
     try:
         run_dir, ckpt_dir = resolve_run_dir(cfg, out, resume, check_existing=False)
         created = None if run_dir.exists() else run_dir  # removed again if this call fails leaving it empty
@@ -421,7 +421,9 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str | bo
                     created.rmdir()
                 except OSError:
                     pass
-        run = None  # the DDP wrapper holds the process group: teardown can free the group only once it is gone
+        # the DDP wrapper (in run, and in the loop that holds run) keeps the process group alive: teardown can
+        # free the group only once both are gone
+        run = loop = None
         D.teardown(info, sync=done)  # every rank, every exit path; the final barrier only on success
 
 
