@@ -168,7 +168,7 @@ def report(ctx: Ctx, seed: int, steps: int, out_dir: Path | None) -> str:
     L += [f"| {g} | {m} | {h} |" for g, m, h in goals(ev, speed)]
     if speed:
         L += ["", f"Sampling times: batch {speed['batch']}, DDIM {speed['ddim_steps']}, {speed['precision']}, "
-                  f"{speed["threads"]} thread(s), every model in one process (median of 3 interleaved rounds)."]
+                  f"{speed['threads']} thread(s), every model in one process (median of 3 interleaved rounds)."]
     text = "\n".join(L) + "\n"
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
