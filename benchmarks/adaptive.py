@@ -84,17 +84,22 @@ class InkMaps:
         return x, y, (x[0] > 0.0).float()  # images live in [-1, 1]: 0 is mid-gray
 
 
-def segmentation(model, seed: int, n: int = 128) -> dict:
-    """Router p against the digit-edge map and against the ink, per t (ROC-AUC; kept share)."""
+def router_vs_detail(model, data, seed: int, n: int = 128) -> tuple[list[dict], float]:
+    """The router's p against ``data``'s detail maps on ``n`` images noised to each of SEG_TIMESTEPS (ROC-AUC,
+    kept share per t), and the mean AUC over t <= 250."""
     from dcdit.analysis import routing_vs_detail
     from dcdit.diffusion import create_diffusion
 
+    rows = routing_vs_detail(model, create_diffusion(""), data, SEG_TIMESTEPS, n, seed=seed)
+    return rows, float(np.mean([r["auc"] for r in rows if r["t"] <= 250]))
+
+
+def segmentation(model, seed: int, n: int = 128) -> dict:
+    """Router p against the digit-edge map and against the ink, per t (ROC-AUC; kept share)."""
     test = mnist("test")
-    edges = routing_vs_detail(model, create_diffusion(""), test, SEG_TIMESTEPS, n, seed=seed)
-    ink = routing_vs_detail(model, create_diffusion(""), InkMaps(test), SEG_TIMESTEPS, n, seed=seed)
-    return {"edges": edges, "ink": ink,
-            "auc_edges_late": float(np.mean([r["auc"] for r in edges if r["t"] <= 250])),
-            "auc_ink_late": float(np.mean([r["auc"] for r in ink if r["t"] <= 250]))}
+    edges, auc_edges = router_vs_detail(model, test, seed, n)
+    ink, auc_ink = router_vs_detail(model, InkMaps(test), seed, n)
+    return {"edges": edges, "ink": ink, "auc_edges_late": auc_edges, "auc_ink_late": auc_ink}
 
 
 def stage_variant(ctx: Ctx, name: str, seed: int, upto: int | None = None) -> dict:

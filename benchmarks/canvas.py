@@ -25,10 +25,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from adaptive import SEG_TIMESTEPS
+from adaptive import router_vs_detail
 from reproduction import (  # the reproduction's training and scoring protocol (benchmarks/reproduction/)
     Ctx, Settings, cached, dataset, load, log, read_json, run_step, sampling_speed, score, stage_classifier,
     stage_reference, train_run, write_json,
@@ -72,11 +71,8 @@ def step_tag(steps: int, s: Settings) -> str:
 
 def segmentation(ctx: Ctx, model, seed: int, n: int = 128) -> dict:
     """The router's p against the digit's ink on noised test canvases, per t (ROC-AUC, kept share)."""
-    from dcdit.analysis import routing_vs_detail
-    from dcdit.diffusion import create_diffusion
-
-    ink = routing_vs_detail(model, create_diffusion(""), dataset(ctx.s, "test"), SEG_TIMESTEPS, n, seed=seed)
-    return {"ink": ink, "auc_ink_late": float(np.mean([r["auc"] for r in ink if r["t"] <= 250]))}
+    ink, auc = router_vs_detail(model, dataset(ctx.s, "test"), seed, n)
+    return {"ink": ink, "auc_ink_late": auc}
 
 
 def stage_model(ctx: Ctx, name: str, seed: int, steps: int) -> dict:
