@@ -50,11 +50,12 @@ def canvas_settings(smoke: bool = False) -> Settings:
     return Settings(source="canvas", image_size=64, classifier_steps=400, steps=6000)
 
 
-def config_for(name: str, seed: int, steps: int, s: Settings) -> dict:
-    """``configs/canvas/NAME.yaml`` (its ``_base_`` resolved) with the run's seed and length (and batch: --smoke)."""
+def config_for(name: str, seed: int, steps: int, s: Settings, recipe: tuple[str, ...] = ()) -> dict:
+    """``configs/canvas/NAME.yaml`` (its ``_base_`` resolved), changed by ``recipe`` (``KEY=VALUE`` overrides, the
+    same for every model), with the run's seed and length (and batch: --smoke)."""
     from dcdit.training import config_to_dict, load_train_config
 
-    sets = [f"train.seed={seed}", f"train.steps={steps}", f"train.global_batch_size={s.batch}"]
+    sets = [*recipe, f"train.seed={seed}", f"train.steps={steps}", f"train.global_batch_size={s.batch}"]
     d = config_to_dict(load_train_config(CONFIGS / f"{name}.yaml", sets))
     if d["model"]["arch"] == "dcdit":
         d["ratio"]["group_size"] = min(d["ratio"]["group_size"], s.batch)
@@ -75,11 +76,11 @@ def segmentation(ctx: Ctx, model, seed: int, n: int = 128) -> dict:
     return {"ink": ink, "auc_ink_late": auc}
 
 
-def stage_model(ctx: Ctx, name: str, seed: int, steps: int) -> dict:
-    """Train ``name`` to ``steps`` (resuming its run) and score that checkpoint."""
+def stage_model(ctx: Ctx, name: str, seed: int, steps: int, recipe: tuple[str, ...] = ()) -> dict:
+    """Train ``name`` (its config changed by ``recipe``) to ``steps``, resuming its run, and score that checkpoint."""
     tag = tag_of(name, steps, ctx.s)
     run_dir = ctx.out / "runs" / f"{name}_s{seed}"
-    d = config_for(name, seed, steps, ctx.s)
+    d = config_for(name, seed, steps, ctx.s, recipe)
     tr = cached(ctx.out / f"train_{tag}_s{seed}.json", lambda: train_run(d, run_dir, steps))
 
     def evaluate():
@@ -137,7 +138,7 @@ def goals(ev: dict, speed: dict) -> list[tuple[str, str, str]]:
     return out
 
 
-def report(ctx: Ctx, seed: int, steps: int, out_dir: Path | None) -> str:
+def report(ctx: Ctx, seed: int, steps: int, out_dir: Path | None, recipe: tuple[str, ...] = ()) -> str:
     tag = step_tag(steps, ctx.s)
     ev, tr = {}, {}
     for n in MODELS:
@@ -147,7 +148,8 @@ def report(ctx: Ctx, seed: int, steps: int, out_dir: Path | None) -> str:
     speed = read_json(ctx.out / f"speed_{tag}_s{seed}.json") or {}
     ips = speed.get("images_per_sec", {})
     L = [f"Sparse canvas 64x64, seed {seed}, checkpoints at step {steps} (batch 64, bf16 training, 1 thread each); "
-         f"{ctx.s.n_fid} DDIM-{ctx.s.ddim_steps} samples per model, cfg 1.", "",
+         f"{ctx.s.n_fid} DDIM-{ctx.s.ddim_steps} samples per model, cfg 1."
+         + (f" Recipe: configs/canvas/*.yaml with {', '.join(recipe)}." if recipe else ""), "",
          "| model | FID@2000 | FID@500 | class acc | GFLOPs/img | img/s (one process) | kept share noisiest / cleanest "
          "| router AUC vs ink, t<=250 | t=950 | train min |", "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for n, e in ev.items():
@@ -183,6 +185,9 @@ def main(argv=None) -> int:
     ap.add_argument("--speed", action="store_true", help="only: sampling img/s of every model scored at --upto")
     ap.add_argument("--report", default=None, metavar="DIR", help="write the table for --upto into DIR and stop")
     ap.add_argument("--smoke", action="store_true", help="tiny everything (plumbing check)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="recipe",
+                    help="change every model's config (a recipe), e.g. diffusion.min_snr_gamma=null; "
+                         "use its own --out, since runs and scores are cached by model name")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -191,7 +196,7 @@ def main(argv=None) -> int:
     ctx = Ctx(Path(args.out), s, smoke=args.smoke)
     ctx.out.mkdir(parents=True, exist_ok=True)
     if args.report:
-        print(report(ctx, args.seed, steps, Path(args.report)))
+        print(report(ctx, args.seed, steps, Path(args.report), tuple(args.recipe)))
         return 0
     if args.speed:
         sp = stage_speed(ctx, args.seed, steps)
@@ -202,9 +207,9 @@ def main(argv=None) -> int:
     for name in [m for m in args.models.split(",") if m]:
         if name not in MODELS:
             raise SystemExit(f"error: unknown model {name!r} (known: {', '.join(MODELS)})")
-        r = stage_model(ctx, name, args.seed, steps)
+        r = stage_model(ctx, name, args.seed, steps, tuple(args.recipe))
         log(f"{name}@{steps}: FID {r['eval']['fid']:.1f}, class acc {r['eval']['class_acc']:.3f}")
-    print(report(ctx, args.seed, steps, None))
+    print(report(ctx, args.seed, steps, None, tuple(args.recipe)))
     return 0
 
 
