@@ -2,6 +2,7 @@
 
     python benchmarks/sampler_quality.py [--n 2000] [--steps 5,10,15,25] [--samplers ddim,dpm++2m,unipc,euler]
         [--models pretrained:mnist-dit4,pretrained:mnist-repro-dcdit-n4] [--classifier DIR] [--out DIR]
+        [--cells ddim:25,dpm++2m:10]   # only the cells a comparison needs (Inception FID is most of the cost)
     python benchmarks/sampler_quality.py --smoke      # 50 images, 2 steps, every sampler: a check, not a result
 
 For every model x sampler x step count: N class-balanced samples (labels
@@ -87,6 +88,8 @@ def main() -> None:
     p.add_argument("--models", default=DEFAULT_MODELS)
     p.add_argument("--samplers", default=DEFAULT_SAMPLERS)
     p.add_argument("--steps", default="5,10,15,25")
+    p.add_argument("--cells", default=None, metavar="SAMPLER:STEPS,...",
+                   help="only these cells of the samplers x steps table, e.g. ddim:25,dpm++2m:10 (default: all)")
     p.add_argument("--n", type=int, default=2000, help="samples per cell and reference images (default 2000)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
@@ -109,6 +112,11 @@ def main() -> None:
     (out / "cells").mkdir(parents=True, exist_ok=True)
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    only = None
+    if args.cells:  # a subset of the table: the cells a goal compares
+        only = {(c.rsplit(":", 1)[0].strip(), int(c.rsplit(":", 1)[1])) for c in args.cells.split(",") if c.strip()}
+        samplers = list(dict.fromkeys(sm for sm, _ in sorted(only)))
+        steps = sorted({st for _, st in only})
     bad = [s for s in samplers if s not in SAMPLERS]
     if bad:
         raise SystemExit(f"unknown sampler(s) {bad}: expected {', '.join(SAMPLERS)}")
@@ -124,6 +132,8 @@ def main() -> None:
         model = load_model(name, which="ema").eval()
         for sampler in samplers:
             for s in steps:
+                if only is not None and (sampler, s) not in only:
+                    continue
                 key = f"{name.replace(':', '_')}_{sampler}_{s}_n{args.n}_cfg{args.cfg_scale:g}_{args.feature}"
                 path = out / "cells" / f"{key}.json"
                 if path.is_file():
