@@ -29,8 +29,8 @@ import torch
 
 from adaptive import router_vs_detail
 from reproduction import (  # the reproduction's training and scoring protocol (benchmarks/reproduction/)
-    Ctx, Settings, cached, dataset, load, log, read_json, run_step, sampling_speed, score, stage_classifier,
-    stage_reference, train_run, write_json,
+    Ctx, Settings, cached, canvas_claims, dataset, load, log, read_json, run_step, sampling_speed, score,
+    stage_classifier, stage_reference, train_run, write_json,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "canvas"
@@ -105,39 +105,6 @@ def stage_speed(ctx: Ctx, seed: int, steps: int) -> dict:
     return cached(ctx.out / f"speed_{step_tag(steps, ctx.s)}_s{seed}.json", run)
 
 
-def goals(ev: dict, speed: dict) -> list[tuple[str, str, str]]:
-    """(goal, measured, held?) for the issue's canvas goals that the scored models allow."""
-    ips = (speed or {}).get("images_per_sec", {})
-    out = []
-
-    def ratio(a, b, key="fid"):
-        return ev[a][key] / ev[b][key] if a in ev and b in ev else None
-
-    def t_ratio(a, b):  # time per image = 1 / img/s
-        return ips[b] / ips[a] if a in ips and b in ips else None
-
-    r, tr = ratio("dcdit", "dit8"), t_ratio("dcdit", "dit8")
-    if r is not None:
-        out.append(("DC-DiT FID <= 0.8x DiT/8's, sampling time <= 1.2x", f"{r:.2f}x, time "
-                    + ("n/a" if tr is None else f"{tr:.2f}x"), str(r <= 0.8 and tr is not None and tr <= 1.2)))
-    r, tr = ratio("dcdit", "dit4"), t_ratio("dcdit", "dit4")
-    if r is not None:
-        out.append(("DC-DiT FID <= 1.2x DiT/4's at <= 0.4x its time", f"{r:.2f}x, time "
-                    + ("n/a" if tr is None else f"{tr:.2f}x"), str(r <= 1.2 and tr is not None and tr <= 0.4)))
-    for ctrl in ("dcdit_grid", "dcdit_random"):
-        r = ratio("dcdit", ctrl)
-        if r is not None:
-            out.append((f"learned router FID <= 0.85x the {ctrl.split('_')[1]} router's", f"{r:.2f}x", str(r <= 0.85)))
-    if "dcdit" in ev:
-        seg, e = ev["dcdit"].get("segmentation", {}), ev["dcdit"]
-        out.append(("router ROC-AUC vs ink >= 0.85 for t <= 250", f"{seg.get('auc_ink_late', float('nan')):.3f}",
-                    str(seg.get("auc_ink_late", 0) >= 0.85)))
-        k = e["kept_share_noisiest"] / e["kept_share_cleanest"]
-        out.append(("kept share noisiest <= 0.6x cleanest", f"{e['kept_share_noisiest']:.3f} / "
-                    f"{e['kept_share_cleanest']:.3f} = {k:.2f}x", str(k <= 0.6)))
-    return out
-
-
 def report(ctx: Ctx, seed: int, steps: int, out_dir: Path | None, recipe: tuple[str, ...] = ()) -> str:
     tag = step_tag(steps, ctx.s)
     ev, tr = {}, {}
@@ -162,8 +129,10 @@ def report(ctx: Ctx, seed: int, steps: int, out_dir: Path | None, recipe: tuple[
                  f"| {e['gflops_per_image']:.2f} | {ips.get(n, float('nan')):.1f} | {kept} "
                  f"| {seg.get('auc_ink_late', float('nan')):.3f} | {'' if a950 is None else f'{a950:.3f}'} "
                  f"| {'' if mins is None else f'{mins / 60:.1f}'} |")
-    L += ["", "| goal | measured | held |", "|---|---|---|"]
-    L += [f"| {g} | {m} | {h} |" for g, m, h in goals(ev, speed)]
+    L += ["", "| goal (issue 25) | target | measured | held |", "|---|---|---:|---|"]
+    L += [f"| {c['claim'].removeprefix('canvas: ')} | {c['goal']} | {c['per_seed'][0]:.3f} | "
+          f"{'yes' if c['held'] else 'no'} |" for c in canvas_claims([{"eval": ev, "speed": speed}])
+          if c["per_seed"][0] is not None]
     if speed:
         L += ["", f"Sampling times: batch {speed['batch']}, DDIM {speed['ddim_steps']}, {speed['precision']}, "
                   f"{speed['threads']} thread(s), every model in one process (median of 3 interleaved rounds)."]

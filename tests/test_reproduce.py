@@ -63,3 +63,27 @@ def test_reproduce_smoke(tmp_path, capsys, monkeypatch):
     # other settings in the same directory are refused
     with pytest.raises(SystemExit):
         repro.main(["--out", str(out)])
+
+
+def test_canvas_claims_per_seed(monkeypatch):
+    """Issue 25's canvas goals from canvas.py's results: ratios within a seed, time as 1 / img/s, a goal held
+    only when it holds on every seed that measured it, None where a model was not scored."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    repro = importlib.import_module("reproduction")
+    seg = lambda auc: {"auc_ink_late": auc}
+    res = lambda fid_dc, ips_dc, auc, noisy: {
+        "eval": {"dcdit": {"fid": fid_dc, "segmentation": seg(auc), "kept_share_noisiest": noisy,
+                           "kept_share_cleanest": 0.4},
+                 "dcdit_grid": {"fid": 100.0}, "dit8": {"fid": 100.0}},
+        "speed": {"images_per_sec": {"dcdit": ips_dc, "dit8": 10.0}}}
+    rows = {c["claim"].removeprefix("canvas: "): c
+            for c in repro.canvas_claims([res(70.0, 10.0, 0.9, 0.2), res(90.0, 5.0, 0.8, 0.2), None])}
+    fid8 = rows["DC-DiT FID / FLOP-matched DiT/8's"]
+    assert fid8["per_seed"][:2] == pytest.approx([0.7, 0.9]) and fid8["per_seed"][2] is None
+    assert fid8["held"] is False  # seed 1 misses
+    t8 = rows["DC-DiT sampling time / DiT/8's"]
+    assert t8["per_seed"][:2] == pytest.approx([1.0, 2.0])  # half the img/s = twice the time
+    assert rows["kept share at the noisiest step / at the cleanest"]["held"] is True  # 0.5 on both seeds
+    assert rows["router ROC-AUC vs the digit's ink, t <= 250"]["held"] is False
+    for absent in ("DC-DiT FID / parameter-matched DiT/4's", "learned router FID / random router's (same share)"):
+        assert rows[absent]["per_seed"] == [None, None, None] and rows[absent]["held"] is None

@@ -46,27 +46,56 @@ def scaffold_share(e: dict) -> float | None:
     return 1.0 - comp["main network"] / total if "main network" in comp and total else None
 
 
-def claims(R: dict, s: Settings, seeds: list[int]) -> list[dict]:
-    """Issue 14's goals, each measured per seed: {claim, per_seed values, mean, held}."""
-    def per_seed(fn):
+def claim_rows(n_seeds: int) -> tuple[list[dict], callable]:
+    """An empty claims list and its ``add(claim, goal, fn(seed index) -> value, test)``: each claim is
+    measured per seed (None where its inputs are missing) and held when it holds on every seed measured."""
+    rows = []
+
+    def add(name, goal, fn, test):
         vals = []
-        for i in range(len(seeds)):
+        for i in range(n_seeds):
             try:
                 vals.append(fn(i))
             except (KeyError, TypeError, IndexError, ZeroDivisionError, StopIteration):
                 vals.append(None)
-        return vals
-
-    ev = lambda n, i: R["eval"][n][i]
-    ips = lambda n, i: R["speed"][i]["images_per_sec"][n]
-    rows = []
-
-    def add(name, goal, fn, test):
-        vals = per_seed(fn)
         got = [v for v in vals if v is not None]
         m = float(np.mean(got, axis=0)) if got and not isinstance(got[0], (list, tuple)) else None
         rows.append({"claim": name, "goal": goal, "per_seed": vals, "mean": m,
                      "held": (all(test(v) for v in got) if got else None)})
+
+    return rows, add
+
+
+def canvas_claims(results: list[dict | None]) -> list[dict]:
+    """Issue 25's sparse-canvas goals, per seed, from canvas.py's ``results_STEP_sSEED.json`` (one per seed:
+    ``eval`` per model name, ``speed``). Time ratios are of time per image (1 / img/s), within one process."""
+    rows, add = claim_rows(len(results))
+    ev = lambda n, i: results[i]["eval"][n]
+    secs = lambda n, i: 1.0 / results[i]["speed"]["images_per_sec"][n]
+    fid = lambda a, b: (lambda i: ev(a, i)["fid"] / ev(b, i)["fid"])
+    add("canvas: DC-DiT FID / FLOP-matched DiT/8's", "<= 0.8", fid("dcdit", "dit8"), lambda v: v <= 0.8)
+    add("canvas: DC-DiT sampling time / DiT/8's", "<= 1.2", lambda i: secs("dcdit", i) / secs("dit8", i),
+        lambda v: v <= 1.2)
+    add("canvas: DC-DiT FID / parameter-matched DiT/4's", "<= 1.2", fid("dcdit", "dit4"), lambda v: v <= 1.2)
+    add("canvas: DC-DiT sampling time / DiT/4's", "<= 0.4", lambda i: secs("dcdit", i) / secs("dit4", i),
+        lambda v: v <= 0.4)
+    add("canvas: learned router FID / fixed lattice router's (same share)", "<= 0.85", fid("dcdit", "dcdit_grid"),
+        lambda v: v <= 0.85)
+    add("canvas: learned router FID / random router's (same share)", "<= 0.85", fid("dcdit", "dcdit_random"),
+        lambda v: v <= 0.85)
+    add("canvas: router ROC-AUC vs the digit's ink, t <= 250", ">= 0.85",
+        lambda i: ev("dcdit", i)["segmentation"]["auc_ink_late"], lambda v: v >= 0.85)
+    add("canvas: kept share at the noisiest step / at the cleanest", "<= 0.6",
+        lambda i: ev("dcdit", i)["kept_share_noisiest"] / ev("dcdit", i)["kept_share_cleanest"], lambda v: v <= 0.6)
+    return rows
+
+
+def claims(R: dict, s: Settings, seeds: list[int]) -> list[dict]:
+    """Issue 14's goals (and issue 25's canvas goals when R has canvas results), each measured per seed:
+    {claim, per_seed values, mean, held}."""
+    ev = lambda n, i: R["eval"][n][i]
+    ips = lambda n, i: R["speed"][i]["images_per_sec"][n]
+    rows, add = claim_rows(len(seeds))
 
     add("DC-DiT N=4 FID / DiT/2 FID", "<= 0.8", lambda i: ev("dcdit_n4", i)["fid"] / ev("dit2", i)["fid"],
         lambda v: v <= 0.8)
@@ -90,6 +119,8 @@ def claims(R: dict, s: Settings, seeds: list[int]) -> list[dict]:
 
     add(f"upcycled: steps to scratch's final FID@{s.n_small} / scratch's steps", "<= 0.25",
         upcycle_steps_to_scratch, lambda v: v <= 0.25)
+    if any(R.get("canvas") or []):
+        rows += canvas_claims(R["canvas"])
     return rows
 
 
@@ -212,6 +243,33 @@ def section_shapes(R: dict, s: Settings) -> list[str]:
     return L + [""]
 
 
+CANVAS_LABEL = {"dcdit": "DC-DiT, learned router", "dcdit_grid": "DC-DiT, fixed lattice router",
+                "dcdit_random": "DC-DiT, random router", "dit8": "DiT/8 (FLOP-matched)", "dit4": "DiT/4 (parameter-matched)"}
+
+
+def section_canvas(R: dict) -> list[str]:
+    """The sparse canvas (benchmarks/canvas.py), per model over the seeds that have it."""
+    cv = R.get("canvas") or []
+    if not any(cv):
+        return []
+    src = R["meta"].get("canvas", "")
+    L = [f"Sparse canvas (MNIST digits at random positions on 64x64; `benchmarks/canvas.py`, results from {src}): "
+         "FID@2000 vs 2000 canvas test images, in-domain classifier accuracy, sampling img/s of all models in one "
+         "process (1 thread):\n",
+         "| model | FID@2000 | class acc | GFLOPs/img | img/s | router ROC-AUC vs ink, t <= 250 |",
+         "|---|---:|---:|---:|---:|---:|"]
+    for n, label in CANVAS_LABEL.items():
+        evs = [c["eval"].get(n) if c else None for c in cv]
+        if not any(evs):
+            continue
+        got = [e for e in evs if e]
+        ips = [c["speed"].get("images_per_sec", {}).get(n) for c in cv if c and c.get("speed")]
+        auc = [(e.get("segmentation") or {}).get("auc_ink_late") for e in got]
+        L.append(f"| {label} | {ms([e['fid'] for e in got], 1)} | {ms([e['class_acc'] for e in got], 3)} "
+                 f"| {ms([e['gflops_per_image'] for e in got])} | {ms(ips, 1)} | {ms(auc, 3) if any(auc) else '-'} |")
+    return L + [""]
+
+
 def section_claims(R: dict) -> list[str]:
     L = ["The paper's claims at this scale (each measured per seed; held = held for every seed measured):\n",
          "| claim | goal | per seed | mean ± sd | held |", "|---|---|---|---|---|"]
@@ -259,7 +317,7 @@ def render(R: dict, s: Settings) -> tuple[str, list[dict]]:
     """The table (markdown) of results ``R`` (with its claims), and the FID-vs-GFLOPs records of its plot."""
     elastic, records = section_elastic(R, s)
     L = (section_models(R, s) + elastic + section_upcycle(R, s) + section_curve(R, s) + section_shapes(R, s)
-         + section_claims(R))
+         + section_canvas(R) + section_claims(R))
     return "\n".join(L), records
 
 
@@ -278,6 +336,8 @@ def stage_report(ctx: Ctx, seeds: list[int], meta: dict) -> dict:
     R["shapes_ablation"] = {v: [read_json(out / f"shapes_{v}_s{sd}.json") for sd in seeds] for v in SHAPES_VARIANTS}
     R["upcycle"] = [read_json(out / f"upcycle_result_s{sd}.json") for sd in seeds]
     R["curve"] = [read_json(out / f"curve_s{sd}.json") for sd in seeds]
+    canvas = meta.get("canvas")  # canvas.py --report DIR's results_STEP_sSEED.json per seed: "DIR/results_STEP"
+    R["canvas"] = [read_json(Path(f"{canvas}_s{sd}.json")) for sd in seeds] if canvas else []
     R["claims"] = claims(R, s, seeds)
     R["total_stage_seconds"] = round(sum(float((read_json(p) or {}).get("seconds", 0.0) or 0.0)
                                          for p in out.glob("*.json") if p.name != "results.json"), 1)

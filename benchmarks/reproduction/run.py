@@ -72,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--speed-batch", type=int, default=None, help="batch of the images/s measurement (default 100)")
     ap.add_argument("--models", default=",".join(MODELS),
                     help="train/eval only these MNIST models (e.g. to run stages in parallel processes)")
+    ap.add_argument("--canvas", default=None, metavar="DIR/results_STEP",
+                    help="fold the sparse canvas into the report and its claims: canvas.py --report's "
+                         "DIR/results_STEP_sSEED.json for each seed (e.g. docs/canvas/results_4000)")
     ap.add_argument("--variants", default=",".join(SHAPES_VARIANTS),
                     help=f"with --only shapes-ablation: which of {', '.join(SHAPES_VARIANTS)}")
     return ap.parse_args(argv)
@@ -146,6 +149,8 @@ def main(argv=None) -> int:
     meta = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
             "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "this_invocation_seconds": round(time.time() - t0, 1)}
+    if args.canvas:
+        meta["canvas"] = args.canvas
     R = stage_report(ctx, seeds, meta)
     print(R["table_md"])
     print(f"\nresults: {out / 'results.json'}; table: {out / 'table.md'}; plots: {', '.join(R['plots'].values())}")
