@@ -4,7 +4,8 @@
         --description "DiT/4 (1.3M params), MNIST 32x32" --curve runs/lc/dit4_fast/curve.json
 
 Writes ``src/dcdit/pretrained/NAME/{config.json, ema.safetensors}`` (the EMA
-weights only: a few MB) and the entry of ``src/dcdit/pretrained/index.json``:
+weights only: a few MB; ``--half`` stores them as float16, half the size, and
+the loader copies them back into the model's float32 parameters) and the entry of ``src/dcdit/pretrained/index.json``:
 the description, what it was trained on and for how long (from the run's
 config and log), and its measured scores (from a learning-curve JSON or a
 demo summary.json).
@@ -30,14 +31,26 @@ def main(argv=None) -> int:
     ap.add_argument("--curve", help="learning-curve curve.json: scores of its last point")
     ap.add_argument("--summary", help="demo summary.json: its sample class accuracy and segmentation AUC")
     ap.add_argument("--scores", help="a JSON object of further measured scores, e.g. from an evaluation script")
+    ap.add_argument("--half", action="store_true",
+                    help="store the weights as float16 (refused if one would overflow it)")
     a = ap.parse_args(argv)
     ckpt = find_checkpoint(Path(a.run))
     if ckpt is None:
         raise SystemExit(f"error: no checkpoint in {a.run}")
     dest = ROOT / "src" / "dcdit" / "pretrained" / a.name
     dest.mkdir(parents=True, exist_ok=True)
-    for f in ("config.json", "ema.safetensors"):
-        shutil.copyfile(ckpt / f, dest / f)
+    shutil.copyfile(ckpt / "config.json", dest / "config.json")
+    if a.half:
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        w = load_file(str(ckpt / "ema.safetensors"))
+        big = [k for k, v in w.items() if v.is_floating_point() and v.abs().max() > torch.finfo(torch.float16).max]
+        if big:
+            raise SystemExit(f"error: --half: {big[0]} overflows float16")
+        save_file({k: v.half() if v.is_floating_point() else v for k, v in w.items()}, str(dest / "ema.safetensors"))
+    else:
+        shutil.copyfile(ckpt / "ema.safetensors", dest / "ema.safetensors")
     state = json.loads((ckpt / "train_state.json").read_text())
     import yaml
 
@@ -48,6 +61,8 @@ def main(argv=None) -> int:
                         f"{step} steps x {batch} images, lr {tc['optim']['lr']:g}, seed {tc['train']['seed']}, "
                         f"predicts {json.loads((ckpt / 'config.json').read_text()).get('prediction', 'epsilon')}",
              "scores": {}}
+    if a.half:
+        entry["stored"] = "float16 (EMA weights; loaded into float32)"
     if a.curve:
         p = json.loads(Path(a.curve).read_text())["points"][-1]
         for s in ("cfg1", "cfg3"):
