@@ -36,6 +36,7 @@ def test_routing_vs_detail_scores_an_oracle_router():
         assert r["auc"] == pytest.approx(1.0)
         assert r["kept_share"] == pytest.approx(float(cells.mean()))
         assert 0 < r["detail_share"] < 1
+        assert r["detail_kept"] == pytest.approx(1.0) and r["other_kept"] == pytest.approx(0.0)  # keeps = detail
 
 
 def test_edge_detail_map_reproduces_the_shapes_ground_truth():

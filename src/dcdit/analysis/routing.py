@@ -60,6 +60,10 @@ def routing_vs_detail(
 ) -> list[dict]:
     """Per timestep: ROC-AUC of the first stage's p against detail cells, and kept shares.
 
+    Besides the AUC of p (a ranking over all tokens, most of which sit below the boundary threshold),
+    ``detail_kept`` / ``other_kept`` are the shares of detail and of other cells that the router
+    actually keeps: what the main network sees.
+
     ``dataset`` provides ``get_with_detail(i) -> (x, y, detail (H, W))`` (shapes), or
     else its images' own :func:`edge_detail_map` is the ground truth.
     The router's grid may be coarser than the image (patch size p): a token is
@@ -78,16 +82,17 @@ def routing_vs_detail(
     noise = torch.randn(x0.shape, generator=gen)
     results = []
     for t_val in timesteps:
-        probs, keeps, naturals = [], [], []
+        probs, keeps, naturals, masks = [], [], [], []
         for s in range(0, len(x0), batch_size):
             xb, nb, yb = x0[s:s + batch_size], noise[s:s + batch_size], y[s:s + batch_size]
             t = torch.full((len(xb),), int(t_val), dtype=torch.long)
             _, routing = model(diffusion.q_sample(xb, t, noise=nb), t, yb)
             stage = routing[0]
             probs.append(stage.boundary_prob.float())
+            masks.append(stage.keep_mask)
             keeps.append(stage.kept_share())
             naturals.append(stage.kept_share(natural=True))
-        p = torch.cat(probs)  # (n, L)
+        p, kept = torch.cat(probs), torch.cat(masks)  # (n, L) each
         gh, gw = routing[0].grid
         H, W = detail.shape[-2:]
         cell = torch.nn.functional.adaptive_max_pool2d(detail[:, None], (gh, gw))[:, 0].reshape(len(p), -1) > 0
@@ -99,6 +104,8 @@ def routing_vs_detail(
             kept_share=float(torch.cat(keeps).mean()),
             natural_share=float(torch.cat(naturals).mean()),
             detail_share=float(cell.float().mean()),
+            detail_kept=float(kept[:, inner][cell[:, inner]].float().mean()),
+            other_kept=float(kept[:, inner][~cell[:, inner]].float().mean()),
         ))
     return results
 
