@@ -105,6 +105,28 @@ def stage_speed(ctx: Ctx, seed: int, steps: int) -> dict:
     return cached(ctx.out / f"speed_{step_tag(steps, ctx.s)}_s{seed}.json", run)
 
 
+def stage_routing(ctx: Ctx, seed: int, steps: int) -> dict:
+    """Which tokens each routed model's router keeps on noised canvas test images, per t: the ROC-AUC of p,
+    and the shares of ink cells and of background cells kept (``routing_vs_detail``)."""
+    names = [n for n in MODELS if n.startswith("dcdit") and run_step(ctx.out / "runs" / f"{n}_s{seed}") >= steps]
+
+    def run():
+        return {n: segmentation(ctx, load(ctx.out / "runs" / f"{n}_s{seed}", f"ckpt-{steps:07d}"), seed)["ink"]
+                for n in names}
+
+    return cached(ctx.out / f"routing_{step_tag(steps, ctx.s)}_s{seed}.json", run)
+
+
+def routing_table(rows: dict) -> list[str]:
+    L = ["| model | t | ROC-AUC of p vs ink | ink cells kept | background cells kept | kept share |",
+         "|---|---:|---:|---:|---:|---:|"]
+    for n, per_t in rows.items():
+        for r in (per_t if n in MODELS else []):  # (the cache adds "seconds")
+            L.append(f"| {MODELS[n]} | {r['t']} | {r['auc']:.3f} | {r['detail_kept']:.3f} | {r['other_kept']:.3f} "
+                     f"| {r['kept_share']:.3f} |")
+    return L
+
+
 def report(ctx: Ctx, seed: int, steps: int, out_dir: Path | None, recipe: tuple[str, ...] = ()) -> str:
     tag = step_tag(steps, ctx.s)
     ev, tr = {}, {}
@@ -133,6 +155,9 @@ def report(ctx: Ctx, seed: int, steps: int, out_dir: Path | None, recipe: tuple[
     L += [f"| {c['claim'].removeprefix('canvas: ')} | {c['goal']} | {c['per_seed'][0]:.3f} | "
           f"{'yes' if c['held'] else 'no'} |" for c in canvas_claims([{"eval": ev, "speed": speed}])
           if c["per_seed"][0] is not None]
+    if (routing := read_json(ctx.out / f"routing_{tag}_s{seed}.json")) is not None:
+        L += ["", "What the routers keep on 128 canvas test images noised to t (`--routing`):", "",
+              *routing_table(routing)]
     if speed:
         L += ["", f"Sampling times: batch {speed['batch']}, DDIM {speed['ddim_steps']}, {speed['precision']}, "
                   f"{speed['threads']} thread(s), every model in one process (median of 3 interleaved rounds)."]
@@ -152,6 +177,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--upto", type=int, default=None, help="train to / score the checkpoint at this step (default 6000)")
     ap.add_argument("--speed", action="store_true", help="only: sampling img/s of every model scored at --upto")
+    ap.add_argument("--routing", action="store_true",
+                    help="only: which tokens every routed model scored at --upto keeps (ink vs background, per t)")
     ap.add_argument("--report", default=None, metavar="DIR", help="write the table for --upto into DIR and stop")
     ap.add_argument("--smoke", action="store_true", help="tiny everything (plumbing check)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="recipe",
@@ -166,6 +193,9 @@ def main(argv=None) -> int:
     ctx.out.mkdir(parents=True, exist_ok=True)
     if args.report:
         print(report(ctx, args.seed, steps, Path(args.report), tuple(args.recipe)))
+        return 0
+    if args.routing:
+        print("\n".join(routing_table(stage_routing(ctx, args.seed, steps))))
         return 0
     if args.speed:
         sp = stage_speed(ctx, args.seed, steps)
