@@ -78,7 +78,7 @@ def main(argv=None) -> int:
                 ax.plot(*zip(*seg), marker="o", ms=3, label=label)
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
         ax.set_xlim(max(t for r in rows for t, _ in r[3]), 0)
-        ax.set_ylim(0.3, 1.0)
+        ax.set_ylim(min(0.3, min(a for r in rows for _, a in r[3]) - 0.05), 1.0)
         ax.set_xlabel("timestep t of the noised test images")
         ax.set_ylabel("router ROC-AUC vs the detail map")
         ax.set_title("does the router mark the object? (0.5: chance)", fontsize=10)
