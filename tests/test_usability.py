@@ -197,7 +197,11 @@ def test_sample_lines_say_what_they_measured(tmp_path, capsys):
     assert main(base + ["--num-samples", "4", "--batch-size", "2", "--probe-size", "2", "--gflops", "0.04"]) == 0
     cap = capsys.readouterr()
     assert "counted on the first 2 samples: --flops all counts every one" in cap.out
-    assert "over the first 2 of 4 samples (--flops first counts FLOPs on the first batch" in cap.err
+    assert "over the first 2 of 4 samples (--flops first counts FLOPs on the first --flop-images" in cap.err
+    assert main(base + ["--num-samples", "4", "--batch-size", "2", "--flop-images", "1"]) == 0
+    assert "counted on the first 1 samples" in capsys.readouterr().out  # a first batch of one, counted
+    assert main(base + ["--num-samples", "4", "--flop-images", "0"]) != 0
+    assert "--flop-images must be positive" in capsys.readouterr().err
     assert main(base + ["--num-samples", "2", "--cfg-scale", "2", "--uncond-drop", "0.5"]) == 0
     assert "tail-drop 0.000 (conditional), 0.500 (unconditional)" in capsys.readouterr().out
 
