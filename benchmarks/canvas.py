@@ -29,18 +29,12 @@ import torch
 
 from adaptive import router_vs_detail
 from reproduction import (  # the reproduction's training and scoring protocol (benchmarks/reproduction/)
-    Ctx, Settings, cached, canvas_claims, dataset, load, log, read_json, run_step, sampling_speed, score,
-    stage_classifier, stage_reference, train_run, write_json,
+    CANVAS_MODELS, Ctx, Settings, cached, canvas_claims, dataset, load, log, read_json, run_step, sampling_speed,
+    score, stage_classifier, stage_reference, train_run, write_json,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "canvas"
-MODELS = {
-    "dcdit": "DC-DiT, learned router (N = 5)",
-    "dcdit_grid": "control: DC-DiT with a fixed lattice router at the same share",
-    "dcdit_random": "control: DC-DiT with a random router at the same share",
-    "dit8": "DiT/8, FLOP-matched (64 tokens)",
-    "dit4": "DiT/4, parameter-matched (256 tokens)",
-}
+MODELS = CANVAS_MODELS
 
 
 def canvas_settings(smoke: bool = False) -> Settings:

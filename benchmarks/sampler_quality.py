@@ -89,7 +89,7 @@ def main() -> None:
     p.add_argument("--samplers", default=DEFAULT_SAMPLERS)
     p.add_argument("--steps", default="5,10,15,25")
     p.add_argument("--cells", default=None, metavar="SAMPLER:STEPS,...",
-                   help="only these cells of the samplers x steps table, e.g. ddim:25,dpm++2m:10 (default: all)")
+                   help="only these cells, e.g. ddim:25,dpm++2m:10 (replaces --samplers and --steps; default: their table)")
     p.add_argument("--n", type=int, default=2000, help="samples per cell and reference images (default 2000)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))

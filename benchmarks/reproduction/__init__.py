@@ -16,11 +16,11 @@ from .report import canvas_claims, render, scaffold_share, stage_report
 from .run import main
 from .runs import cached, dataset, dataset_uint8, load, log, mnist, read_json, run_step, train_run, write_json
 from .scoring import Ctx, sampling_speed, score
-from .settings import MODELS, SAMPLE_PRECISION, SHAPES_VARIANTS, Settings, smoke_settings, train_dict
+from .settings import CANVAS_MODELS, MODELS, SAMPLE_PRECISION, SHAPES_VARIANTS, Settings, smoke_settings, train_dict
 from .stages import stage_classifier, stage_reference
 
 __all__ = [
-    "Ctx", "MODELS", "canvas_claims", "SAMPLE_PRECISION", "SHAPES_VARIANTS", "Settings", "cached", "dataset", "dataset_uint8", "load",
+    "CANVAS_MODELS", "Ctx", "MODELS", "canvas_claims", "SAMPLE_PRECISION", "SHAPES_VARIANTS", "Settings", "cached", "dataset", "dataset_uint8", "load",
     "log", "main", "mnist", "read_json", "render", "run_step", "sampling_speed", "scaffold_share", "score",
     "smoke_settings", "stage_classifier", "stage_reference", "stage_report", "train_dict", "train_run",
     "write_json",

@@ -11,7 +11,7 @@ from dcdit.viz.plots import plot_cost_over_time, plot_quality_vs_compute
 
 from .runs import read_json, train_minutes, write_json
 from .scoring import Ctx
-from .settings import LABEL, MODELS, SHAPES_VARIANTS, Settings
+from .settings import CANVAS_MODELS, LABEL, MODELS, SHAPES_VARIANTS, Settings
 
 
 def fmt(v, nd=2):
@@ -243,10 +243,6 @@ def section_shapes(R: dict, s: Settings) -> list[str]:
     return L + [""]
 
 
-CANVAS_LABEL = {"dcdit": "DC-DiT, learned router", "dcdit_grid": "DC-DiT, fixed lattice router",
-                "dcdit_random": "DC-DiT, random router", "dit8": "DiT/8 (FLOP-matched)", "dit4": "DiT/4 (parameter-matched)"}
-
-
 def section_canvas(R: dict) -> list[str]:
     """The sparse canvas (benchmarks/canvas.py), per model over the seeds that have it."""
     cv = R.get("canvas") or []
@@ -258,7 +254,7 @@ def section_canvas(R: dict) -> list[str]:
          "process (1 thread):\n",
          "| model | FID@2000 | class acc | GFLOPs/img | img/s | router ROC-AUC vs ink, t <= 250 |",
          "|---|---:|---:|---:|---:|---:|"]
-    for n, label in CANVAS_LABEL.items():
+    for n, label in CANVAS_MODELS.items():
         evs = [c["eval"].get(n) if c else None for c in cv]
         if not any(evs):
             continue

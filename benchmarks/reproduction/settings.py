@@ -12,6 +12,14 @@ STAGES = ("classifier", "reference", "train", "eval", "upcycle", "speed", "elast
           "shapes-ablation")
 MODELS = ("dit4", "dcdit_n4", "dit2")  # training order: the cheap models (and what upcycling needs) first
 LABEL = {"dit2": "DiT/2", "dit4": "DiT/4", "dcdit_n4": "DC-DiT N=4"}
+# The sparse canvas (benchmarks/canvas.py, configs/canvas/NAME.yaml): model name -> label in every table
+CANVAS_MODELS = {
+    "dcdit": "DC-DiT, learned router (N = 5)",
+    "dcdit_grid": "control: DC-DiT with a fixed lattice router at the same share",
+    "dcdit_random": "control: DC-DiT with a random router at the same share",
+    "dit8": "DiT/8, FLOP-matched (64 tokens)",
+    "dit4": "DiT/4, parameter-matched (256 tokens)",
+}
 # Precision of every sampling network call (dcdit.sampling.precision): "auto" is bf16 on a CPU or GPU that
 # computes bf16 natively (this machine: AVX512-BF16 / AMX, as the published results), fp32 elsewhere.
 SAMPLE_PRECISION = "auto"
