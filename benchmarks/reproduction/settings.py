@@ -17,6 +17,8 @@ CANVAS_MODELS = {
     "dcdit": "DC-DiT, learned router (N = 5)",
     "dcdit_grid": "control: DC-DiT with a fixed lattice router at the same share",
     "dcdit_random": "control: DC-DiT with a random router at the same share",
+    "dcdit_w32": "DC-DiT, learned router, scaffold at width 32",
+    "dcdit_w32_random": "control: the width-32 DC-DiT with a random router",
     "dit8": "DiT/8, FLOP-matched (64 tokens)",
     "dit4": "DiT/4, parameter-matched (256 tokens)",
 }

@@ -1,0 +1,74 @@
+"""benchmarks/canvas_probe.py: its interventions do what they say, and undo themselves."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcdit.models import DCDiT
+from dcdit.models.config import DCDiTConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def probe(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import canvas_probe
+
+    return canvas_probe
+
+
+def tiny() -> DCDiT:
+    torch.manual_seed(0)
+    cfg = DCDiTConfig(input_size=32, patch_size=2, in_channels=1, num_classes=10, d_model=[64, 64], num_heads=[2, 2],
+                      arch_layout=["c1", ["D1"], "c1"], enc_dec_dim_factor=[4, None], norm_groups=8,
+                      downsample_factor=4.0, learn_sigma=False)
+    model = DCDiT(cfg).eval()
+    with torch.no_grad():  # leave the zero init: every block and the final layer do something
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 1, 32, 32, generator=g), torch.tensor([10, 500]), torch.tensor([3, 7])
+
+
+def run(model, probe, mode, ink_cells):
+    with torch.no_grad(), probe.intervention(model, mode, ink_cells):
+        return model(*inputs())
+
+
+def test_forced_routings_keep_what_they_say(probe):
+    model = tiny()
+    with torch.no_grad():
+        ref, r_ref = model(*inputs())
+    assert not bool(r_ref[0].keep_mask.all())
+    ink = torch.zeros(2 * 256, dtype=torch.bool)
+    ink[[5, 40, 41, 300, 301, 302]] = True
+    _, r_all = run(model, probe, "all", ink)
+    assert bool(r_all[0].keep_mask.all())
+    _, r_oracle = run(model, probe, "oracle", ink)
+    forced = torch.zeros(2, 256, dtype=torch.bool)
+    forced[:, 0] = forced[:, -1] = True  # every sequence's first and last token are always kept
+    assert torch.equal(r_oracle[0].keep_mask, ink.view(2, 256) | forced)
+    # the patch is gone afterwards: the learned router decides again
+    with torch.no_grad():
+        out, r = model(*inputs())
+    assert torch.equal(r[0].keep_mask, r_ref[0].keep_mask) and torch.equal(out, ref)
+
+
+def test_no_main_removes_the_main_network_and_only_it(probe):
+    model = tiny()
+    ink = torch.zeros(2 * 256, dtype=torch.bool)
+    with_main, _ = run(model, probe, "learned", ink)
+    without, _ = run(model, probe, "no-main", ink)
+    assert not torch.allclose(with_main, without)
+    with torch.no_grad():  # the main network's weights no longer matter under no-main
+        for p in model.main_network.parameters():
+            p.mul_(3.0)
+    assert torch.equal(run(model, probe, "no-main", ink)[0], without)
+    assert not torch.allclose(run(model, probe, "learned", ink)[0], with_main)
+    assert "_main_blocks" not in vars(model)  # the patch is undone
