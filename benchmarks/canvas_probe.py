@@ -19,6 +19,7 @@ carry the per-pixel readout that small t asks for.
 
     python benchmarks/canvas_probe.py runs/canvas/runs/dcdit_s0/ckpt-0004000:dcdit \\
         runs/canvas/runs/dit8_s0/ckpt-0004000:dit8 [--n 256] [--out docs/canvas/probe.json]
+    python benchmarks/canvas_probe.py --table docs/canvas/probe/*.json   # the markdown table
     python benchmarks/canvas_probe.py pretrained:mnist-repro-dcdit-n4:repro --source mnist --modes learned,no-main
 
 Forcing a routing patches the routers' ``logits`` for the probe only (the keep rule, p > 0.5, and the
@@ -108,9 +109,23 @@ def probe(model, x0: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, mode: s
     return rows
 
 
+def table(files, ts=(25, 250, 500)) -> str:
+    """One markdown row per model and mode of the probe JSONs ``files``: x0 MSE on background / ink at ``ts``."""
+    head = " | ".join(f"t={t}: background / ink" for t in ts)
+    lines = [f"| model / routing | kept share (t={ts[1]}) | {head} |", "|---|---:|" + "---|" * len(ts)]
+    for f in files:
+        for label, r in json.loads(Path(f).read_text())["models"].items():
+            rows = {x["t"]: x for x in r["rows"]}
+            kept = rows[ts[1]].get("kept_share")
+            cells = " | ".join(f"{rows[t]['mse_background']:.4f} / {rows[t]['mse_ink']:.3f}" for t in ts)
+            lines.append(f"| {label} | {'-' if kept is None else f'{kept:.2f}'} | {cells} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("models", nargs="+", metavar="CKPT:LABEL")
+    ap.add_argument("models", nargs="*", metavar="CKPT:LABEL")
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="only: print the markdown table of probe JSON files")
     ap.add_argument("--n", type=int, default=256, help="canvas test images (the first n)")
     ap.add_argument("--modes", default="learned,oracle,all,no-main",
                     help="comma list of learned, oracle, all, no-main (DiT runs learned only)")
@@ -119,6 +134,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="JSON file for the rows")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return 0
+    if not args.models:
+        ap.error("give CKPT:LABEL models to probe (or --table JSON...)")
     if args.threads:
         torch.set_num_threads(args.threads)
     ds = (dataset(canvas_settings(), "test") if args.source == "canvas"

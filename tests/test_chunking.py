@@ -89,6 +89,25 @@ def test_group_norm_channels_last_matches_nn_group_norm(dtype):
     torch.testing.assert_close(ours.bias.grad, ref.bias.grad, **tol)
 
 
+@pytest.mark.parametrize("channels", [32, 128])
+def test_group_norm_bf16_channels_last_inference(channels):
+    """Inference on a bf16 channels-last input (the scaffold's convs at sampling): nn.GroupNorm's values within
+    bf16 rounding, channels-last out. Groups of < 16 channels go through an NCHW copy (torch's channels-last
+    bf16 kernel is slow for them); wider groups keep torch's kernel, bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    ref, ours = nn.GroupNorm(8, channels), GroupNorm(8, channels)
+    with torch.no_grad():
+        ref.weight.normal_(generator=g), ref.bias.normal_(generator=g)
+    ours.load_state_dict(ref.state_dict())
+    x = (torch.randn(4, 6, 5, channels, generator=g) * 2 + 1).bfloat16().permute(0, 3, 1, 2)  # channels-last view
+    with torch.no_grad():
+        y, y_ref, y32 = ours(x), ref(x), ref(x.float())
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.float(), y32, atol=4e-2, rtol=1e-2)  # bf16 rounding of the fp32 result
+    if channels >= 16 * 8:
+        assert torch.equal(y, y_ref)
+
+
 # --------------------------------------------------------------------------- #
 #                                 Routing                                     #
 # --------------------------------------------------------------------------- #

@@ -149,4 +149,11 @@ class GroupNorm(nn.GroupNorm):
         if (torch.is_grad_enabled() and self.affine and x.dim() > 2 and x.numel() > 0
                 and not x.is_contiguous() and (x.requires_grad or self.weight.requires_grad)):
             return _GroupNormFn.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+        if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] < 16 * self.num_groups):
+            # torch's bf16 channels-last GroupNorm kernel on CPU is slow for groups of < 16 channels: 7.5 ms on
+            # (64, 32, 16, 16) in 8 groups against 0.2 for NCHW (1.0 vs 0.8 at 16 per group). The scaffold's
+            # convs want channels-last (faster at inference), so normalise an NCHW copy and hand back channels-last
+            y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
+            return y.contiguous(memory_format=torch.channels_last)
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
