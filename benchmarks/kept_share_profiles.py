@@ -30,9 +30,12 @@ def read(spec: str) -> tuple[str, list[int], list[float], list[tuple[int, float]
         return label, run["timesteps"], run["kept_share_by_t"], []
     if d.get("kept_share_by_t") is None:
         raise SystemExit(f"error: {path} has no kept share per step (not a routed model's scores?)")
-    ks = d["kept_share_by_t"]  # a scored model: DDIM steps evenly spaced from t_noisiest to t_cleanest
-    n, t0, t1 = len(ks), d["t_noisiest"], d["t_cleanest"]
-    t = [round(t0 + (t1 - t0) * i / (n - 1)) for i in range(n)] if n > 1 else [t0]
+    ks = d["kept_share_by_t"]
+    if d.get("timesteps"):  # a scored model's own DDIM steps (reproduction.score records them)
+        t = d["timesteps"]
+    else:  # scores written before it did: the DDIM steps evenly spaced from t_noisiest to t_cleanest
+        n, t0, t1 = len(ks), d["t_noisiest"], d["t_cleanest"]
+        t = [round(t0 + (t1 - t0) * i / (n - 1)) for i in range(n)] if n > 1 else [t0]
     seg = [(r["t"], r["auc"]) for r in (d.get("segmentation") or {}).get("ink", [])]
     return label, t, ks, seg
 

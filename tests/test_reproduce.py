@@ -22,7 +22,9 @@ def test_reproduce_smoke(tmp_path, capsys, monkeypatch):
     for n in repro.MODELS:
         ev = res["eval"][n][0]
         assert ev["n"] == 24 and ev["gflops_per_image"] > 0 and 0 <= ev["class_acc"] <= 1
-    assert res["eval"]["dcdit_n4"][0]["kept_share_noisiest"] is not None
+    ev = res["eval"]["dcdit_n4"][0]
+    assert ev["kept_share_noisiest"] is not None
+    assert len(ev["timesteps"]) == len(ev["kept_share_by_t"]) and ev["timesteps"][0] == ev["t_noisiest"]
     assert set(res["elastic"]) == {"0.2", "0.4", "0.6"}
     assert res["shapes"][0]["per_t"][0]["auc"] is not None
     assert {p["init"] for p in res["upcycle"][0]["points"]} == {"scratch", "upcycled"}

@@ -73,6 +73,7 @@ def score(ctx: Ctx, model, n: int, seed: int, tail_drop: float, tag: str, grid: 
         plot_class_grid(imgs[:200], labels[:200], ctx.out / f"samples_{tag}.png", per_class=10,
                         title=f"{tag}: DDIM {s.ddim_steps} steps")
     if st.kept_share is not None:
+        res["timesteps"] = [int(t) for t in st.timesteps]  # the DDIM steps that kept_share_by_t follows
         np.savez(ctx.out / f"cost_{tag}.npz", timesteps=np.asarray(st.timesteps), kept_share=st.kept_share,
                  flops=st.flops_per_step if st.flops_per_step is not None else np.zeros(0))
     return res
