@@ -121,7 +121,8 @@ def routing_table(rows: dict) -> list[str]:
     return L
 
 
-def report(ctx: Ctx, seed: int, steps: int, out_dir: Path | None, recipe: tuple[str, ...] = ()) -> str:
+def report(ctx: Ctx, seed: int, steps: int, out_dir: Path | None, recipe: tuple[str, ...] = (),
+           dcdit: str = "dcdit") -> str:
     tag = step_tag(steps, ctx.s)
     ev, tr = {}, {}
     for n in MODELS:
@@ -145,9 +146,10 @@ def report(ctx: Ctx, seed: int, steps: int, out_dir: Path | None, recipe: tuple[
                  f"| {e['gflops_per_image']:.2f} | {ips.get(n, float('nan')):.1f} | {kept} "
                  f"| {seg.get('auc_ink_late', float('nan')):.3f} | {'' if a950 is None else f'{a950:.3f}'} "
                  f"| {'' if mins is None else f'{mins / 60:.1f}'} |")
-    L += ["", "| goal (issue 25) | target | measured | held |", "|---|---|---:|---|"]
+    L += ["", f"Goals, judged on `{dcdit}` (and its controls `{dcdit}_grid`, `{dcdit}_random` where scored):", "",
+          "| goal (issue 25) | target | measured | held |", "|---|---|---:|---|"]
     L += [f"| {c['claim'].removeprefix('canvas: ')} | {c['goal']} | {c['per_seed'][0]:.3f} | "
-          f"{'yes' if c['held'] else 'no'} |" for c in canvas_claims([{"eval": ev, "speed": speed}])
+          f"{'yes' if c['held'] else 'no'} |" for c in canvas_claims([{"eval": ev, "speed": speed, "dcdit_model": dcdit}])
           if c["per_seed"][0] is not None]
     if (routing := read_json(ctx.out / f"routing_{tag}_s{seed}.json")) is not None:
         L += ["", "What the routers keep on 128 canvas test images noised to t (`--routing`):", "",
@@ -159,7 +161,8 @@ def report(ctx: Ctx, seed: int, steps: int, out_dir: Path | None, recipe: tuple[
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"table_{tag}_s{seed}.md").write_text(text)
-        write_json(out_dir / f"results_{tag}_s{seed}.json", {"eval": ev, "train": tr, "speed": speed})
+        write_json(out_dir / f"results_{tag}_s{seed}.json", {"eval": ev, "train": tr, "speed": speed,
+                                                                      "dcdit_model": dcdit})
     return text
 
 
@@ -174,6 +177,8 @@ def main(argv=None) -> int:
     ap.add_argument("--routing", action="store_true",
                     help="only: which tokens every routed model scored at --upto keeps (ink vs background, per t)")
     ap.add_argument("--report", default=None, metavar="DIR", help="write the table for --upto into DIR and stop")
+    ap.add_argument("--dcdit", default="dcdit", metavar="NAME",
+                    help="the DC-DiT the goals judge (its controls: NAME_grid, NAME_random), e.g. dcdit_w32")
     ap.add_argument("--smoke", action="store_true", help="tiny everything (plumbing check)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="recipe",
                     help="change every model's config (a recipe), e.g. diffusion.min_snr_gamma=null; "
@@ -186,7 +191,7 @@ def main(argv=None) -> int:
     ctx = Ctx(Path(args.out), s, smoke=args.smoke)
     ctx.out.mkdir(parents=True, exist_ok=True)
     if args.report:
-        print(report(ctx, args.seed, steps, Path(args.report), tuple(args.recipe)))
+        print(report(ctx, args.seed, steps, Path(args.report), tuple(args.recipe), args.dcdit))
         return 0
     if args.routing:
         print("\n".join(routing_table(stage_routing(ctx, args.seed, steps))))
@@ -202,7 +207,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: unknown model {name!r} (known: {', '.join(MODELS)})")
         r = stage_model(ctx, name, args.seed, steps, tuple(args.recipe))
         log(f"{name}@{steps}: FID {r['eval']['fid']:.1f}, class acc {r['eval']['class_acc']:.3f}")
-    print(report(ctx, args.seed, steps, None, tuple(args.recipe)))
+    print(report(ctx, args.seed, steps, None, tuple(args.recipe), args.dcdit))
     return 0
 
 

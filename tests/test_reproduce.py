@@ -89,3 +89,11 @@ def test_canvas_claims_per_seed(monkeypatch):
     assert rows["router ROC-AUC vs the digit's ink, t <= 250"]["held"] is False
     for absent in ("DC-DiT FID / parameter-matched DiT/4's", "learned router FID / random router's (same share)"):
         assert rows[absent]["per_seed"] == [None, None, None] and rows[absent]["held"] is None
+    # a results file may name another DC-DiT as the one judged; its controls are NAME_grid / NAME_random
+    other = {"eval": {"dcdit": {"fid": 500.0}, "w32": {"fid": 80.0}, "w32_random": {"fid": 100.0}, "dit8": {"fid": 100.0}},
+             "speed": {"images_per_sec": {"dcdit": 1.0, "w32": 8.0, "dit8": 10.0}}, "dcdit_model": "w32"}
+    rows = {c["claim"].removeprefix("canvas: "): c for c in repro.canvas_claims([other])}
+    assert rows["DC-DiT FID / FLOP-matched DiT/8's"]["per_seed"] == pytest.approx([0.8])
+    assert rows["DC-DiT sampling time / DiT/8's"]["per_seed"] == pytest.approx([1.25])
+    assert rows["learned router FID / random router's (same share)"]["per_seed"] == pytest.approx([0.8])
+    assert rows["learned router FID / fixed lattice router's (same share)"]["per_seed"] == [None]

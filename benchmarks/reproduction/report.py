@@ -68,10 +68,17 @@ def claim_rows(n_seeds: int) -> tuple[list[dict], callable]:
 
 def canvas_claims(results: list[dict | None]) -> list[dict]:
     """Issue 25's sparse-canvas goals, per seed, from canvas.py's ``results_STEP_sSEED.json`` (one per seed:
-    ``eval`` per model name, ``speed``). Time ratios are of time per image (1 / img/s), within one process."""
+    ``eval`` per model name, ``speed``, and ``dcdit_model``: which DC-DiT the goals judge, "dcdit" when absent;
+    its controls are NAME_grid and NAME_random). Time ratios are of time per image (1 / img/s), within one
+    process."""
     rows, add = claim_rows(len(results))
-    ev = lambda n, i: results[i]["eval"][n]
-    secs = lambda n, i: 1.0 / results[i]["speed"]["images_per_sec"][n]
+    suffix = {"dcdit": "", "dcdit_grid": "_grid", "dcdit_random": "_random"}  # the DC-DiT and its two controls
+
+    def name(n: str, i: int) -> str:  # "dcdit" and its controls stand for the seed's chosen DC-DiT and its controls
+        return (results[i].get("dcdit_model") or "dcdit") + suffix[n] if n in suffix else n
+
+    ev = lambda n, i: results[i]["eval"][name(n, i)]
+    secs = lambda n, i: 1.0 / results[i]["speed"]["images_per_sec"][name(n, i)]
     fid = lambda a, b: (lambda i: ev(a, i)["fid"] / ev(b, i)["fid"])
     add("canvas: DC-DiT FID / FLOP-matched DiT/8's", "<= 0.8", fid("dcdit", "dit8"), lambda v: v <= 0.8)
     add("canvas: DC-DiT sampling time / DiT/8's", "<= 1.2", lambda i: secs("dcdit", i) / secs("dit8", i),
