@@ -161,8 +161,8 @@ def report(ctx: Ctx, seed: int, steps: int, out_dir: Path | None, recipe: tuple[
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"table_{tag}_s{seed}.md").write_text(text)
-        write_json(out_dir / f"results_{tag}_s{seed}.json", {"eval": ev, "train": tr, "speed": speed,
-                                                                      "dcdit_model": dcdit})
+        results = {"eval": ev, "train": tr, "speed": speed, "dcdit_model": dcdit}
+        write_json(out_dir / f"results_{tag}_s{seed}.json", results)
     return text
 
 
@@ -188,6 +188,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     s = canvas_settings(args.smoke)
     steps = args.upto or s.steps
+    if args.dcdit not in MODELS or not args.dcdit.startswith("dcdit"):
+        raise SystemExit(f"error: --dcdit {args.dcdit!r} is not a canvas DC-DiT (known: "
+                         f"{', '.join(n for n in MODELS if n.startswith('dcdit'))})")
     ctx = Ctx(Path(args.out), s, smoke=args.smoke)
     ctx.out.mkdir(parents=True, exist_ok=True)
     if args.report:

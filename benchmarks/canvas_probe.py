@@ -4,11 +4,11 @@
 One denoising step on canvas test images, at fixed timesteps: noise a clean canvas x0 to x_t, ask the
 model for x0, and measure how wrong it is on the background (97 % of the pixels, black) and on the ink.
 ``speckle`` is the share of background pixels the model paints brighter than 64/255 (what the sample
-grids show as dots; benchmarks/speckle.py). Every DC-DiT runs under three routings:
+grids show as dots; benchmarks/speckle.py). Every DC-DiT runs under up to four conditions (``--modes``):
 
 * ``learned``: its own router (as sampled);
-* ``oracle``: the router's choice replaced by the tokens whose 4x4 cell holds ink in x0 (what a router
-  that marks the digit perfectly would keep, ~0.2 of the grid: about the learned share);
+* ``oracle``: the router's choice replaced by the tokens whose patch holds ink in x0 (what a router
+  that marks the digit perfectly would keep: ~0.08 of the canvas grid, less than the learned ~0.2);
 * ``all``: every token kept (the main network sees the full 16x16 grid: no chunking loss at all);
 * ``no-main``: the main network's output replaced by zeros (the scaffold alone: encoder, residual,
   decoder). How much worse this is than ``learned`` is what the main network contributes.
@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 
 from dcdit.checkpoint import load_model
+from dcdit.chunking.routing import SpatialPredictabilityRouter
 from dcdit.data import build_dataset
 from dcdit.data.config import DataConfig
 from dcdit.diffusion.gaussian_diffusion import ModelMeanType
-from dcdit.chunking.routing import SpatialPredictabilityRouter
 from dcdit.sampling import sampling_diffusion_for
 from dcdit.sampling.precision import autocast_for
 from reproduction import dataset
