@@ -83,6 +83,7 @@ def probe(model, x0: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, mode: s
     diffusion = sampling_diffusion_for(model, "ddim", 1000)
     is_v = getattr(diffusion, "model_mean_type", None) == ModelMeanType.VELOCITY
     ink = x0 > -1 + 1e-3  # (B, 1, H, W)
+    ink_cells = F.max_pool2d(ink.float(), cell) > 0  # (B, 1, gh, gw): the patches that hold ink
     rows = []
     for t_int in TIMESTEPS:
         x0_hat, kept = [], []
@@ -90,8 +91,8 @@ def probe(model, x0: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, mode: s
             xb, nb = x0[b : b + chunk], noise[b : b + chunk]
             t = torch.full((xb.shape[0],), t_int, dtype=torch.long)
             xt = diffusion.q_sample(xb, t, nb)
-            ink_cells = (F.max_pool2d(ink[b : b + chunk].float(), cell) > 0).flatten()  # (b*L,), raster order
-            with torch.no_grad(), autocast_for("auto"), intervention(model, mode, ink_cells):
+            cells = ink_cells[b : b + chunk].flatten()  # (b*L,), the packed tokens' raster order
+            with torch.no_grad(), autocast_for("auto"), intervention(model, mode, cells):
                 out = model(xt, t, y[b : b + chunk])
             pred, routing = out if isinstance(out, tuple) else (out, None)
             pred = pred[:, : xb.shape[1]].float()
