@@ -26,6 +26,8 @@ The DiT/4 of the reproduction (same main network, the FLOP-matched baseline) is 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,8 +52,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ratio_0.1": ("ratio-loss weight 0.1 (from 0.03)", {"ratio.weight": 0.1}),
     "grid": ("control: a fixed router keeping a regular grid at 1/N", {"model.overrides.router_mode": "grid"}),
     "random": ("control: a random router keeping 1/N", {"model.overrides.router_mode": "random"}),
+    "grid_no_mb": ("control for no_mb: the fixed grid router, no multi-budget training",
+                   {"model.overrides.router_mode": "grid", "multibudget.enabled": False}),
     "dit4": ("the FLOP-matched DiT/4 (same main network on a 4x4-patch grid)", {}),
 }
+# variant -> the variant whose run it shares up to the step multi-budget training starts (the two differ
+# only from there): a new run directory starts from a copy of that run's checkpoint at the step
+BRANCHES: dict[str, str] = {"grid_no_mb": "grid"}
 SEG_TIMESTEPS = (25, 100, 250, 500, 750, 950)
 
 
@@ -102,6 +109,25 @@ def segmentation(model, seed: int, n: int = 128) -> dict:
     return {"edges": edges, "ink": ink, "auc_edges_late": auc_edges, "auc_ink_late": auc_ink}
 
 
+def branch(ctx: Ctx, name: str, seed: int, run_dir: Path) -> None:
+    """Start ``run_dir`` from a copy of its BRANCHES parent's checkpoint at the multi-budget start step (the
+    steps before it are the same steps), when the run has no checkpoint yet and the parent has that one."""
+    from reproduction.runs import run_step
+
+    step = variant_config(ctx.s, name, seed)["multibudget"]["start_step"]
+    parent = ctx.out / "runs" / f"{BRANCHES[name]}_s{seed}"
+    ck = parent / f"ckpt-{step:07d}"
+    if run_step(run_dir) or not ck.is_dir():
+        return
+    log(f"{name}: starting from {ck} (the same {step} steps as {BRANCHES[name]})")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ck, run_dir / ck.name)
+    rows = [l for l in (parent / "metrics.jsonl").read_text().splitlines()
+            if l.strip() and json.loads(l).get("step", 0) <= step]
+    (run_dir / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    (run_dir / "latest").write_text(ck.name)
+
+
 def stage_variant(ctx: Ctx, name: str, seed: int, upto: int | None = None) -> dict:
     """Train variant ``name`` (to step ``upto`` of its run, default all of it) and score that checkpoint.
 
@@ -115,6 +141,8 @@ def stage_variant(ctx: Ctx, name: str, seed: int, upto: int | None = None) -> di
     run_dir = ctx.out / "runs" / f"{name}_s{seed}"
     d = variant_config(s, name, seed)
     d["train"]["steps"] = steps
+    if name in BRANCHES:
+        branch(ctx, name, seed, run_dir)
     routed = d["model"]["arch"] == "dcdit"
     # the router's gradient signal needs a learned router (the grid and random controls have no p to train)
     learned = routed and d["model"].get("overrides", {}).get("router_mode", "learned") == "learned"

@@ -218,3 +218,52 @@ def test_cpu_training_attention_modes_agree(monkeypatch, lengths):
         assert rel(a, b) < 3e-2
     with torch.no_grad():  # inference keeps PyTorch's bf16 kernel
         assert not B._cpu_half(q.requires_grad_())
+
+
+# --------------------------------------------------------------------------- #
+#   Sampling on CPU in half precision: sequences bucketed by rounded length   #
+# --------------------------------------------------------------------------- #
+
+@pytest.mark.parametrize("lengths", [LENGTHS, [5, 0, 64, 3, 33, 32, 31], [64, 64, 32], [1]])
+def test_bucketed_inference_equals_sdpa_loop(lengths):
+    """The sampling path attends like one SDPA call per sequence: same values (fp32, to rounding) for
+    mixed, empty, already-aligned and single sequences; padded keys get probability exactly 0."""
+    from dcdit.attention.backends import _bucketed_infer, _sdpa_loop
+
+    q, k, v, cu = packed_qkv(lengths)
+    args = (cu, max(lengths), lengths, None)
+    want = _sdpa_loop(q, k, v, *args)
+    out = _bucketed_infer(q, k, v, *args)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+    v2 = v.clone()
+    v2[: lengths[0]] += 100.0  # only the first sequence changes
+    out2 = _bucketed_infer(q, k, v2, *args)
+    torch.testing.assert_close(out2[lengths[0]:], out[lengths[0]:], atol=0, rtol=0)
+
+
+def test_bf16_sampling_attention_takes_the_bucketed_path(monkeypatch):
+    """bf16 on CPU without autograd: bucketed (close to fp32, one call per rounded length); with
+    autograd, fp32, or INFER_BUCKETS off: not."""
+    import dcdit.attention.backends as B
+
+    calls = []
+    real = B._bucketed_infer
+    monkeypatch.setattr(B, "_bucketed_infer", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    sdpa_calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: sdpa_calls.append(1) or real_sdpa(*a, **kw))
+    q, k, v, cu = packed_qkv(LENGTHS)
+    want = naive(q, k, v, LENGTHS)
+    qh, kh, vh = (t.bfloat16() for t in (q, k, v))
+    with torch.inference_mode():
+        out = varlen_attention(qh, kh, vh, cu, max(LENGTHS), LENGTHS)
+    assert calls and len(sdpa_calls) == 1  # every length in LENGTHS rounds up to 32
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)
+    calls.clear()
+    varlen_attention(q, k, v, cu, max(LENGTHS), LENGTHS)  # fp32: the exact per-length loop
+    varlen_attention(*(t.requires_grad_() for t in (qh.clone(), kh.clone(), vh.clone())), cu, max(LENGTHS), LENGTHS)
+    monkeypatch.setattr(B, "INFER_BUCKETS", False)
+    varlen_attention(qh, kh, vh, cu, max(LENGTHS), LENGTHS)
+    assert not calls
