@@ -4,11 +4,14 @@
 One denoising step on canvas test images, at fixed timesteps: noise a clean canvas x0 to x_t, ask the
 model for x0, and measure how wrong it is on the background (97 % of the pixels, black) and on the ink.
 ``speckle`` is the share of background pixels the model paints brighter than 64/255 (what the sample
-grids show as dots; benchmarks/speckle.py). Every DC-DiT runs under up to four conditions (``--modes``):
+grids show as dots; benchmarks/speckle.py). Every DC-DiT runs under up to five conditions (``--modes``):
 
 * ``learned``: its own router (as sampled);
 * ``oracle``: the router's choice replaced by the tokens whose patch holds ink in x0 (what a router
   that marks the digit perfectly would keep: ~0.08 of the canvas grid, less than the learned ~0.2);
+* ``grid``: the router replaced by the fixed lattice at 1/N (``router_mode: grid``; its p is 0 or 1, so
+  the dechunk plugs back without smoothing): is the learned choice better than an even spread for the
+  main network this model trained?
 * ``all``: every token kept (the main network sees the full 16x16 grid: no chunking loss at all);
 * ``no-main``: the main network's output replaced by zeros (the scaffold alone: encoder, residual,
   decoder). How much worse this is than ``learned`` is what the main network contributes.
@@ -64,6 +67,15 @@ def intervention(model: torch.nn.Module, mode: str, ink_cells: torch.Tensor):
         return
     if mode == "learned" or not routers:
         yield
+        return
+    if mode == "grid":  # the fixed lattice router at 1/N (router_mode "grid"), on the learned model's weights
+        for r in routers:
+            r.mode = "grid"
+        try:
+            yield
+        finally:
+            for r in routers:
+                r.mode = "learned"
         return
     for r in routers:
         def logits(h, seqs, grid):
@@ -129,7 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--table", nargs="+", metavar="JSON", help="only: print the markdown table of probe JSON files")
     ap.add_argument("--n", type=int, default=256, help="canvas test images (the first n)")
     ap.add_argument("--modes", default="learned,oracle,all,no-main",
-                    help="comma list of learned, oracle, all, no-main (DiT runs learned only)")
+                    help="comma list of learned, oracle, grid, all, no-main (DiT runs learned only)")
     ap.add_argument("--source", choices=("canvas", "mnist"), default="canvas",
                     help="test images: the canvas (64x64) or MNIST 32x32 (for the shipped MNIST models)")
     ap.add_argument("--threads", type=int, default=None)

@@ -54,7 +54,11 @@ def test_forced_routings_keep_what_they_say(probe):
     forced = torch.zeros(2, 256, dtype=torch.bool)
     forced[:, 0] = forced[:, -1] = True  # every sequence's first and last token are always kept
     assert torch.equal(r_oracle[0].keep_mask, ink.view(2, 256) | forced)
-    # the patch is gone afterwards: the learned router decides again
+    _, r_grid = run(model, probe, "grid", ink)  # the fixed lattice at 1/N = 1/4 of each 16x16 grid
+    keep = r_grid[0].keep_mask
+    assert torch.equal(keep[0], keep[1]) and abs(keep[0].float().mean().item() - 0.25) < 0.02
+    assert not torch.equal(keep, r_ref[0].keep_mask)
+    # the patches are gone afterwards: the learned router decides again
     with torch.no_grad():
         out, r = model(*inputs())
     assert torch.equal(r[0].keep_mask, r_ref[0].keep_mask) and torch.equal(out, ref)
