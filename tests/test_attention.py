@@ -267,3 +267,22 @@ def test_bf16_sampling_attention_takes_the_bucketed_path(monkeypatch):
     monkeypatch.setattr(B, "INFER_BUCKETS", False)
     varlen_attention(qh, kh, vh, cu, max(LENGTHS), LENGTHS)
     assert not calls
+
+
+def test_bucketed_inference_reads_fused_qkv_in_one_gather():
+    """q, k, v sliced from one fused (T, 3, H, d) projection are gathered together: same values as
+    separate tensors, and separate (non-fused) tensors are not mistaken for fused ones."""
+    from dcdit.attention.backends import _bucketed_infer, _fused_qkv
+
+    lengths = [5, 0, 40, 3, 33]
+    T, H, d = sum(lengths), 3, 16
+    g = torch.Generator().manual_seed(0)
+    fused = torch.randn(T, 3 * H * d, generator=g)
+    q, k, v = fused.view(T, 3, H, d).unbind(1)  # what Attention hands over, as (T, H, d) views
+    assert _fused_qkv(q, k, v) is not None
+    qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
+    assert _fused_qkv(qc, kc, vc) is None and _fused_qkv(q, v, k) is None
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    out = _bucketed_infer(q, k, v, cu, max(lengths), lengths, None)
+    torch.testing.assert_close(out, _bucketed_infer(qc, kc, vc, cu, max(lengths), lengths, None), atol=0, rtol=0)
+    torch.testing.assert_close(out, naive(qc, kc, vc, lengths), atol=1e-5, rtol=0)

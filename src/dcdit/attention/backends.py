@@ -335,20 +335,33 @@ def _bucketed_infer(q, k, v, cu_seqlens, max_seqlen, lengths, scale, multiple: i
     and masking the padded keys (probability exactly 0) costs a few padded rows and saves both.
     Padded query rows attend to real keys (so stay finite) and are dropped. Needs ``lengths``.
     """
-    H = q.shape[1]
-    out = q.new_empty(q.shape[0], H, v.shape[-1])
+    T, H, d = q.shape
+    out = q.new_empty(T, H, v.shape[-1])
+    qkv = _fused_qkv(q, k, v)  # (T, 3, H, d) when q, k, v are slices of one fused projection, else None
     for M, n, src, keep_src, keep_slots, mask in _bucket_plan(tuple(int(L) for L in lengths), multiple,
                                                                q.device, q.dtype):
-        def pad(t):  # (T, H, d) -> (n, H, M, d)
-            return t.index_select(0, src).view(n, M, H, t.shape[-1]).transpose(1, 2)
-
-        o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, scale=scale)  # (n, H, M, d)
+        if qkv is not None:  # one gather for all three: (n*M, 3, H, d) -> 3 x (n, H, M, d)
+            qs, ks, vs = qkv.index_select(0, src).view(n, M, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        else:  # (T, H, d) -> (n, H, M, d) each
+            qs, ks, vs = (t.index_select(0, src).view(n, M, H, t.shape[-1]).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)  # (n, H, M, d)
         o = o.transpose(1, 2).reshape(n * M, H, -1)
         if mask is None:
             out.index_copy_(0, src, o)
         else:
             out.index_copy_(0, keep_src, o.index_select(0, keep_slots))
     return out
+
+
+def _fused_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+    """The (T, 3, H, d) tensor that q, k, v (T, H, d) slice, when they are the three thirds of one fused
+    qkv projection's output (as :class:`dcdit.models.layers.Attention` makes them); else None."""
+    T, H, d = q.shape
+    step = H * d * q.element_size()
+    if (k.shape != q.shape or v.shape != q.shape or not (q.stride() == k.stride() == v.stride() == (3 * H * d, d, 1))
+            or k.data_ptr() - q.data_ptr() != step or v.data_ptr() - k.data_ptr() != step):
+        return None
+    return q.as_strided((T, 3, H, d), (3 * H * d, H * d, d, 1))
 
 
 def _cpu_half_infer(q: torch.Tensor) -> bool:
