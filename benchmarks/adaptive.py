@@ -52,6 +52,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ratio_0.1": ("ratio-loss weight 0.1 (from 0.03)", {"ratio.weight": 0.1}),
     "grid": ("control: a fixed router keeping a regular grid at 1/N", {"model.overrides.router_mode": "grid"}),
     "random": ("control: a random router keeping 1/N", {"model.overrides.router_mode": "random"}),
+    "floor16": ("the learned router over a fixed floor: a lattice of 1 token in 16 always kept (router_floor)",
+                {"model.overrides.router_floor": 16}),
     "grid_no_mb": ("control for no_mb: the fixed grid router, no multi-budget training",
                    {"model.overrides.router_mode": "grid", "multibudget.enabled": False}),
     "dit4": ("the FLOP-matched DiT/4 (same main network on a 4x4-patch grid)", {}),

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from dcdit.chunking import PackedSeqs, fixed_routing, lattice, ratio_loss, sample_keys
+from dcdit.chunking.routing import lattice_mask
 from dcdit.diffusion import create_diffusion
 from dcdit.flops import count_model_flops
 from dcdit.models import DCDiT
@@ -246,3 +247,38 @@ def test_flops_cli_counts_a_config_before_training(tmp_path, capsys):
     assert run["kept_share"] == 0.25  # 16 of the 8x8 grid's 64 tokens, every step
     assert main(["flops", "--model", "DiT-S/8", "--set", "a.b=1"]) == 2  # --set needs --config
     assert "--set overrides a --config" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- learned router with a floor
+
+
+def test_router_floor_config_reads_as_before_and_rejects_bad_values():
+    assert "router_floor" not in DCDiTConfig().to_dict()
+    cfg = DCDiTConfig(router_floor=16)
+    assert cfg.to_dict()["router_floor"] == 16 and DCDiTConfig.from_dict(cfg.to_dict()) == cfg
+    for kw, message in [(dict(router_floor=1), "router_floor must be 0 \\(none\\) or a whole number >= 2"),
+                        (dict(router_floor=True), "router_floor must be 0"),
+                        (dict(router_floor=4), "router_floor 4 must exceed the first stage's N = 4"),
+                        (dict(router_floor=16, router_mode="grid"), "router_floor is for the learned router")]:
+        with pytest.raises(ValueError, match=message) as e:
+            DCDiTConfig(**kw)
+        assert "\n" not in str(e.value)
+
+
+def test_router_floor_always_keeps_its_lattice_and_the_router_still_trains():
+    model = tiny(router_floor=16)
+    with torch.no_grad():  # a router that keeps nothing of its own accord
+        model.routing_module.residual_scorer[-1].bias.fill_(-30.0)
+    x, t, y = inputs()
+    keep = masks(model, x, t, y)[0].keep_mask  # (B, 256)
+    on = lattice_mask(torch.arange(256), (16, 16), 16)
+    assert int(on.sum()) == 16
+    assert bool(keep[:, on].all())  # the floor, in every sample
+    assert int(keep.sum(1).max()) <= 16 + 2  # + the forced first and last tokens
+    free = tiny()  # the same weights without a floor keep only the forced tokens
+    free.load_state_dict(model.state_dict())
+    assert int(masks(free, x, t, y)[0].keep_mask.sum(1).max()) <= 2
+    model.train()  # gradients still reach the router through the tokens off the floor
+    out, routing = model(x, t, y)
+    (out.square().mean() + ratio_loss(routing, [4.0])).backward()
+    assert model.routing_module.residual_scorer[-1].bias.grad.abs().sum() > 0

@@ -245,6 +245,14 @@ def lattice(n: int) -> tuple[int, int, int]:
     return 1, n, int(round(n**0.5))
 
 
+def lattice_mask(local: torch.Tensor, grid: tuple[int, int], n: int) -> torch.Tensor:
+    """Whether each raster position ``local`` of a ``grid`` lies on :func:`lattice` ``(n)`` (1 token in n)."""
+    sy, sx, shift = lattice(n)
+    r, c = torch.div(local, grid[1], rounding_mode="floor"), local % grid[1]
+    off = (shift * torch.div(r, sy, rounding_mode="floor")) % sx
+    return (r % sy == 0) & ((c - off) % sx == 0)
+
+
 def _bayer(i: torch.Tensor, j: torch.Tensor, nbits: int) -> torch.Tensor:
     """Index of (i, j) in the 2^nbits ordered-dither (Bayer) matrix: every prefix 0..k-1 of the
     order is spread evenly over the square (the coarsest lattice first)."""
@@ -311,7 +319,7 @@ def fixed_routing(
             r, c = torch.div(local, grid[1], rounding_mode="floor"), local % grid[1]
             i = torch.div(r, sy, rounding_mode="floor")
             off = (shift * i) % sx
-            keep = (r % sy == 0) & ((c - off) % sx == 0)
+            keep = lattice_mask(local, grid, n)
             j = torch.div(c - off, sx, rounding_mode="floor").clamp(min=0)
             nbits = max(1, max(grid[0] // sy, grid[1] // sx).bit_length())
             order = -_bayer(i, j, nbits).float()
@@ -350,12 +358,15 @@ class SpatialPredictabilityRouter(nn.Module):
         mode: str = "learned",
         N: float = 4.0,
         salt: int = 0,
+        floor: int = 0,
     ):
         super().__init__()
         check_router_mode(mode)
         if mode != "learned" and not N > 1:
             raise ValueError(f"a {mode} router keeps 1 token in N for N > 1, got {N}")
-        self.mode, self.N, self.salt = mode, float(N), int(salt)
+        if floor and (spatial_dims != 2 or mode != "learned"):
+            raise ValueError("a router floor (a fixed lattice always kept) is for the learned 2D router")
+        self.mode, self.N, self.salt, self.floor = mode, float(N), int(salt), int(floor)
         if spatial_dims not in (1, 2):
             raise ValueError(f"spatial_dims must be 1 or 2, got {spatial_dims}")
         bottleneck = dim // 4
@@ -411,6 +422,9 @@ class SpatialPredictabilityRouter(nn.Module):
                 h = h.to(self.proj.weight.dtype)
             p = torch.sigmoid(self.logits(h, seqs, grid).float())  # (T,)
             last = seqs.local == (seqs.lengths_t[seqs.seg_ids] - 1)
-            p = torch.where((seqs.local == 0) | last, torch.ones_like(p), p)  # forced boundaries
+            forced = (seqs.local == 0) | last
+            if self.floor and grid is not None:  # the fixed lattice of 1 token in `floor`, always kept
+                forced = forced | lattice_mask(seqs.local, grid, self.floor)
+            p = torch.where(forced, torch.ones_like(p), p)  # forced boundaries
             prob = seqs.pad(p)  # (B, M), 0 at padding
             return select_boundaries(prob, seqs.valid_mask(), tail_drop, grid, padded=not seqs.is_uniform)

@@ -83,6 +83,10 @@ class DCDiTConfig:
     #                      that isolate its contribution: "grid" keeps a regular lattice of 1 token in N,
     #                      "random" a random 1/N per sample and step (N = downsample_factor of the stage;
     #                      see dcdit.chunking.fixed_routing); the router's parameters stay, unused
+    router_floor: int = 0  # learned router only: also keep, always, a fixed lattice of 1 outer-grid token in
+    #                      this many (p = 1 there, like the forced first token), so the main network sees the
+    #                      whole image at every step and the router spends the rest of its share; 0: none
+    #                      (the reference). Must exceed the stage's N (the floor is part of the 1/N share)
     attn_qkv_bf16: bool = False  # reference quirk: its flash-attn path rounds q, k, v to bf16 even in
     #                      fp32 runs; True reproduces its numbers (set by dcdit.compat loaders)
     # ---- training target (not used by the forward pass) ----
@@ -132,6 +136,14 @@ class DCDiTConfig:
             raise ValueError(f"class_dropout_prob must lie in [0, 1), got {self.class_dropout_prob}")
         check_prediction(self.prediction)
         check_router_mode(self.router_mode)
+        if self.router_floor:
+            if isinstance(self.router_floor, bool) or not isinstance(self.router_floor, int) or self.router_floor < 2:
+                raise ValueError(f"router_floor must be 0 (none) or a whole number >= 2, got {self.router_floor!r}")
+            if self.router_mode != "learned":
+                raise ValueError(f"router_floor is for the learned router; router_mode is {self.router_mode!r}")
+            if not self.router_floor > self.stage_N(0):
+                raise ValueError(f"router_floor {self.router_floor} must exceed the first stage's N = "
+                                 f"{self.stage_N(0):g} (the floor keeps 1 token in router_floor, inside the 1/N share)")
         if not self.mlp_ratio > 0 or not self.dechunk_kernel_sigma > 0:
             raise ValueError("mlp_ratio and dechunk_kernel_sigma must be positive")
 
@@ -205,12 +217,14 @@ class DCDiTConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (tuples become lists); :meth:`from_dict` inverts it.
 
-        ``router_mode`` is written only when it is not the default "learned", so
-        the configs of learned-router models read as before the key existed.
+        ``router_mode`` and ``router_floor`` are written only when they are not their defaults
+        ("learned", 0), so the configs of reference models read as before the keys existed.
         """
         d = dataclasses.asdict(self)
         if d["router_mode"] == "learned":
             del d["router_mode"]
+        if not d["router_floor"]:
+            del d["router_floor"]
         if isinstance(d["input_size"], tuple):
             d["input_size"] = list(d["input_size"])
         return d

@@ -330,7 +330,7 @@ class DCStage(nn.Module):
         self.routing_module = SpatialPredictabilityRouter(
             r, spatial_dims=2 if s == 0 else 1, norm_groups=cfg.router_norm_groups,
             bias_init=cfg.router_bias_init, fp32=cfg.fp32_router_dechunk,
-            mode=cfg.router_mode, N=cfg.stage_N(s), salt=s,
+            mode=cfg.router_mode, N=cfg.stage_N(s), salt=s, floor=cfg.router_floor if s == 0 else 0,
         )
         self.chunk = ChunkLayer()
         inner = plans[s + 1]
