@@ -18,17 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common import median_ms  # benchmarks/common.py (a script's own folder is first on sys.path)
 from dcdit.chunking import packing
-
-
-def median_ms(f, n: int = 30) -> float:
-    f()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[n // 2] * 1e3
 
 
 OURS = packing.GroupNorm.forward
@@ -52,7 +43,7 @@ def main(argv=None) -> int:
         gn = packing.GroupNorm(8, c)
         x = torch.randn(64, c, 16, 16).bfloat16().contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            a, b = median_ms(lambda: torch_forward(gn, x)), median_ms(lambda: gn(x))
+            a, b = median_ms(lambda: torch_forward(gn, x), 30), median_ms(lambda: gn(x), 30)
         print(f"| {c} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
     if args.ckpt:
         from dcdit.checkpoint import load_model

@@ -25,17 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common import median_ms  # benchmarks/common.py (a script's own folder is first on sys.path)
 from dcdit.attention import backends as AB
-
-
-def median_ms(f, n: int = 9) -> float:
-    f()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)) * 1e3
 
 
 def kernel_by_length(lengths=(48, 56, 64, 72, 80, 88, 94, 96, 128)) -> dict:

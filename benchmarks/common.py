@@ -214,6 +214,17 @@ def median(v: list[float]) -> float:
     return float(statistics.median(v))
 
 
+def median_ms(f: Callable[[], object], n: int = 9) -> float:
+    """Median milliseconds of ``n`` calls of ``f`` after one warm-up call."""
+    f()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
+    return median(ts) * 1e3
+
+
 class ComponentTimer:
     """Wall-clock per top-level child module of a model (forward hooks; CPU, synchronous)."""
 
