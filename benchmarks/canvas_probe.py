@@ -4,7 +4,7 @@
 One denoising step on canvas test images, at fixed timesteps: noise a clean canvas x0 to x_t, ask the
 model for x0, and measure how wrong it is on the background (97 % of the pixels, black) and on the ink.
 ``speckle`` is the share of background pixels the model paints brighter than 64/255 (what the sample
-grids show as dots; benchmarks/speckle.py). Every DC-DiT runs under up to five conditions (``--modes``):
+grids show as dots; benchmarks/speckle.py). Every DC-DiT runs under up to six conditions (``--modes``):
 
 * ``learned``: its own router (as sampled);
 * ``oracle``: the router's choice replaced by the tokens whose patch holds ink in x0 (what a router
@@ -12,6 +12,8 @@ grids show as dots; benchmarks/speckle.py). Every DC-DiT runs under up to five c
 * ``grid``: the router replaced by the fixed lattice at 1/N (``router_mode: grid``; its p is 0 or 1, so
   the dechunk plugs back without smoothing): is the learned choice better than an even spread for the
   main network this model trained?
+* ``confident``: the router's own choice of tokens with its p set to 1 on them and 0 elsewhere (the
+  dechunk then plugs back without smoothing, as for the fixed routers): what the soft p costs;
 * ``all``: every token kept (the main network sees the full 16x16 grid: no chunking loss at all);
 * ``no-main``: the main network's output replaced by zeros (the scaffold alone: encoder, residual,
   decoder). How much worse this is than ``learned`` is what the main network contributes.
@@ -78,8 +80,11 @@ def intervention(model: torch.nn.Module, mode: str, ink_cells: torch.Tensor):
                 r.mode = "learned"
         return
     for r in routers:
-        def logits(h, seqs, grid):
-            keep = torch.ones(h.shape[0], dtype=torch.bool) if mode == "all" else ink_cells
+        def logits(h, seqs, grid, own=r.logits):
+            if mode == "confident":
+                keep = own(h, seqs, grid) > 0
+            else:
+                keep = torch.ones(h.shape[0], dtype=torch.bool) if mode == "all" else ink_cells
             return torch.where(keep, 30.0, -30.0).to(h.dtype)
         r.logits = logits
     try:
@@ -141,7 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--table", nargs="+", metavar="JSON", help="only: print the markdown table of probe JSON files")
     ap.add_argument("--n", type=int, default=256, help="canvas test images (the first n)")
     ap.add_argument("--modes", default="learned,oracle,all,no-main",
-                    help="comma list of learned, oracle, grid, all, no-main (DiT runs learned only)")
+                    help="comma list of learned, oracle, grid, confident, all, no-main (DiT runs learned only)")
     ap.add_argument("--source", choices=("canvas", "mnist"), default="canvas",
                     help="test images: the canvas (64x64) or MNIST 32x32 (for the shipped MNIST models)")
     ap.add_argument("--threads", type=int, default=None)

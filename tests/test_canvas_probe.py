@@ -58,6 +58,13 @@ def test_forced_routings_keep_what_they_say(probe):
     keep = r_grid[0].keep_mask
     assert torch.equal(keep[0], keep[1]) and abs(keep[0].float().mean().item() - 0.25) < 0.02
     assert not torch.equal(keep, r_ref[0].keep_mask)
+    dense = tiny()  # a router keeping about half the tokens with p near 0.5, so neighbours smooth
+    with torch.no_grad():
+        dense.routing_module.residual_scorer[-1].bias.fill_(0.3)
+        dense_ref, dense_r = dense(*inputs())
+    out_c, r_conf = run(dense, probe, "confident", ink)  # its own choice, with p = 1 / 0
+    assert torch.equal(r_conf[0].keep_mask, dense_r[0].keep_mask)
+    assert not torch.allclose(out_c, dense_ref)  # the dechunk no longer smooths with the soft p
     # the patches are gone afterwards: the learned router decides again
     with torch.no_grad():
         out, r = model(*inputs())
