@@ -54,13 +54,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "random": ("control: a random router keeping 1/N", {"model.overrides.router_mode": "random"}),
     "floor16": ("the learned router over a fixed floor: a lattice of 1 token in 16 always kept (router_floor)",
                 {"model.overrides.router_floor": 16}),
+    "floor16_no_mb": ("floor16 without multi-budget training",
+                      {"model.overrides.router_floor": 16, "multibudget.enabled": False}),
     "grid_no_mb": ("control for no_mb: the fixed grid router, no multi-budget training",
                    {"model.overrides.router_mode": "grid", "multibudget.enabled": False}),
     "dit4": ("the FLOP-matched DiT/4 (same main network on a 4x4-patch grid)", {}),
 }
 # variant -> the variant whose run it shares up to the step multi-budget training starts (the two differ
 # only from there): a new run directory starts from a copy of that run's checkpoint at the step
-BRANCHES: dict[str, str] = {"grid_no_mb": "grid"}
+BRANCHES: dict[str, str] = {"grid_no_mb": "grid", "floor16_no_mb": "floor16"}
 SEG_TIMESTEPS = (25, 100, 250, 500, 750, 950)
 
 
