@@ -286,3 +286,20 @@ def test_bucketed_inference_reads_fused_qkv_in_one_gather():
     out = _bucketed_infer(q, k, v, cu, max(lengths), lengths, None)
     torch.testing.assert_close(out, _bucketed_infer(qc, kc, vc, cu, max(lengths), lengths, None), atol=0, rtol=0)
     torch.testing.assert_close(out, naive(qc, kc, vc, lengths), atol=1e-5, rtol=0)
+
+
+def test_flop_counts_of_bf16_sampling_do_not_count_the_buckets_padding():
+    """Counting FLOPs (dcdit.flops.count_flops) runs attention per sequence: the count is sum(L_i^2)
+    work whatever path plain bf16 sampling takes, and plain sampling still takes the bucketed one."""
+    import dcdit.attention.backends as B
+    from dcdit.flops import count_flops
+
+    q, k, v, cu = packed_qkv(LENGTHS)
+    qh, kh, vh = (t.bfloat16() for t in (q, k, v))
+    run = lambda: varlen_attention(qh, kh, vh, cu, max(LENGTHS), LENGTHS)
+    report, _ = count_flops(run)
+    d = q.shape[-1]
+    assert report.macs == sum(2 * q.shape[1] * L * L * d for L in LENGTHS)  # QK^T and AV per sequence
+    assert not B._COUNTING
+    with torch.inference_mode():
+        assert B._cpu_half_infer(qh)

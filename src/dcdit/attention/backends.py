@@ -33,6 +33,7 @@ project's CI (no GPU there); the selection logic is tested on CPU with fakes.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import warnings
@@ -72,6 +73,7 @@ PAD_CALL_COST = 30_000
 # run of equal lengths: ~3x faster attention at DC-DiT's 40-100 kept tokens (benchmarks/bench_infer_attention.py).
 # False restores the per-length loop. fp32 never takes it (the fixtures' exact path).
 INFER_BUCKETS = True
+_COUNTING = 0  # > 0 inside unpadded_for_counting(): attention does exactly the sequences' own work
 # The rule itself: PAD_RULE, at the end of this module (pad_pays).
 
 
@@ -365,9 +367,23 @@ def _fused_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[to
 
 
 def _cpu_half_infer(q: torch.Tensor) -> bool:
-    """Half-precision CPU attention without autograd (sampling): :func:`_bucketed_infer` applies."""
-    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+    """Half-precision CPU attention without autograd (sampling), FLOPs not being counted:
+    :func:`_bucketed_infer` applies."""
+    return (not _COUNTING and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
             and not (torch.is_grad_enabled() and q.requires_grad))
+
+
+@contextlib.contextmanager
+def unpadded_for_counting():
+    """Within the block, inference attention makes one call per run of equal lengths (no padded rows),
+    so a FLOP counter that reads the kernels' shapes (:func:`dcdit.flops.count_flops`) counts only the
+    work the sequences need, sum(L_i^2), whatever path plain sampling takes."""
+    global _COUNTING
+    _COUNTING += 1
+    try:
+        yield
+    finally:
+        _COUNTING -= 1
 
 
 def _flash(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
