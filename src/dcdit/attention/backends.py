@@ -367,17 +367,30 @@ def _fused_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[to
 
 
 def _cpu_half_infer(q: torch.Tensor) -> bool:
-    """Half-precision CPU attention without autograd (sampling), FLOPs not being counted:
-    :func:`_bucketed_infer` applies."""
-    return (not _COUNTING and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+    """Half-precision CPU attention without autograd (sampling): :func:`_bucketed_infer` applies."""
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
             and not (torch.is_grad_enabled() and q.requires_grad))
+
+
+def _bucketed_counted(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
+    """:func:`_bucketed_infer`'s values, with a FLOP counter (a dispatch mode) seeing the per-length loop's
+    calls instead of the padded ones: the same images whether or not FLOPs are counted, and counts of
+    the sequences' own work. The loop's output is discarded (the counted batch pays its attention twice)."""
+    try:
+        from torch.utils._python_dispatch import _disable_current_modes
+    except ImportError:  # a torch without it: count the loop and return its values
+        return _sdpa_loop(q, k, v, cu_seqlens, max_seqlen, lengths, scale)
+    with _disable_current_modes():
+        out = _bucketed_infer(q, k, v, cu_seqlens, max_seqlen, lengths, scale)
+    _sdpa_loop(q, k, v, cu_seqlens, max_seqlen, lengths, scale)
+    return out
 
 
 @contextlib.contextmanager
 def unpadded_for_counting():
-    """Within the block, inference attention makes one call per run of equal lengths (no padded rows),
-    so a FLOP counter that reads the kernels' shapes (:func:`dcdit.flops.count_flops`) counts only the
-    work the sequences need, sum(L_i^2), whatever path plain sampling takes."""
+    """Within the block a FLOP counter that reads the kernels' shapes (:func:`dcdit.flops.count_flops`)
+    sees inference attention as one call per run of equal lengths, so it counts only the work the
+    sequences need, sum(L_i^2); the values are plain sampling's (:func:`_bucketed_counted`)."""
     global _COUNTING
     _COUNTING += 1
     try:
@@ -455,7 +468,8 @@ def varlen_attention(
             out = _IMPLS[name](q.float(), k.float(), v.float(), cu_seqlens, max_seqlen, lengths, scale)
         return out.to(q.dtype)
     if name == "sdpa_loop" and INFER_BUCKETS and _cpu_half_infer(q):
-        return _bucketed_infer(q, k, v, cu_seqlens, max_seqlen, lengths, scale)
+        impl = _bucketed_counted if _COUNTING else _bucketed_infer
+        return impl(q, k, v, cu_seqlens, max_seqlen, lengths, scale)
     return _IMPLS[name](q, k, v, cu_seqlens, max_seqlen, lengths, scale)
 
 
