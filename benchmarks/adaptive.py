@@ -58,11 +58,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                       {"model.overrides.router_floor": 16, "multibudget.enabled": False}),
     "grid_no_mb": ("control for no_mb: the fixed grid router, no multi-budget training",
                    {"model.overrides.router_mode": "grid", "multibudget.enabled": False}),
+    "random_no_mb": ("control for no_mb: the random router, no multi-budget training",
+                     {"model.overrides.router_mode": "random", "multibudget.enabled": False}),
     "dit4": ("the FLOP-matched DiT/4 (same main network on a 4x4-patch grid)", {}),
 }
 # variant -> the variant whose run it shares up to the step multi-budget training starts (the two differ
 # only from there): a new run directory starts from a copy of that run's checkpoint at the step
-BRANCHES: dict[str, str] = {"grid_no_mb": "grid", "floor16_no_mb": "floor16"}
+BRANCHES: dict[str, str] = {"grid_no_mb": "grid", "random_no_mb": "random", "floor16_no_mb": "floor16"}
 SEG_TIMESTEPS = (25, 100, 250, 500, 750, 950)
 
 
