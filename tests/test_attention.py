@@ -300,7 +300,28 @@ def test_flop_counts_of_bf16_sampling_do_not_count_the_buckets_padding():
     report, counted = count_flops(run)
     d = q.shape[-1]
     assert report.macs == sum(2 * q.shape[1] * L * L * d for L in LENGTHS)  # QK^T and AV per sequence
-    assert not B._COUNTING
     with torch.inference_mode():
+        assert not B._flop_counter_watching()
         assert B._cpu_half_infer(qh)
         assert torch.equal(counted, run())  # counting changes no value: the same images either way
+
+
+def test_torchs_own_flop_counter_sees_the_sequences_work_too():
+    """A torch FlopCounterMode opened by the user (not through dcdit.flops.count_flops; given the CPU
+    attention kernel's formula, which torch lacks) counts bf16 sampling attention as sum(L_i^2) work,
+    and the values are plain sampling's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import dcdit.attention.backends as B
+    from dcdit.flops import _EXTRA_ATTENTION
+
+    q, k, v, cu = packed_qkv(LENGTHS)
+    qh, kh, vh = (t.bfloat16() for t in (q, k, v))
+    with torch.inference_mode():
+        plain = varlen_attention(qh, kh, vh, cu, max(LENGTHS), LENGTHS)
+        with FlopCounterMode(display=False, custom_mapping=_EXTRA_ATTENTION) as counter:
+            assert B._flop_counter_watching()
+            counted = varlen_attention(qh, kh, vh, cu, max(LENGTHS), LENGTHS)
+        assert not B._flop_counter_watching()
+    assert counter.get_total_flops() == sum(2 * 2 * q.shape[1] * L * L * q.shape[-1] for L in LENGTHS)
+    assert torch.equal(counted, plain)

@@ -28,7 +28,6 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from dcdit.attention.backends import unpadded_for_counting
 from dcdit.models import DCDIT_PRESETS, DCDiT, DCDiTConfig
 
 _aten = torch.ops.aten
@@ -109,8 +108,9 @@ def count_flops(
     (module docstring). FLOPs of ops run directly in the model's own
     ``forward`` (outside any child module) are labelled "other".
     """
-    with FlopCounterMode(display=False, depth=None, custom_mapping=_EXTRA_ATTENTION) as counter, torch.no_grad(), \
-            unpadded_for_counting():  # count the sequences' own attention, not a padded call's
+    with FlopCounterMode(display=False, depth=None, custom_mapping=_EXTRA_ATTENTION) as counter, torch.no_grad():
+        # (inference attention sees the counter and counts the sequences' own work, not its padded
+        # buckets': dcdit.attention.backends._flop_counter_watching)
         out = fn()
     counts = counter.get_flop_counts()
     keep = lambda ops: int(sum(v for op, v in ops.items() if attention or not _is_attention(op)))

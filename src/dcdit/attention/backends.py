@@ -73,7 +73,6 @@ PAD_CALL_COST = 30_000
 # run of equal lengths: ~3x faster attention at DC-DiT's 40-100 kept tokens (benchmarks/bench_infer_attention.py).
 # False restores the per-length loop. fp32 never takes it (the fixtures' exact path).
 INFER_BUCKETS = True
-_COUNTING = 0  # > 0 inside unpadded_for_counting(): attention does exactly the sequences' own work
 # The rule itself: PAD_RULE, at the end of this module (pad_pays).
 
 
@@ -386,17 +385,31 @@ def _bucketed_counted(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
     return out
 
 
-@contextlib.contextmanager
-def unpadded_for_counting():
-    """Within the block a FLOP counter that reads the kernels' shapes (:func:`dcdit.flops.count_flops`)
-    sees inference attention as one call per run of equal lengths, so it counts only the work the
-    sequences need, sum(L_i^2); the values are plain sampling's (:func:`_bucketed_counted`)."""
-    global _COUNTING
-    _COUNTING += 1
+def _flop_counter_watching() -> bool:
+    """Whether a torch FLOP counter (``torch.utils.flop_counter.FlopCounterMode``, a dispatch mode; also
+    inside :func:`dcdit.flops.count_flops`) is active: then inference attention shows it one call per
+    run of equal lengths (:func:`_bucketed_counted`), so it counts only the work the sequences need,
+    sum(L_i^2), not the padded buckets'."""
+    stack = _dispatch_mode_stack()
+    return bool(stack) and any(isinstance(m, _FLOP_COUNTER_MODES) for m in stack)
+
+
+def _dispatch_mode_stack() -> list:
     try:
-        yield
-    finally:
-        _COUNTING -= 1
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    except ImportError:  # a torch without it: no counter can be seen
+        return []
+    return _get_current_dispatch_mode_stack()
+
+
+def _flop_counter_modes() -> tuple:
+    """The dispatch-mode classes a FlopCounterMode pushes (a private ``_FlopCounterMode`` in torch >= 2.4)."""
+    import torch.utils.flop_counter as fc
+    return tuple(c for c in (getattr(fc, "_FlopCounterMode", None), getattr(fc, "FlopCounterMode", None))
+                 if isinstance(c, type))
+
+
+_FLOP_COUNTER_MODES = _flop_counter_modes()
 
 
 def _flash(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
@@ -468,7 +481,7 @@ def varlen_attention(
             out = _IMPLS[name](q.float(), k.float(), v.float(), cu_seqlens, max_seqlen, lengths, scale)
         return out.to(q.dtype)
     if name == "sdpa_loop" and INFER_BUCKETS and _cpu_half_infer(q):
-        impl = _bucketed_counted if _COUNTING else _bucketed_infer
+        impl = _bucketed_counted if _flop_counter_watching() else _bucketed_infer
         return impl(q, k, v, cu_seqlens, max_seqlen, lengths, scale)
     return _IMPLS[name](q, k, v, cu_seqlens, max_seqlen, lengths, scale)
 
