@@ -83,3 +83,32 @@ def test_no_main_removes_the_main_network_and_only_it(probe):
     assert torch.equal(run(model, probe, "no-main", ink)[0], without)
     assert not torch.allclose(run(model, probe, "learned", ink)[0], with_main)
     assert "_main_blocks" not in vars(model)  # the patch is undone
+
+
+def test_handoff_asks_the_early_model_at_noisy_t_and_the_late_one_below(monkeypatch):
+    """benchmarks/canvas_handoff.py: the hand-off model is exactly model A at t >= switch and B below
+    (a DC-DiT's routing output dropped), and refuses models that read images differently or mixed t."""
+    from dcdit.models import DiT
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from canvas_handoff import HandOff
+
+    dcdit = tiny()
+    torch.manual_seed(2)
+    dit = DiT(input_size=32, patch_size=4, in_channels=1, num_classes=10, hidden_size=64, depth=1, num_heads=2,
+              learn_sigma=False).eval()
+    with torch.no_grad():  # off the zero init, so the two models' outputs differ
+        for p in dit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, _, y = inputs()
+    hand = HandOff(dit, dcdit, switch=500)
+    with torch.no_grad():
+        for t, want in ((700, dit(x, torch.full((2,), 700), y)), (500, dit(x, torch.full((2,), 500), y)),
+                        (499, dcdit(x, torch.full((2,), 499), y)[0])):
+            assert torch.equal(hand(x, torch.full((2,), t), y), want)
+        with pytest.raises(ValueError, match="one timestep per batch"):
+            hand(x, torch.tensor([10, 900]), y)
+    other = DiT(input_size=32, patch_size=4, in_channels=1, num_classes=10, hidden_size=64, depth=1, num_heads=2,
+                learn_sigma=True)
+    with pytest.raises(ValueError, match="read images differently"):
+        HandOff(other, dcdit, 500)
