@@ -16,7 +16,7 @@ def test_index_lists_only_complete_model_directories():
         assert (PRETRAINED_DIR / name / "config.json").is_file() and (PRETRAINED_DIR / name / "ema.safetensors").is_file()
         assert entry["description"] and entry["trained"] and entry["scores"]
     total = sum(f.stat().st_size for f in PRETRAINED_DIR.rglob("*.safetensors"))
-    assert total < 50e6  # small enough to live in the repository
+    assert total < 60e6  # small enough to live in the repository (55 MB with the canvas DC-DiT stored in float16)
 
 
 @pytest.mark.parametrize("name", NAMES)
