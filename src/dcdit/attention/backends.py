@@ -33,7 +33,6 @@ project's CI (no GPU there); the selection logic is tested on CPU with fakes.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import warnings
