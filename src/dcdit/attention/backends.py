@@ -389,16 +389,11 @@ def _flop_counter_watching() -> bool:
     inside :func:`dcdit.flops.count_flops`) is active: then inference attention shows it one call per
     run of equal lengths (:func:`_bucketed_counted`), so it counts only the work the sequences need,
     sum(L_i^2), not the padded buckets'."""
-    stack = _dispatch_mode_stack()
-    return bool(stack) and any(isinstance(m, _FLOP_COUNTER_MODES) for m in stack)
-
-
-def _dispatch_mode_stack() -> list:
     try:
         from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
     except ImportError:  # a torch without it: no counter can be seen
-        return []
-    return _get_current_dispatch_mode_stack()
+        return False
+    return any(isinstance(m, _FLOP_COUNTER_MODES) for m in _get_current_dispatch_mode_stack())
 
 
 def _flop_counter_modes() -> tuple:
