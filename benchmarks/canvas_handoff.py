@@ -10,6 +10,13 @@ canvas test images, class accuracy by the canvas classifier; the same sample see
 own score). If "DiT/8 then DC-DiT" scores like DiT/8 alone and "DC-DiT then DiT/8" like DC-DiT alone,
 DC-DiT's deficit lies in the noisy steps; the reverse puts it in the late, detail steps. Results:
 ``handoff_A-B@SWITCH_s0.json`` in ``--out`` (cached like canvas.py's stages) and a table on stdout.
+
+A name ``NAME+MODE`` runs that DC-DiT under a forced routing (``canvas_probe.py``'s ``all``, ``grid``,
+``confident``, ``no-main``), so one model can hand off to itself with other routing, e.g. its own router
+at t >= 250 and every token kept below: does the routing of the late steps cost the FID?
+
+    python benchmarks/canvas_handoff.py --out runs/canvas --threads 1 --switch 250 \
+        --pair runs/canvas/runs/dcdit_w32_s0/ckpt-0004000:w32 runs/canvas/runs/dcdit_w32_s0/ckpt-0004000:w32+all
 """
 from __future__ import annotations
 
@@ -21,9 +28,11 @@ import torch
 import torch.nn as nn
 
 from canvas import canvas_settings
+from canvas_probe import intervention
 from reproduction import Ctx, cached, log, score
 
 from dcdit.checkpoint import load_model
+from dcdit.models import DCDiT
 from dcdit.sampling.guidance import model_info
 
 
@@ -48,6 +57,33 @@ class HandOff(nn.Module):
         return out[0] if isinstance(out, tuple) else out  # DC-DiT: (prediction, routing)
 
 
+class Routed(nn.Module):
+    """A DC-DiT under one of ``canvas_probe.intervention``'s forced routings (``oracle`` needs x0: refused)."""
+
+    MODES = ("all", "grid", "confident", "no-main")
+
+    def __init__(self, model: nn.Module, mode: str):
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"unknown routing mode {mode!r}: expected one of {', '.join(self.MODES)}")
+        if not isinstance(model, DCDiT):
+            raise ValueError(f"routing mode {mode!r} needs a DC-DiT, got a {type(model).__name__}")
+        self.model, self.mode, self.config = model, mode, dict(model.config)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
+        with intervention(self.model, self.mode, None):
+            return self.model(x, t, y)
+
+
+def load(spec: str) -> tuple[str, nn.Module]:
+    """``CKPT:NAME`` or ``CKPT:NAME+MODE`` -> (NAME[+MODE], its EMA model in eval mode)."""
+    path, name = spec.rsplit(":", 1)
+    model = load_model(path, which="ema").eval()
+    if "+" in name:
+        model = Routed(model, name.split("+", 1)[1])
+    return name, model
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/canvas", help="a canvas.py output directory (classifier, reference)")
@@ -59,10 +95,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    (pa, na), (pb, nb) = (p.rsplit(":", 1) for p in args.pair)
+    (na, ma), (nb, mb) = (load(p) for p in args.pair)
     ctx = Ctx(Path(args.out), canvas_settings(), smoke=False)
     n = args.n or ctx.s.n_fid
-    models = {na: load_model(pa, which="ema").eval(), nb: load_model(pb, which="ema").eval()}
+    models = {na: ma, nb: mb}
     rows = []
     for early, late in ((na, nb), (nb, na)):
         tag = f"handoff_{early}-{late}@{args.switch}_s{args.seed}" + ("" if n == ctx.s.n_fid else f"_n{n}")

@@ -112,3 +112,31 @@ def test_handoff_asks_the_early_model_at_noisy_t_and_the_late_one_below(monkeypa
                 learn_sigma=True)
     with pytest.raises(ValueError, match="read images differently"):
         HandOff(other, dcdit, 500)
+
+
+def test_handoff_can_run_one_dcdit_under_a_forced_routing_below_the_switch(monkeypatch, probe):
+    """canvas_handoff's ``NAME+MODE``: the model under canvas_probe's intervention (here every token kept),
+    the routers restored after each call; unknown modes and DiTs are refused by name."""
+    from dcdit.models import DiT
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from canvas_handoff import HandOff, Routed
+
+    model = tiny()
+    x, _, y = inputs()
+    t = torch.full((2,), 100)
+    with torch.no_grad():
+        own = model(x, t, y)
+        every = Routed(model, "all")(x, t, y)
+        assert torch.equal(model(x, t, y)[0], own[0])  # the intervention undid itself
+        assert bool(every[1][0].keep_mask.all()) and not bool(own[1][0].keep_mask.all())
+        assert not torch.allclose(every[0], own[0])
+        hand = HandOff(model, Routed(model, "all"), switch=250)
+        assert torch.equal(hand(x, t, y), every[0])
+        at_switch = torch.full((2,), 250)
+        assert torch.equal(hand(x, at_switch, y), model(x, at_switch, y)[0])
+    with pytest.raises(ValueError, match="unknown routing mode 'oracle'"):
+        Routed(model, "oracle")
+    with pytest.raises(ValueError, match="needs a DC-DiT, got a DiT"):
+        Routed(DiT(input_size=32, patch_size=4, in_channels=1, num_classes=10, hidden_size=64, depth=1,
+                   num_heads=2), "all")
