@@ -121,6 +121,11 @@ def routing_table(rows: dict) -> list[str]:
     return L
 
 
+def blank(value, spec: str) -> str:
+    """A table cell: the number formatted, or empty where it was not measured (no timing, a DiT's router)."""
+    return "" if value is None else format(value, spec)
+
+
 def report(ctx: Ctx, seed: int, steps: int, out_dir: Path | None, recipe: tuple[str, ...] = (),
            dcdit: str = "dcdit") -> str:
     tag = step_tag(steps, ctx.s)
@@ -143,8 +148,8 @@ def report(ctx: Ctx, seed: int, steps: int, out_dir: Path | None, recipe: tuple[
         mins = tr[n].get("train_seconds_at_median_rate")
         fid500 = (e.get("fid_at") or {}).get("500")  # absent when fewer than 500 samples were scored (--smoke)
         L.append(f"| {MODELS[n]} | {e['fid']:.1f} | {'-' if fid500 is None else f'{fid500:.1f}'} | {e['class_acc']:.3f} "
-                 f"| {e['gflops_per_image']:.2f} | {ips.get(n, float('nan')):.1f} | {kept} "
-                 f"| {seg.get('auc_ink_late', float('nan')):.3f} | {'' if a950 is None else f'{a950:.3f}'} "
+                 f"| {e['gflops_per_image']:.2f} | {blank(ips.get(n), '.1f')} | {kept} "
+                 f"| {blank(seg.get('auc_ink_late'), '.3f')} | {blank(a950, '.3f')} "
                  f"| {'' if mins is None else f'{mins / 60:.1f}'} |")
     L += ["", f"Goals, judged on `{dcdit}` (and its controls `{dcdit}_grid`, `{dcdit}_random` where scored):", "",
           "| goal (issue 25) | target | measured | held |", "|---|---|---:|---|"]
