@@ -61,6 +61,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "random_no_mb": ("control for no_mb: the random router, no multi-budget training",
                      {"model.overrides.router_mode": "random", "multibudget.enabled": False}),
     "dit4": ("the FLOP-matched DiT/4 (same main network on a 4x4-patch grid)", {}),
+    # the noisiest steps back in the loss: Min-SNR-5's x0 weight clamped to [1, 5] (v's plain weight at high noise)
+    "no_mb_floor1": ("no multi-budget, Min-SNR-5 weight floored at 1 (diffusion.min_snr_floor)",
+                     {"multibudget.enabled": False, "diffusion.min_snr_floor": 1.0}),
+    "random_no_mb_floor1": ("control for no_mb_floor1: the random router",
+                            {"model.overrides.router_mode": "random", "multibudget.enabled": False,
+                             "diffusion.min_snr_floor": 1.0}),
+    "dit4_floor1": ("DiT/4 with the Min-SNR-5 weight floored at 1", {"diffusion.min_snr_floor": 1.0}),
 }
 # variant -> the variant whose run it shares up to the step multi-budget training starts (the two differ
 # only from there): a new run directory starts from a copy of that run's checkpoint at the step
@@ -173,8 +180,9 @@ def stage_variant(ctx: Ctx, name: str, seed: int, upto: int | None = None) -> di
 
         model = load(run_dir, f"ckpt-{steps:07d}")
         info = model_info(model)
-        diffusion = create_diffusion("", min_snr_gamma=s.min_snr_gamma, prediction=info["prediction"],
-                                     learn_sigma=info["learn_sigma"])
+        diffusion = create_diffusion("", min_snr_gamma=d["diffusion"].get("min_snr_gamma"),
+                                     min_snr_floor=d["diffusion"].get("min_snr_floor"),
+                                     prediction=info["prediction"], learn_sigma=info["learn_sigma"])
         return {"per_t": what_tokens_buy(model, diffusion, mnist("test"), SEG_TIMESTEPS, num_images=128, seed=seed)}
 
     sig = cached(ctx.out / f"signal_{name}_s{seed}.json", signal) if learned else None

@@ -23,6 +23,24 @@ def test_min_snr_weights_match_the_formula_and_default_is_unweighted():
         create_diffusion("", min_snr_gamma=0.0)
 
 
+def test_min_snr_floor_keeps_the_noisiest_steps_in_a_v_loss():
+    t = torch.tensor([0, 10, 100, 500, 900, 999])
+    plain = create_diffusion("", min_snr_gamma=5.0, prediction="v")
+    floored = create_diffusion("", min_snr_gamma=5.0, min_snr_floor=1.0, prediction="v")
+    snr = torch.as_tensor(plain.alphas_cumprod / (1 - plain.alphas_cumprod))[t]
+    torch.testing.assert_close(floored.mse_weight(t), (snr.clamp(1.0, 5.0) / (snr + 1)).float())
+    assert plain.mse_weight(torch.tensor([999])).item() < 1e-3  # Min-SNR under v: the noisiest step ~ SNR
+    assert floored.mse_weight(torch.tensor([999])).item() == pytest.approx(1.0, abs=1e-3)
+    clean = snr > 5.0  # where SNR exceeds gamma the floor changes nothing
+    torch.testing.assert_close(floored.mse_weight(t)[clean], plain.mse_weight(t)[clean])
+    for bad in ({"min_snr_floor": 1.0}, {"min_snr_gamma": 5.0, "min_snr_floor": 6.0},
+                {"min_snr_gamma": 5.0, "min_snr_floor": 0.0}):
+        with pytest.raises(ValueError, match="min_snr_floor"):
+            create_diffusion("", **bad)
+    with pytest.raises(ValueError, match="diffusion.min_snr_floor"):
+        config_from_dict({"diffusion": {"min_snr_floor": 1.0}})
+
+
 def test_min_snr_weights_the_mse_term_of_the_loss_only():
     torch.manual_seed(0)
     x0, noise = torch.randn(4, 2, 4, 4), torch.randn(4, 2, 4, 4)

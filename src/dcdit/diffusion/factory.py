@@ -24,6 +24,7 @@ def create_diffusion(
     rescale_learned_sigmas: bool = False,
     diffusion_steps: int = 1000,
     min_snr_gamma: Optional[float] = None,
+    min_snr_floor: Optional[float] = None,
     prediction: Optional[str] = None,
 ) -> SpacedDiffusion:
     """Build the Gaussian diffusion with DiT's defaults.
@@ -39,6 +40,7 @@ def create_diffusion(
         rescale_learned_sigmas: scale the VB term by ``diffusion_steps / 1000`` (RESCALED_MSE).
         diffusion_steps: T of the training process.
         min_snr_gamma: weight the MSE term by Min-SNR-gamma (e.g. 5.0); ``None`` (DiT) leaves it unweighted.
+        min_snr_floor: clamp that weight (on the x0 error) from below, e.g. 1.0; ``None``: Min-SNR as published.
         prediction: what the model's output means: ``"epsilon"`` (DiT), ``"x0"`` or ``"v"``;
             ``None`` follows ``predict_xstart``.
     """
@@ -66,4 +68,5 @@ def create_diffusion(
         model_var_type=var_type,
         loss_type=loss_type,
         min_snr_gamma=min_snr_gamma,
+        min_snr_floor=min_snr_floor,
     )

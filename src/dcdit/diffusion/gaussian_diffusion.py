@@ -104,11 +104,17 @@ class GaussianDiffusion:
         model_var_type: ModelVarType | str = ModelVarType.LEARNED_RANGE,
         loss_type: LossType | str = LossType.MSE,
         min_snr_gamma: Optional[float] = None,
+        min_snr_floor: Optional[float] = None,
     ) -> None:
         if min_snr_gamma is not None and not min_snr_gamma > 0:
             raise ValueError(f"min_snr_gamma must be positive or None, got {min_snr_gamma}")
+        if min_snr_floor is not None and not (min_snr_gamma is not None and 0 < min_snr_floor <= min_snr_gamma):
+            raise ValueError(f"min_snr_floor must lie in (0, min_snr_gamma], got {min_snr_floor} "
+                             f"(min_snr_gamma {min_snr_gamma})")
         # Min-SNR-gamma loss weighting (Hang et al. 2023); None: DiT's unweighted MSE.
         self.min_snr_gamma = min_snr_gamma
+        # Lower clamp of that weight (on the x0 error), so the noisiest steps keep a share of the loss.
+        self.min_snr_floor = min_snr_floor
         self._mse_weights: Optional[torch.Tensor] = None  # mse_weight's (T,) table, built on first use
         self.model_mean_type = _coerce_enum(ModelMeanType, model_mean_type, "model_mean_type")
         self.model_var_type = _coerce_enum(ModelVarType, model_var_type, "model_var_type")
@@ -585,10 +591,12 @@ class GaussianDiffusion:
         ``min(SNR, gamma) / (SNR + 1)`` for v, ``min(SNR, gamma)`` for x0. Noisy
         steps keep weight 1 under epsilon prediction; the nearly clean steps,
         whose epsilon is hard to predict and worth little, are turned down.
+        With ``min_snr_floor`` the x0 weight is ``clip(SNR, floor, gamma)``: under v
+        the noisiest steps then weigh ``floor / (SNR + 1)`` ~ floor instead of ~SNR ~ 1e-4.
         """
         if self._mse_weights is None:  # (T,), built once
             snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
-            w = np.minimum(snr, self.min_snr_gamma)
+            w = np.clip(snr, self.min_snr_floor or 0.0, self.min_snr_gamma)
             w = {ModelMeanType.EPSILON: w / snr, ModelMeanType.VELOCITY: w / (snr + 1)}.get(self.model_mean_type, w)
             self._mse_weights = torch.as_tensor(w, dtype=torch.float32)
         if self._mse_weights.device != t.device:

@@ -66,6 +66,10 @@ class DiffusionSection:
     # Weight the MSE term by min(SNR, gamma) / SNR (Min-SNR-gamma, Hang et al. 2023);
     # null: DiT's unweighted MSE. 5.0 is the paper's value.
     min_snr_gamma: Optional[float] = None
+    # Clamp that weight, taken on the x0 error (min(SNR, gamma)), from below: clip(SNR, floor,
+    # gamma). Under v-prediction Min-SNR leaves the noisiest steps ~1e-4 of the loss, so they
+    # hardly train the router; 1.0 gives them v's plain MSE weight there. null: none.
+    min_snr_floor: Optional[float] = None
     # What the network predicts: "epsilon" (DiT: the noise), "x0" (the clean image) or
     # "v" (sqrt(abar) * eps - sqrt(1 - abar) * x0). Stored in the model's config, so
     # `dcdit sample` reads the output the same way. null: model.init_from's, else epsilon.
@@ -245,6 +249,9 @@ def validate(cfg: TrainConfig) -> None:
     g = cfg.diffusion.min_snr_gamma
     if g is not None and not g > 0:
         raise _err("diffusion.min_snr_gamma", f"must be positive or null, got {g}")
+    f = cfg.diffusion.min_snr_floor
+    if f is not None and not (g is not None and 0 < f <= g):
+        raise _err("diffusion.min_snr_floor", f"must lie in (0, diffusion.min_snr_gamma] (which must be set), got {f}")
     if cfg.diffusion.noise_schedule not in ("linear", "cosine"):
         raise _err("diffusion.noise_schedule", f"expected 'linear' or 'cosine', got {cfg.diffusion.noise_schedule!r}")
     if cfg.diffusion.diffusion_steps <= 0:

@@ -361,6 +361,7 @@ def build_run(cfg: TrainConfig, dataset, ckpt_dir: Optional[Path], info) -> RunS
                                  learn_sigma=bool(model.config.get("learn_sigma", True)),
                                  diffusion_steps=cfg.diffusion.diffusion_steps,
                                  min_snr_gamma=cfg.diffusion.min_snr_gamma,
+                                 min_snr_floor=cfg.diffusion.min_snr_floor,
                                  prediction=model.config.get("prediction", "epsilon"))
     train_model = ddp_model = model
     if info.distributed:
