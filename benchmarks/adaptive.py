@@ -68,6 +68,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                             {"model.overrides.router_mode": "random", "multibudget.enabled": False,
                              "diffusion.min_snr_floor": 1.0}),
     "dit4_floor1": ("DiT/4 with the Min-SNR-5 weight floored at 1", {"diffusion.min_snr_floor": 1.0}),
+    # the other direction (BENCHMARKS.md, "The loss weight decides where over t the router spends tokens"):
+    # more of the loss on the clean steps, where the router then keeps more tokens
+    "no_mb_gamma20": ("no multi-budget, Min-SNR-20 (clean steps weigh up to 4x more than under Min-SNR-5)",
+                      {"multibudget.enabled": False, "diffusion.min_snr_gamma": 20.0}),
+    "dit4_gamma20": ("DiT/4 with Min-SNR-20", {"diffusion.min_snr_gamma": 20.0}),
 }
 # variant -> the variant whose run it shares up to the step multi-budget training starts (the two differ
 # only from there): a new run directory starts from a copy of that run's checkpoint at the step
