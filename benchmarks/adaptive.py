@@ -72,6 +72,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # more of the loss on the clean steps, where the router then keeps more tokens
     "no_mb_gamma20": ("no multi-budget, Min-SNR-20 (clean steps weigh up to 4x more than under Min-SNR-5)",
                       {"multibudget.enabled": False, "diffusion.min_snr_gamma": 20.0}),
+    "random_no_mb_gamma20": ("control for no_mb_gamma20: the random router",
+                             {"model.overrides.router_mode": "random", "multibudget.enabled": False,
+                              "diffusion.min_snr_gamma": 20.0}),
     "dit4_gamma20": ("DiT/4 with Min-SNR-20", {"diffusion.min_snr_gamma": 20.0}),
 }
 # variant -> the variant whose run it shares up to the step multi-budget training starts (the two differ
