@@ -76,6 +76,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                              {"model.overrides.router_mode": "random", "multibudget.enabled": False,
                               "diffusion.min_snr_gamma": 20.0}),
     "dit4_gamma20": ("DiT/4 with Min-SNR-20", {"diffusion.min_snr_gamma": 20.0}),
+    # DiT's own loss: epsilon prediction, plain MSE (no Min-SNR cap), so the cleanest steps weigh most
+    "eps_plain_no_mb": ("epsilon prediction, plain MSE (no Min-SNR), no multi-budget",
+                        {"diffusion.prediction": "epsilon", "diffusion.min_snr_gamma": None,
+                         "multibudget.enabled": False}),
+    "dit4_eps_plain": ("DiT/4, epsilon prediction, plain MSE",
+                       {"diffusion.prediction": "epsilon", "diffusion.min_snr_gamma": None}),
 }
 # variant -> the variant whose run it shares up to the step multi-budget training starts (the two differ
 # only from there): a new run directory starts from a copy of that run's checkpoint at the step
