@@ -239,7 +239,9 @@ def sample(
             GFLOPs budget is turned into one by :func:`dcdit.sampling.budget.solve_budget`.
         uncond_drop: Lite-CFG fraction for the unconditional half.
         clip_denoised: clamp predicted x_0 to [-1, 1] (pixel models; latents: False).
-        measure_flops: count each step's FLOPs (slows CPU runs a little).
+        measure_flops: count each step's FLOPs (a dispatch mode sees every op: on CPU, sampling the
+            shipped MNIST models takes ~1.3-1.6x as long; ``benchmarks/bench_flop_counting.py``).
+            Pass False where only the images or the kept shares are wanted.
         precision: "fp32" (exact, the default), "bf16", "fp16", or "auto" (bf16 where the
             device computes it natively, else fp32; see :mod:`dcdit.sampling.precision`).
             Only the network calls run in reduced precision; the updates stay fp32.
