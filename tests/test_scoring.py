@@ -66,6 +66,34 @@ def test_generate_local_passes_guidance_and_tail_drop(dcdit):
     assert not np.array_equal(guided.images, plain.images)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_generate_local_workers_sample_the_same_images(dcdit, precision):
+    """Batches sampled side by side in threads are the batches one worker samples: equal images, labels,
+    kept shares and FLOP counts (the counted first batch runs alone), in index order; the threads come back."""
+    kw = dict(n=7, batch_size=2, flop_images=1, precision=precision)
+    one, many = run(dcdit, **kw), run(dcdit, workers=3, **kw)
+    np.testing.assert_array_equal(one.images, many.images)
+    np.testing.assert_array_equal(one.indices, many.indices)
+    np.testing.assert_array_equal(one.stats.kept_share, many.stats.kept_share)
+    np.testing.assert_array_equal(one.stats.flops_per_step, many.stats.flops_per_step)
+    assert torch.get_num_threads() == 1  # the one_thread fixture's count, restored
+    latents = run(dcdit, workers=2, keep_latents=True, flops="none", **{**kw, "flop_images": None})
+    assert latents.images is None and latents.latents.shape == (7, 3, 8, 8)
+
+
+def test_workers_option_is_checked():
+    from dcdit.sampling import resolve_workers
+
+    assert resolve_workers(3) == 3 and resolve_workers("2") == 2
+    assert resolve_workers("auto", "cpu") == (2 if torch.get_num_threads() >= 2 else 1)
+    assert resolve_workers("auto", "cuda") == 1
+    for bad in (0, "-1", "two"):
+        with pytest.raises(ValueError, match="workers must be a positive integer or 'auto', got"):
+            resolve_workers(bad)
+    with pytest.raises(ValueError, match="workers must be positive, got 0"):
+        run(tiny_dit(), workers=0)
+
+
 def test_generate_local_rejects_a_bad_flop_count(dcdit):
     with pytest.raises(ValueError, match="flop_images must be positive, got 0"):
         run(dcdit, flop_images=0)

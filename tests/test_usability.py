@@ -202,6 +202,10 @@ def test_sample_lines_say_what_they_measured(tmp_path, capsys):
     assert "counted on the first 1 samples" in capsys.readouterr().out  # a first batch of one, counted
     assert main(base + ["--num-samples", "4", "--flop-images", "0"]) != 0
     assert "--flop-images must be positive" in capsys.readouterr().err
+    assert main(base + ["--num-samples", "4", "--workers", "0"]) != 0
+    assert "--workers must be a positive integer or auto, got '0'" in capsys.readouterr().err
+    assert main(base + ["--num-samples", "4", "--batch-size", "1", "--workers", "2"]) == 0
+    assert "1 process(es) x 2 worker(s)" in capsys.readouterr().out
     assert main(base + ["--num-samples", "2", "--cfg-scale", "2", "--uncond-drop", "0.5"]) == 0
     assert "tail-drop 0.000 (conditional), 0.500 (unconditional)" in capsys.readouterr().out
 

@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--flop-images", type=int, default=16,
                    help="with --flops first: the first batch holds this many samples (at most --batch-size) and "
                         "only they run under the FLOP counter, which slows DC-DiT sampling (default: 16)")
+    o.add_argument("--workers", default="auto", metavar="N|auto",
+                   help="batches sampled side by side in N threads, each with 1/N of torch's threads (auto: 2 on a "
+                        "CPU with 2+ threads, else 1; the images do not depend on it)")
     add_device(o)
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -72,7 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import sys
 
-    from dcdit.sampling import generate_local, merge_ranks, resolve_precision, resolve_tail_drop, save_outputs
+    from dcdit.sampling import (
+        generate_local, merge_ranks, resolve_precision, resolve_tail_drop, resolve_workers, save_outputs,
+    )
     from dcdit.sampling.seeds import labels_for_indices
     from dcdit.training.distributed import setup, teardown
 
@@ -93,10 +98,12 @@ def run(args) -> int:
                                       probe_steps=args.probe_steps, sampler=args.sampler, eta=args.eta,
                                       clip_denoised=s.clip, precision=precision, num_samples=args.num_samples,
                                       rank=rank, world_size=world, log=log)
+        args.workers = resolve_workers(args.workers, dist_info.device)
         part = generate_local(
             s.model, s.diffusion, args.num_samples, batch_size=args.batch_size, seed=args.seed, classes=s.classes,
             rank=rank, world_size=world, decode=s.decode, keep_latents=s.keep_latents, flops=args.flops,
             flop_images=min(args.flop_images, args.batch_size) if args.flops == "first" else None,
+            workers=args.workers,
             progress=rank == 0 and not args.no_progress, sampler=args.sampler, eta=args.eta,
             cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, tail_drop=tail_drop,
             uncond_drop=args.uncond_drop, clip_denoised=s.clip, precision=precision, device=dist_info.device,
@@ -124,6 +131,8 @@ def check_options(args):
         raise ValueError("nothing to write: give --grid PNG and/or --npz NPZ")
     if args.num_samples < 1 or args.batch_size < 1 or args.flop_images < 1:
         raise ValueError("--num-samples, --batch-size and --flop-images must be positive")
+    if args.workers != "auto" and not (str(args.workers).isdigit() and int(args.workers) >= 1):
+        raise ValueError(f"--workers must be a positive integer or auto, got {args.workers!r}")
     if args.cond_drop is not None and args.tail_drop is not None:
         raise ValueError("give the conditional fraction once: --cond-drop or --tail-drop")
     budget = Budget.from_options(args.cond_drop if args.cond_drop is not None else args.tail_drop,
@@ -204,7 +213,7 @@ def report(args, merged, budget, precision: str, tail_drop: float, world: int, w
     st = merged.stats
     summary = {
         "num_samples": args.num_samples, "world_size": world, "sampler": args.sampler, "steps": args.steps,
-        "precision": precision,
+        "precision": precision, "workers": args.workers,
         "cfg_scale": args.cfg_scale, "tail_drop": tail_drop, "uncond_drop": args.uncond_drop,
         "seconds": merged.seconds, "images_per_second": args.num_samples / max(merged.seconds, 1e-9),
         "budget": None if budget is None else {"kind": budget.kind, "value": budget.value},
@@ -225,7 +234,8 @@ def report(args, merged, budget, precision: str, tail_drop: float, world: int, w
 
 
 def summary_line(args, summary: dict, st, precision: str, tail_drop: float, world: int) -> str:
-    msg = (f"{args.num_samples} samples ({args.sampler}, {args.steps} steps, {precision}, {world} process(es)) in "
+    msg = (f"{args.num_samples} samples ({args.sampler}, {args.steps} steps, {precision}, {world} process(es) x "
+           f"{args.workers} worker(s)) in "
            f"{summary['seconds']:.1f}s = {summary['images_per_second']:.2f} img/s; tail-drop {tail_drop:.3f}")
     if args.uncond_drop is not None:  # Lite-CFG: the unconditional half drops its own share
         msg += f" (conditional), {args.uncond_drop:.3f} (unconditional)"

@@ -30,6 +30,7 @@ from dcdit.sampling.generate import (
     latent_decoder,
     merge_ranks,
     read_train_config,
+    resolve_workers,
     save_outputs,
 )
 from dcdit.sampling.guidance import is_guided, make_model_fn, model_info
@@ -51,7 +52,7 @@ __all__ = [
     "diffusion_for_checkpoint",
     "Budget", "BudgetSolution", "BUDGET_KINDS", "bisect_tail_drop", "probe_diffusion", "solve_budget",
     "resolve_tail_drop", "parse_tail_drop", "parse_tail_drops",
-    "LocalSamples", "generate_local", "merge_ranks", "save_outputs", "read_train_config", "is_latent_checkpoint",
+    "LocalSamples", "generate_local", "resolve_workers", "merge_ranks", "save_outputs", "read_train_config", "is_latent_checkpoint",
     "latent_decoder",
     "make_model_fn", "model_info", "is_guided",
     "SampleNoise", "derive_seed", "labels_for_indices", "parse_classes", "shard_indices",
