@@ -52,8 +52,8 @@ __all__ = [
     "diffusion_for_checkpoint",
     "Budget", "BudgetSolution", "BUDGET_KINDS", "bisect_tail_drop", "probe_diffusion", "solve_budget",
     "resolve_tail_drop", "parse_tail_drop", "parse_tail_drops",
-    "LocalSamples", "generate_local", "resolve_workers", "merge_ranks", "save_outputs", "read_train_config", "is_latent_checkpoint",
-    "latent_decoder",
+    "LocalSamples", "generate_local", "resolve_workers", "merge_ranks", "save_outputs", "read_train_config",
+    "is_latent_checkpoint", "latent_decoder",
     "make_model_fn", "model_info", "is_guided",
     "SampleNoise", "derive_seed", "labels_for_indices", "parse_classes", "shard_indices",
 ]

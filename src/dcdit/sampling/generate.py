@@ -27,8 +27,8 @@ from dcdit.sampling.sampler import SampleStats, sample, sampling_diffusion_for
 from dcdit.sampling.seeds import labels_for_indices, shard_indices
 from dcdit.viz.grid import image_grid, save_png
 
-__all__ = ["LocalSamples", "generate_local", "resolve_workers", "merge_ranks", "save_outputs", "read_train_config", "is_latent_checkpoint",
-           "latent_decoder", "diffusion_for_checkpoint"]
+__all__ = ["LocalSamples", "generate_local", "resolve_workers", "merge_ranks", "save_outputs", "read_train_config",
+           "is_latent_checkpoint", "latent_decoder", "diffusion_for_checkpoint"]
 
 FLOP_MODES = ("first", "all", "none")
 
@@ -151,8 +151,8 @@ def resolve_workers(workers: int | str, device: torch.device | str = "cpu") -> i
     "auto": 2 on a CPU where torch runs 2 or more intra-op threads, else 1. Torch's intra-op threads
     share each op; many of a sampling step's ops (DC-DiT's gathers and small convolutions, layer norms,
     the per-sample bookkeeping) are too small to split well, so two batches at half the threads each
-    keep both cores busier: 1.3x the images per second for DiT/4 and DC-DiT at 2 threads here
-    (``benchmarks/bench_sample_workers.py``). On a GPU one stream of batches is the fast path.
+    keep both cores busier: 1.46x (DiT/4) and 1.50x (DC-DiT) the images per second at 2 threads on
+    the 2-core machine of BENCHMARKS.md (``benchmarks/bench_sample_workers.py``). On a GPU one stream of batches is the fast path.
     """
     if workers == "auto":
         return 2 if torch.device(device).type == "cpu" and torch.get_num_threads() >= 2 else 1
