@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+from collections import Counter
 from typing import Optional, Sequence
 
 import torch
@@ -387,12 +388,9 @@ def _bucketed_counted(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
     H, dq, dv = q.shape[1], q.shape[2], v.shape[2]
     with _disable_current_modes():
         out = _bucketed_infer(q, k, v, cu_seqlens, max_seqlen, lengths, scale)
-        counts: dict[int, int] = {}
-        for L in lengths:
-            if int(L):
-                counts[int(L)] = counts.get(int(L), 0) + 1
         shapes = [(torch.empty(m, H, L, dq, dtype=q.dtype, device="meta"),
-                   torch.empty(m, H, L, dv, dtype=v.dtype, device="meta")) for L, m in counts.items()]
+                   torch.empty(m, H, L, dv, dtype=v.dtype, device="meta"))
+                  for L, m in Counter(int(L) for L in lengths if int(L)).items()]
     for qm, vm in shapes:  # seen by the counter (dcdit.flops counts this op: 4 m H L^2 d)
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qm, qm, vm)
     return out
